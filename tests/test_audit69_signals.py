@@ -6,9 +6,12 @@ handlers back and raises each noted signal again).  Found when a CI-like run hun
 in ``test_undo_retention_race.py`` (an xdist worker spinning in ``_give_back_handlers``):
 
 - A stand-in that was in place when a section began (put back by a program that read it
-  with ``signal.getsignal`` inside a section) was never given back, and each section's
-  end raised the signal it noted into it again — noted again, raised again, for ever: the
-  process hung at 100% CPU (``test_a_stand_in_left_in_place_is_given_back_not_raised_into``).
+  with ``signal.getsignal`` inside a section, or left by a section's end that an exception
+  cut short: test_audit68_review3's profiling hook raises there, in the same worker) was
+  never given back, and each section's end raised the signal it noted into it again —
+  noted again, raised again, for ever: the process hung at 100% CPU
+  (``test_a_stand_in_left_in_place_is_given_back_not_raised_into``,
+  test_audit69_review_signals.py, a section's end cut short).
 - A fork inside a section left the child's handlers as stand-ins and its signals blocked
   for good (the child's section end did nothing): a Ctrl-C of the child was noted and
   never delivered (``test_a_child_forked_inside_a_section_gets_its_handlers_back``).
@@ -42,21 +45,34 @@ def _run(code: str) -> list[str]:
 
 
 def test_a_stand_in_left_in_place_is_given_back_not_raised_into():
+    """Put back by a program after the section: a Ctrl-C outside any section reaches
+    its handler at once (the stand-in gives the handler back and hands it the signal);
+    found in place as a section begins, it is given back at that section's end, and a
+    Ctrl-C inside the section is delivered there."""
     out = _run(
-        "with signals.deferred():\n"
-        "    captured = signal.getsignal(signal.SIGINT)\n"
-        "print('CAPTURED', captured is signals._stand_in)\n"
-        "signal.signal(signal.SIGINT, captured)  # (a program putting back what it read)\n"
-        "os.kill(os.getpid(), signal.SIGINT)  # (noted by the stand-in)\n"
-        "time.sleep(0.05)\n"
-        "try:\n"
+        "def leak():\n"
         "    with signals.deferred():\n"
-        "        pass\n"
-        "    print('NOT-DELIVERED')\n"
-        "except KeyboardInterrupt:\n"
-        "    print('DELIVERED')\n"
-        "print('HANDLER', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
-    assert out == ["CAPTURED", "True", "DELIVERED", "HANDLER", "True"], out
+        "        captured = signal.getsignal(signal.SIGINT)\n"
+        "    print('CAPTURED', captured is signals._stand_in)\n"
+        "    signal.signal(signal.SIGINT, captured)  # (a program putting back what it read)\n"
+        "def ctrl_c(inside):\n"
+        "    try:\n"
+        "        if inside:\n"
+        "            with signals.deferred():\n"
+        "                os.kill(os.getpid(), signal.SIGINT)\n"
+        "                time.sleep(0.05)\n"
+        "        else:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(0.05)\n"
+        "        print('NOT-DELIVERED')\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('DELIVERED')\n"
+        "    print('HANDLER', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "leak()\n"
+        "ctrl_c(False)\n"
+        "leak()\n"
+        "ctrl_c(True)\n")
+    assert out == ["CAPTURED", "True", "DELIVERED", "HANDLER", "True"] * 2, out
 
 
 CHILD_REPORTS = (

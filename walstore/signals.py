@@ -205,7 +205,20 @@ def _os_threads() -> int:
 
 
 def _stand_in(signum: int, frame) -> None:
-    _HELD.append(signum)
+    if _DEFERRED.depth or _DEFERRED.saved:  # (in a section, or handlers still to give back)
+        _HELD.append(signum)
+        return
+    # in place outside any section, never to be given back (a program read it with
+    # ``signal.getsignal`` inside a section and put it back after it): the handler it
+    # stood in for goes back and takes the signal now (before, it noted the signal and
+    # stayed: a Ctrl-C waited for the next section, whose end raised it into the stand-in
+    # again, for ever -- a hang)
+    _give_back_one(signum)
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # (its default action: the process ends)
 
 
 def _hold_handlers(saved: list) -> None:
