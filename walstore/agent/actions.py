@@ -1209,11 +1209,15 @@ class Saga:
         read again."""
         before = self._busy()
         owed = self.actions(pending=True)
-        after = self._busy()
+        running, reserved = self._busy(split=True)
         out = []
         for a in owed:
-            if a.id in after:
+            if a.id in running:
                 continue  # (running now: its outcome is being decided)
+            if a.id in reserved and a.state == PENDING and a.compensate in self.compensators:
+                continue  # (its undo runs it in its turn; one that undo settled as failed,
+                # or can run no compensator for, is owed: left out, it read [] beside a
+                # rollback whose refund had failed for good, pending_compensations() naming it)
             if a.id in before:  # (it ended meanwhile: its row now says how)
                 a = self.shown_action(a.id)
                 if not a.owed:
@@ -1221,7 +1225,9 @@ class Saga:
             out.append(a)
         return out
 
-    def _busy(self) -> set[str]:
-        """The ids of the compensations being run, reserved or resolved now."""
+    def _busy(self, split: bool = False) -> Any:
+        """The ids of the compensations being run, reserved or resolved now (``split``:
+        (those run or resolved, those reserved) apart)."""
         with self._running_lock:
-            return set(self._running) | set(self._reserved)
+            running, reserved = set(self._running), set(self._reserved)
+        return (running, reserved) if split else running | reserved
