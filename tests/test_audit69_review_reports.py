@@ -52,3 +52,39 @@ def test_retry_compensations_lists_a_rollbacks_failed_compensation_as_owed(tmp_p
     finally:
         go.set()
         s.close()
+
+
+# ---- an empty message left out of the one place the helper missed --------------------------
+def test_a_revert_stopped_by_a_bare_memoryerror_says_the_type_alone(tmp_path):
+    """A revert committed, then walstore's own error (a bare ``MemoryError()``, as at a
+    memory limit, raised here by a profile hook at the first compensation's record)
+    stopped its compensations.  CompensationFailed said "but MemoryError () stopped its
+    compensations" — the one "Type (message)" the stop-69 helper (``type_and_message``)
+    did not reach; now "but an error (MemoryError) stopped ..."."""
+    import sys
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"refund": lambda act: None})
+    try:
+        with s.transaction() as tx:
+            for n in range(2):
+                with tx.action("charge", args={"n": n}, compensate="refund"):
+                    pass
+            tx.put("paid", 1)
+        fired = []
+
+        def hook(frame, event, arg):
+            if event == "call" and not fired and frame.f_code.co_name == "_record_compensated":
+                fired.append(1)
+                sys.setprofile(None)
+                raise MemoryError()
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(walstore.CompensationFailed) as got:
+                s.revert(tx.id)
+        finally:
+            sys.setprofile(None)
+        text = str(got.value)
+        assert fired and "stopped its compensations" in text, text
+        assert "but an error (MemoryError) stopped" in text and "MemoryError ()" not in text, text
+    finally:
+        s.close()

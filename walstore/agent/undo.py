@@ -104,7 +104,7 @@ from ..codec import decode_key, encode_key
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                       HistoryTrimmed, NeedsRecovery, PointTypeError, ReadOnlyError,
                       RevertConflict, TransactionTooLarge, WalstoreError,
-                      os_errors_as_store_errors)
+                      os_errors_as_store_errors, type_and_message)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -366,7 +366,7 @@ class Undo:
                 still.append(a.id)
         failed = CompensationFailed(
             f"the undo itself COMMITTED (transaction {result.txid}: the state is reverted and "
-            f"stays so), but {type(e).__name__} ({e}) stopped its compensations: "
+            f"stays so), but an error ({type_and_message(e)}) stopped its compensations: "
             f"{still} are still owed (pending: the next open runs them, or "
             f"store.retry_compensations())", still)
         failed.undo = result
