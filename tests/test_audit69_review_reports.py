@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -88,3 +89,42 @@ def test_a_revert_stopped_by_a_bare_memoryerror_says_the_type_alone(tmp_path):
         assert "but an error (MemoryError) stopped" in text and "MemoryError ()" not in text, text
     finally:
         s.close()
+
+
+# ---- a failed backup: the staged copy's own errors are the backup's -----------------------
+def test_a_backup_that_failed_finishing_a_purges_erasure_says_the_backup_failed(tmp_path):
+    """The source owes a purge's erasure (its writer killed -9 between the purge's commit
+    and its compacting checkpoint); the backup finishes it in its staged copy, and the
+    swap of that copy's rewritten data.mdb fails (ENOSPC).  The error named the staged
+    path, so it held the word "backup" ("DEST.incomplete-backup-..."): taken for one of the
+    backup's own messages, it came out as the staged store's — "... the erasure stays owed:
+    the next checkpoint or writable open tries again", of a copy already removed, with no
+    word that nothing was left at DEST (and through the API none that a backup failed:
+    ``named_at_dest``).  Now "writing the backup failed (...); the partial copy was
+    removed"."""
+    import errno
+    import signal
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from tests.test_audit67_operator import PURGE_KILLED_AFTER_COMMIT, _env, charged_store
+    from tools.faults import FaultBackend, installed
+    from walstore.cli import main
+    path, _ledger, _acked = charged_store(tmp_path)
+    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    dest = str(tmp_path / "bk")
+    fb = FaultBackend()
+    fb.fail("rename", error=errno.ENOSPC, path="*incomplete-backup-*/db.compact/data.mdb",
+            times=None)
+    with installed(fb):
+        r = CliRunner().invoke(main, ["backup", path, dest])
+    line = r.stderr.strip()
+    assert r.exit_code == 1 and "swapping in the LMDB data file" in line, (r.exit_code, line)
+    assert "incomplete-backup" not in line, line
+    assert "writing the backup failed (" in line, line
+    assert "the partial copy was removed" in line, line
+    assert not os.path.exists(dest)

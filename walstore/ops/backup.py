@@ -235,7 +235,8 @@ def named_at_dest(e: OSError, stage: str, dest: str) -> OSError:
     if stage not in text and moved(e.filename) == e.filename \
             and moved(e.filename2) == e.filename2:
         return e
-    if "backup" not in text:  # (a bare OS error: say what was being written)
+    if "backup" not in text.replace(stage, ""):  # (a bare OS error, or another's naming the
+        # staged path — "backup" in its name: say what was being written)
         text = f"writing the backup failed ({text}); {PARTIAL}"
     named = StoreIOError(e.errno or errno.EIO, text.replace(stage, dest), moved(e.filename))
     if e.filename2 is not None and moved(e.filename2) != dest:  # (a rename into place:
