@@ -128,3 +128,53 @@ def test_a_backup_that_failed_finishing_a_purges_erasure_says_the_backup_failed(
     assert "writing the backup failed (" in line, line
     assert "the partial copy was removed" in line, line
     assert not os.path.exists(dest)
+
+
+def test_retry_compensations_beside_one_that_ended_and_was_trimmed_raises_nothing(tmp_path):
+    """Thread A runs the refund; thread B's ``retry_compensations()`` lists it owed while it
+    runs, then A's refund ends and a checkpoint trims its row (retention 1) before B looks
+    at it again (made certain by a profile hook at B's second look at what runs).  B
+    raised UnknownAction ("no action '1.1'") out of a call that names no action
+    (``owed_now`` read the row again with ``shown_action``); an action whose row is gone
+    is settled: not owed."""
+    import sys
+    started, go = threading.Event(), threading.Event()
+    s = walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=1)
+    try:
+        with pytest.raises(ValueError):
+            with s.transaction() as tx:
+                with tx.action("charge", compensate="refund"):
+                    raise ValueError("declined")
+
+        def refund(action):
+            started.set()
+            assert go.wait(10)
+        with pytest.warns(RuntimeWarning):
+            s.compensator("refund")(refund)
+        a, out = _in_thread(s.retry_compensations)
+        assert started.wait(10)
+        looks = []
+
+        def hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_busy":
+                looks.append(1)
+                if len(looks) == 2:
+                    sys.setprofile(None)
+                    go.set()
+                    a.join(10)
+                    for i in range(3):
+                        with s.transaction() as tx:
+                            tx.put(f"k{i}", i)
+                    s.checkpoint()
+        sys.setprofile(hook)
+        try:
+            owed = s.retry_compensations()
+        finally:
+            sys.setprofile(None)
+            go.set()
+            a.join(10)
+        assert len(looks) == 2 and out == {"value": []}, (looks, out)
+        assert owed == [] and s.actions() == []
+    finally:
+        go.set()
+        s.close()

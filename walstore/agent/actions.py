@@ -1219,7 +1219,10 @@ class Saga:
                 # or can run no compensator for, is owed: left out, it read [] beside a
                 # rollback whose refund had failed for good, pending_compensations() naming it)
             if a.id in before:  # (it ended meanwhile: its row now says how)
-                a = self.shown_action(a.id)
+                try:
+                    a = self.shown_action(a.id)
+                except UnknownAction:  # (settled, then trimmed by a checkpoint: it raised
+                    continue  # "no action with id ..." out of retry_compensations())
                 if not a.owed:
                     continue
             out.append(a)
