@@ -178,3 +178,15 @@ def test_retry_compensations_beside_one_that_ended_and_was_trimmed_raises_nothin
     finally:
         go.set()
         s.close()
+
+
+def test_the_guide_says_what_retry_compensations_returns_beside_a_rollback():
+    """The GUIDE said another thread's ``retry_compensations()`` beside a rollback left its
+    compensations to it "(listed still owed)"; since audit 69's ``owed_now`` they are not
+    listed while the rollback is still to run them (the tests above): it says so."""
+    from pathlib import Path
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "GUIDE.md").read_text()
+    text = " ".join(guide.split())
+    assert "(listed still owed)" not in text
+    assert ("not in the list of still owed it returns, while that thread is still to run "
+            "them; one it settled as `failed`, or has no compensator for, is listed") in text
