@@ -190,3 +190,15 @@ def test_the_guide_says_what_retry_compensations_returns_beside_a_rollback():
     assert "(listed still owed)" not in text
     assert ("not in the list of still owed it returns, while that thread is still to run "
             "them; one it settled as `failed`, or has no compensator for, is listed") in text
+
+
+def test_the_cli_doc_says_where_stats_reads_the_map_size():
+    """docs/CLI.md said `walstore stats`'s ``lmdb_map_size`` is "the map size recorded in
+    db/data.mdb (the last writer's)": that record is the largest map any writer ever
+    had (LMDB persists only increases), and since audit 69 stats reads the writer's note
+    (the meta row ``map_size``, test_stats_of_a_store_says_its_writers_map_size)."""
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    text = " ".join(doc.split())
+    assert "recorded in `db/data.mdb` (the last writer's)" not in text
+    assert "the map size the writer noted in LMDB (the `meta` row `map_size`" in text
