@@ -202,3 +202,29 @@ def test_the_cli_doc_says_where_stats_reads_the_map_size():
     text = " ".join(doc.split())
     assert "recorded in `db/data.mdb` (the last writer's)" not in text
     assert "the map size the writer noted in LMDB (the `meta` row `map_size`" in text
+
+
+def test_a_failed_backup_under_debug_still_shows_where_the_copy_failed(tmp_path):
+    """`walstore --debug backup` on a full disk: the traceback ended at ``backup``'s
+    ``raise named from None`` (``named_at_dest`` made a new error and dropped the OS
+    error's frames with its message), so --debug, which is there to show where, showed
+    nowhere.  The frames are kept (not the chained message): down to the copy of the WAL
+    segment."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from tools.faults import FaultBackend, installed
+    from walstore.cli import main
+    src, dest = str(tmp_path / "s"), str(tmp_path / "dest")
+    with walstore.open(src, durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    fb = FaultBackend()
+    fb.fail("pwrite", error=errno.ENOSPC, path="*incomplete-backup-*", times=None)
+    with installed(fb):
+        r = CliRunner().invoke(main, ["--debug", "backup", src, dest])
+    assert r.exit_code == 1, (r.exit_code, r.stderr)
+    assert "in _attempt" in r.stderr, r.stderr
+    assert "incomplete-backup" not in r.stderr, r.stderr
+    assert r.stderr.count("No space left on device") == 2, r.stderr  # (the error, the line)

@@ -169,7 +169,9 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         named = named_at_dest(e, staged, dest)
         if named is e:
             raise
-        raise named from None
+        # (its frames kept, not its message: `walstore --debug` shows where the copy failed
+        # — it showed only this line)
+        raise named.with_traceback(e.__traceback__) from None
     finally:
         if state is not None:
             state.close()
