@@ -3,13 +3,22 @@
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import walstore
+from tests.test_audit67_operator import PURGE_KILLED_AFTER_COMMIT, _env, charged_store
 from tests.test_audit69_reports import _in_thread
+from tools.faults import FaultBackend, installed
+from walstore.cli import main
 
 
 # ---- retry_compensations beside a rollback: a compensation that failed is owed -----------
@@ -62,7 +71,6 @@ def test_a_revert_stopped_by_a_bare_memoryerror_says_the_type_alone(tmp_path):
     stopped its compensations.  CompensationFailed said "but MemoryError () stopped its
     compensations" — the one "Type (message)" the stop-69 helper (``type_and_message``)
     did not reach; now "but an error (MemoryError) stopped ..."."""
-    import sys
     s = walstore.open(str(tmp_path / "s"), durability="none",
                       compensators={"refund": lambda act: None})
     try:
@@ -102,16 +110,6 @@ def test_a_backup_that_failed_finishing_a_purges_erasure_says_the_backup_failed(
     word that nothing was left at DEST (and through the API none that a backup failed:
     ``named_at_dest``).  Now "writing the backup failed (...); the partial copy was
     removed"."""
-    import errno
-    import signal
-    import subprocess
-    import sys
-
-    from click.testing import CliRunner
-
-    from tests.test_audit67_operator import PURGE_KILLED_AFTER_COMMIT, _env, charged_store
-    from tools.faults import FaultBackend, installed
-    from walstore.cli import main
     path, _ledger, _acked = charged_store(tmp_path)
     w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
                        capture_output=True, text=True, env=_env(), timeout=60)
@@ -137,7 +135,6 @@ def test_retry_compensations_beside_one_that_ended_and_was_trimmed_raises_nothin
     raised UnknownAction ("no action '1.1'") out of a call that names no action
     (``owed_now`` read the row again with ``shown_action``); an action whose row is gone
     is settled: not owed."""
-    import sys
     started, go = threading.Event(), threading.Event()
     s = walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=1)
     try:
@@ -184,7 +181,6 @@ def test_the_guide_says_what_retry_compensations_returns_beside_a_rollback():
     """The GUIDE said another thread's ``retry_compensations()`` beside a rollback left its
     compensations to it "(listed still owed)"; since audit 69's ``owed_now`` they are not
     listed while the rollback is still to run them (the tests above): it says so."""
-    from pathlib import Path
     guide = (Path(__file__).resolve().parent.parent / "docs" / "GUIDE.md").read_text()
     text = " ".join(guide.split())
     assert "(listed still owed)" not in text
@@ -197,7 +193,6 @@ def test_the_cli_doc_says_where_stats_reads_the_map_size():
     db/data.mdb (the last writer's)": that record is the largest map any writer ever
     had (LMDB persists only increases), and since audit 69 stats reads the writer's note
     (the meta row ``map_size``, test_stats_of_a_store_says_its_writers_map_size)."""
-    from pathlib import Path
     doc = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
     text = " ".join(doc.split())
     assert "recorded in `db/data.mdb` (the last writer's)" not in text
@@ -210,12 +205,7 @@ def test_a_failed_backup_under_debug_still_shows_where_the_copy_failed(tmp_path)
     error's frames with its message), so --debug, which is there to show where, showed
     nowhere.  The frames are kept (not the chained message): down to the copy of the WAL
     segment."""
-    import errno
 
-    from click.testing import CliRunner
-
-    from tools.faults import FaultBackend, installed
-    from walstore.cli import main
     src, dest = str(tmp_path / "s"), str(tmp_path / "dest")
     with walstore.open(src, durability="none") as s:
         with s.transaction() as tx:
