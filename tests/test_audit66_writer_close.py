@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 
 import pytest
 
 import walstore
+from walstore.agent.actions import _current_frame_of
 from walstore.engine.engine import Engine
 from walstore.engine.pipeline import CommitPipeline
 from walstore.log.writer import WriteAheadLog
@@ -83,7 +83,7 @@ APPLIED_UP_TO_THE_END = Engine._applied_up_to_the_end.__code__
 
 def _inside(thread: threading.Thread, code, line: int | None = None) -> bool:
     """Whether ``thread`` is running ``code`` now (anywhere in its stack; at ``line``)."""
-    frame = sys._current_frames().get(thread.ident)
+    frame = _current_frame_of(thread.ident)  # (the collector held off: gh-106883)
     while frame is not None:
         if frame.f_code is code:
             return line is None or frame.f_lineno == line

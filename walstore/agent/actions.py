@@ -29,6 +29,7 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import sys
 import threading
@@ -323,6 +324,22 @@ def _error_bytes(error: str | None) -> int:
     return 0 if error is None else len(error.encode("utf-8", "surrogatepass"))
 
 
+def _current_frame_of(ident: int) -> Any:
+    """Thread ``ident``'s current frame (None: no such thread), read with the garbage
+    collector held off: CPython 3.11's ``sys._current_frames()`` holds the runtime's lock
+    of thread states while it builds its dict, and a collection that allocation starts
+    finalizes objects that take that lock again -- the process deadlocked (CPython
+    gh-106883, fixed in 3.12; seen: a close() beside an action body in another thread
+    hung a test run, every thread asleep)."""
+    enabled = gc.isenabled()
+    try:
+        gc.disable()
+        return sys._current_frames().get(ident)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # code flags of frames that can be suspended (generator, coroutine, async generator): such
 # a frame is on no thread's stack while it waits at an ``await`` / ``yield``
 _SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200
@@ -342,8 +359,7 @@ def _body_running(body: tuple[int, Any] | None) -> bool:
 
 def _frame_on_stack(ident: int, frame: Any) -> bool:
     """Is ``frame`` on the stack of thread ``ident`` now?"""
-    f = (sys._getframe() if ident == threading.get_ident()
-         else sys._current_frames().get(ident))
+    f = sys._getframe() if ident == threading.get_ident() else _current_frame_of(ident)
     while f is not None:
         if f is frame:
             return True
