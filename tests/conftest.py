@@ -93,3 +93,25 @@ def mount_tmpfs(tmp_path):
     for mnt in mounted:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# a test still running after this many seconds ends its process (see the hook below)
+HUNG_TEST_SECONDS = 360
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The last resort against a hung test: faulthandler's watchdog, a C thread that needs
+    no GIL, prints every thread's stack and ends the worker's process once a test has run
+    HUNG_TEST_SECONDS (pytest-xdist then reports that test failed and goes on with a new
+    worker).  pytest-timeout (300 s) runs Python code in a thread of its own, which a
+    process deadlocked while holding the GIL never runs: at stop 68 and 69 a worker asleep
+    in such a deadlock (CPython gh-106883 under sys._current_frames()) held CI until its
+    90 minutes ran out, printing nothing."""
+    import faulthandler
+    import sys
+    faulthandler.dump_traceback_later(HUNG_TEST_SECONDS, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
