@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from store_support import cli_env
+from store_support import cli_env, ctrl_c_reaches_it
 
 ANOTHER_THREAD = (
     "import os, signal, sys, threading, time\n"
@@ -37,7 +37,8 @@ ANOTHER_THREAD = (
 def _run(code: str) -> list[str]:
     try:
         r = subprocess.run([sys.executable, "-c", ANOTHER_THREAD + code], env=cli_env(),
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30,
+                           preexec_fn=ctrl_c_reaches_it)  # (an xdist worker ignores SIGINT)
     except subprocess.TimeoutExpired:
         pytest.fail("the process hung (30 s)")
     assert r.returncode == 0, r.stderr[-2000:]
