@@ -168,6 +168,20 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
     return t, out
 
 
+def _retry_while_held(s, started, go, first) -> dict:
+    """``first`` run in a thread until a compensation it runs is held (``started``);
+    meanwhile this thread's ``retry_compensations()`` lists nothing owed; then the held
+    one goes on (``go``).  Returns what ``first`` returned or raised (``_in_thread``)."""
+    a, out = _in_thread(first)
+    assert started.wait(10)
+    try:
+        assert s.retry_compensations() == []
+    finally:
+        go.set()
+        a.join(10)
+    return out
+
+
 def test_retry_compensations_does_not_list_one_another_thread_is_running_as_owed(tmp_path):
     """Thread A's ``retry_compensations()`` runs the refund (held on an Event); thread B's
     meanwhile.  Before the fix B returned the refund A was running as still owed; now it
@@ -176,13 +190,7 @@ def test_retry_compensations_does_not_list_one_another_thread_is_running_as_owed
     started, go = threading.Event(), threading.Event()
     s, owed = _owed_refund(tmp_path, started, go)
     try:
-        a, out = _in_thread(s.retry_compensations)
-        assert started.wait(10)
-        try:
-            assert s.retry_compensations() == []
-        finally:
-            go.set()
-            a.join(10)
+        out = _retry_while_held(s, started, go, s.retry_compensations)
         assert out == {"value": []}
         assert s.get_action(owed.id).state == "compensated"
     finally:
@@ -203,13 +211,7 @@ def test_retry_compensations_beside_the_rollback_running_them_lists_none_owed(tm
     try:
         def rolled_back():
             _charge_that_raises(s, ValueError("declined"))
-        a, out = _in_thread(rolled_back)
-        assert started.wait(10)
-        try:
-            assert s.retry_compensations() == []
-        finally:
-            go.set()
-            a.join(10)
+        out = _retry_while_held(s, started, go, rolled_back)
         assert "error" not in out, out
         assert [x.state for x in s.actions()] == ["compensated"]
     finally:
