@@ -728,8 +728,13 @@ class Store:
         return self._saga.iter_actions(pending)
 
     def pending_compensations(self) -> list[Action]:
-        """Actions whose compensation is owed: ``pending`` or ``failed``."""
-        return self.actions(pending=True)
+        """Actions whose compensation is owed: ``pending`` or ``failed``, less those this
+        process is running now (``Saga.owed_now``: their outcome is being decided, as
+        ``retry_compensations`` and `walstore actions --pending` beside a live writer
+        leave them out; it listed the refund another thread's retry was running as
+        pending, probe-audit70).  ``actions(pending=True)`` lists every owed row."""
+        self._engine.check_open()
+        return self._saga.owed_now()
 
     def get_action(self, action_id: str) -> Action:
         """One action, as ``actions()`` shows it (an in-doubt one names its gid)."""

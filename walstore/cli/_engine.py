@@ -17,10 +17,9 @@ from ..agent.coordinator import coordinator_id as atomic_coordinator_id
 from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
-from ..engine.lmdb_state import MAP_SIZE
 from ..engine.layout import (FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout,
                               enclosing_store, store_path)
-from ..errors import NotAStore, command_word, type_and_message  # noqa: F401 (the CLI's
+from ..errors import CorruptionError, NotAStore, command_word, type_and_message  # noqa: F401 (the CLI's
 # hints and messages use them)
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
@@ -123,7 +122,7 @@ HANDLE_ONLY_STATS = ("durability", "wal_fsyncs", "wal_rotations", "wal_inline_pr
                      "wal_synced_lsn")
 
 
-def store_stats(store: Store, path: str) -> dict[str, Any]:
+def store_stats(store: Store, path: str, damage: list | None = None) -> dict[str, Any]:
     """``walstore stats``: the store's figures as a read-only handle can know them.  Its
     own ``stats()`` said ``durability full`` of a store its writer runs with "none", a map
     size of 64 GiB (the reader's own mapping) of one whose writer set 1 MiB, ``readonly
@@ -131,7 +130,9 @@ def store_stats(store: Store, path: str) -> dict[str, Any]:
     Here the handle's own fields are null (unknown from outside the writer), the map size
     is the one the writer noted (``lmdb_state.MAP_SIZE``; before that note, the one
     recorded in ``data.mdb``), ``lmdb_bytes`` that file's size, and
-    ``readonly`` says whether the command's handle is the store's writer (never)."""
+    ``readonly`` says whether the command's handle is the store's writer (never).
+    ``damage``: a damaged note (CorruptionError) is appended to it and the figures go on
+    (it failed the command, no figure said, though ``verify`` goes on past it)."""
     doc = store.stats()
     for name in HANDLE_ONLY_STATS:
         doc[name] = None
@@ -139,9 +140,15 @@ def store_stats(store: Store, path: str) -> dict[str, Any]:
     info = check_lmdb_data_file(os.path.join(Layout(path).db, DATA_FILE),
                                 expect_existing=False)
     # (the writer's, as it noted it: data.mdb's own record is the largest map any writer
-    # ever had — LMDB persists only increases — and a store written before the note has
-    # only that one)
-    noted = store._engine.state.meta_int(MAP_SIZE)
+    # ever had — LMDB persists only increases — and a store written before the note, or
+    # by a walstore that does not note it since, has only that one: ``noted_map_size``)
+    try:
+        noted = store._engine.state.noted_map_size()
+    except CorruptionError as e:
+        if damage is None:
+            raise
+        damage.append(e)
+        noted = None
     doc["lmdb_map_size"] = noted or (None if info is None else info.map_size)
     doc["lmdb_bytes"] = None if info is None else info.file_size
     return doc

@@ -283,8 +283,15 @@ def verify(path: str, as_json: bool) -> None:
 @JSON
 def stats(path: str, as_json: bool) -> None:
     """Sizes, positions and counters of a store."""
+    damage: list = []
     with open_store(path, readonly=True) as store:
-        doc = _engine.store_stats(store, path)
+        doc = _engine.store_stats(store, path, damage)
+    for e in damage:  # (a damaged map size note: the figures, one line, exit 1 — it was the
+        # command's failure, no figure said; before printing: see note_problem)
+        note_problem()
+        click.echo(f"walstore: stats: corruption: {one_line(str(e))}; lmdb_map_size is the "
+                   f"one data.mdb records (`walstore verify {command_word(path)}` lists the "
+                   f"damage)", err=True)
     emit_summary(doc, as_json)
 
 

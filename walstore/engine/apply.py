@@ -272,12 +272,16 @@ class Applier:
     def set_meta(self, name: bytes, value: int, **more: int) -> None:
         """Set meta ``name`` (and each of ``more``, by its str name) in one LMDB commit."""
         pairs = [(name, value)] + [(k.encode(), v) for k, v in more.items()]
+        # (the map size noted again with a new ``txid_reserved``: lmdb_state.MAP_SIZE_AT)
+        note = any(k == b"txid_reserved" for k, _v in pairs)
 
         def put(txn) -> None:
             for k, v in pairs:
                 if k == b"applied":  # (no event: the owed index stays as exact as it was)
                     _advance_owed_stamp(txn, self.state, v)
                 txn.put(k, u64(v), db=self.state.meta)
+            if note:
+                self.state.put_map_note(txn)
         self.state.write(put)
 
     def build_owed_index(self) -> int:

@@ -182,6 +182,13 @@ def _file_id(path: str, lock_file: str | None = None) -> tuple:
 # ever grows — "persist any increases" — so it is the largest map any writer committed
 # with, and said 64 GiB of a store whose writer runs with 8 MiB after one default open)
 MAP_SIZE = b"map_size"
+# ... and the ``txid_reserved`` row as it was when the note was made: every writable open
+# of any walstore that reads this format writes ``txid_reserved`` (and this one notes its
+# map again with it: ``note_map_size``), but one older than the note never notes its map
+# — a note whose stamp is not ``txid_reserved`` now is another writer's, stale
+# (``noted_map_size``; a stop-69 note, without a stamp, cannot be told from one)
+MAP_SIZE_AT = b"map_size_at"
+TXID_RESERVED = b"txid_reserved"
 
 
 def u64(n: int) -> bytes:
@@ -1061,6 +1068,26 @@ class LmdbState:
     def meta_int(self, name: bytes, default: int = 0) -> int:
         return from_u64(self.get(name, "meta"), default, "meta", name, self)
 
+    def put_map_note(self, txn: lmdb.Transaction) -> None:
+        """In write transaction ``txn``: note the map size this writer runs with, stamped
+        with ``txid_reserved`` as ``txn`` leaves it (``MAP_SIZE_AT``)."""
+        txn.put(MAP_SIZE, u64(self.env.info()["map_size"]), db=self.meta)
+        stamp = txn.get(TXID_RESERVED, db=self.meta)
+        if stamp is not None:
+            txn.put(MAP_SIZE_AT, stamp, db=self.meta)
+
+    def noted_map_size(self) -> int | None:
+        """The map size the writer noted (``MAP_SIZE``), None when there is no note it
+        stamped, or its stamp is not ``txid_reserved`` now: a writer that does not note its
+        map (an older walstore) opened the store since, and the note is not its map.
+        CorruptionError naming the row when one of the three is damaged."""
+        noted = self.meta_int(MAP_SIZE)
+        at = self.get(MAP_SIZE_AT, "meta")
+        if not noted or at is None:
+            return None
+        stamp = from_u64(at, 0, "meta", MAP_SIZE_AT, self)
+        return noted if stamp == self.meta_int(TXID_RESERVED) else None
+
     def applied_lsn(self) -> int:
         return self.meta_int(b"applied")
 
@@ -1104,7 +1131,7 @@ class LmdbState:
                     # (the map size, for a reader's ``walstore stats``, once per change)
                     noted = self._shared.get("map_note")
                     if noted:
-                        txn.put(MAP_SIZE, u64(self.env.info()["map_size"]), db=self.meta)
+                        self.put_map_note(txn)
                     applied = txn.get(b"applied", db=self.meta)
                     if applied is not None:  # (before the commit: see applied_bound)
                         bound = self._shared.get("applied_bound") or 0

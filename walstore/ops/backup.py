@@ -56,6 +56,7 @@ nothing at the destination that opens as a store.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import stat
@@ -172,6 +173,11 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         # (its frames kept, not its message: `walstore --debug` shows where the copy failed
         # — it showed only this line)
         raise named.with_traceback(e.__traceback__) from None
+    except WalstoreError as e:  # (not an OS error: damage, a refusal, met in the staged copy)
+        named = named_for_user(e, staged, layout.root, dest)
+        if named is e:
+            raise
+        raise named.with_traceback(e.__traceback__) from None
     finally:
         if state is not None:
             state.close()
@@ -238,11 +244,37 @@ def named_at_dest(e: OSError, stage: str, dest: str) -> OSError:
             and moved(e.filename2) == e.filename2:
         return e
     if "backup" not in text.replace(stage, ""):  # (a bare OS error, or another's naming the
-        # staged path — "backup" in its name: say what was being written)
-        text = f"writing the backup failed ({text}); {PARTIAL}"
+        # staged path — "backup" in its name: say what was being written; not "writing the
+        # backup failed", which `walstore backup` said after its own "backup failed: ")
+        text = f"writing the copy failed ({text}); {PARTIAL}"
     named = StoreIOError(e.errno or errno.EIO, text.replace(stage, dest), moved(e.filename))
     if e.filename2 is not None and moved(e.filename2) != dest:  # (a rename into place:
         named.filename2 = moved(e.filename2)                    # DEST once is enough)
+    return named
+
+
+def named_for_user(e: WalstoreError, stage: str, src: str, dest: str) -> WalstoreError:
+    """``e``, a walstore error other than an OS error met in the staged copy (its LMDB
+    read by the copy's own open), as its user is told it: damage (CorruptionError) is
+    the source's — the copy holds what the source held — so the staged path is named as
+    the source's, and the backup said refused; another error names the staged path as
+    the same path under ``dest``.  ``e`` itself when it names no staged path.  (It said
+    "backup failed: corruption: ... (file DEST.incomplete-backup-123-x/db/data.mdb)", a
+    directory nobody asked for, removed by then, where `walstore verify SRC` names the
+    row in SRC/db/data.mdb: probe-audit70.)"""
+    if stage not in str(e):
+        return e
+    if isinstance(e, CorruptionError):
+        def source(text: str | None) -> str | None:
+            return None if text is None else text.replace(stage, src)
+        reason = source(e.reason) or ""
+        if not reason.startswith("backup of "):
+            reason = f"backup of {src} refused: {reason}"
+        named: WalstoreError = CorruptionError(reason, source(e.file), e.offset, e.lsn)
+    else:
+        named = copy.copy(e)
+        named.args = tuple(a.replace(stage, dest) if isinstance(a, str) else a
+                           for a in e.args)
     return named
 
 
@@ -608,8 +640,18 @@ def _finish_erasure(stage: str) -> None:
     first writable open (probe-audit67; a restore finishes it the same way).  That open
     holds the copy's inherited debts as DEST's own first open would."""
     from ..store import Store
-    with Store(stage, durability="full") as store:
-        store.checkpoint()
+    try:
+        with Store(stage, durability="full") as store:
+            store.checkpoint()
+    except OSError as e:
+        if not isinstance(e, WalstoreError) or not isinstance(e.__cause__, OSError):
+            raise
+        # (the staged store's own words — "rewriting the LMDB data file ... failed: [Errno
+        # 28] ...: '<staged path>' ...; the erasure stays owed: the next checkpoint or
+        # writable open tries again" — said of a copy that is removed now, inside "backup
+        # failed: writing the backup failed (...)": what failed, in the backup's words)
+        raise _writing_dest("the backup's LMDB copy without the bytes a purge erased",
+                            e.filename or stage, e.__cause__) from e
     # (and not the spare segment that open prepared: 16 MiB of zeros by default in every
     # such backup, which never held one — DEST's first writable open makes its own)
     wal = os.path.join(stage, "wal")
