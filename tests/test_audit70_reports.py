@@ -24,6 +24,7 @@ from click.testing import CliRunner
 import walstore
 from tests.test_audit67_operator import PURGE_KILLED_AFTER_COMMIT, _env, charged_store
 from tests.test_audit69_reports import _in_thread, _owed_refund
+from tests.store_support import cli_env, without_root_privilege
 from tools.faults import FaultBackend, installed
 from walstore.cli import main
 from walstore.engine.lmdb_check import check_lmdb_data_file
@@ -188,3 +189,31 @@ def test_a_failed_backup_says_what_failed_once(tmp_path, op, pattern):
     assert "stays owed" not in line and "[Errno" not in line, line
     assert line.count(dest) == 1 and "incomplete-backup" not in line, line
     assert not os.path.exists(dest)
+
+
+# ---- probe: a backup into a directory it may not write -------------------------------------
+def test_a_backup_into_an_unwritable_directory_names_no_staging_directory(tmp_path):
+    """`walstore backup SRC RO/bk`, RO not writable (run as a user the mode bits apply
+    to).  The line ended "[EACCES]: RO (Permission denied [EACCES]:
+    RO/bk.incomplete-backup-<pid>-xxxx)": the chained OS error of the staging
+    directory's mkdir, a name the user never asked for (and that was never made).  Now
+    RO, once."""
+    src, ro = str(tmp_path / "s"), tmp_path / "ro"
+    with walstore.open(src, durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    ro.mkdir()
+    ro.chmod(0o555)
+    os.chmod(tmp_path, 0o755)
+    try:
+        r = subprocess.run(without_root_privilege() + [
+            sys.executable, "-m", "walstore", "backup", src, str(ro / "bk")],
+            capture_output=True, text=True, env=cli_env(), timeout=60)
+    finally:
+        ro.chmod(0o755)
+    line = r.stderr.strip()
+    assert r.returncode == 1 and len(line.splitlines()) == 1, (r.returncode, line)
+    assert "incomplete-backup" not in line, line
+    assert "(Permission denied)" in line and line.endswith(f"[EACCES]: {ro}"), line
+    assert line.count("Permission denied") == 1, line
+    assert os.listdir(ro) == []

@@ -120,7 +120,12 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         prefix = STAGING if inside else f"{stem}{STAGING}"
         if not inside:
             sweep_dead_scratch(base, prefix)
-        stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+        try:
+            stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+        except OSError as e:  # (its chained error named the staging name it tried — never
+            # made, never asked for — after the line naming ``base``: probe-audit70)
+            raise _writing_dest("the backup's directory", base, e, NO_COPY
+                                ).with_traceback(e.__traceback__) from None
     staged = stage  # (``stage`` is None once the copy is in place)
     state: LmdbState | None = None
     damage = None
