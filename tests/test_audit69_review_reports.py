@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -15,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import walstore
-from tests.test_audit67_operator import PURGE_KILLED_AFTER_COMMIT, _env, charged_store
 from tests.test_audit69_reports import _in_thread
+from tests.test_audit70_reports import backup_owing_an_erasure
 from tools.faults import FaultBackend, installed
 from walstore.cli import main
 
@@ -111,16 +109,8 @@ def test_a_backup_that_failed_finishing_a_purges_erasure_says_the_backup_failed(
     ``named_at_dest``).  Now "writing the backup's LMDB copy without the bytes a purge
     erased failed (...); the partial copy was removed" (audit 70: it said "writing the
     backup failed (swapping in ... failed: ...)" after "backup failed: ")."""
-    path, _ledger, _acked = charged_store(tmp_path)
-    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
-                       capture_output=True, text=True, env=_env(), timeout=60)
-    assert w.returncode == -signal.SIGKILL, w.stderr
-    dest = str(tmp_path / "bk")
-    fb = FaultBackend()
-    fb.fail("rename", error=errno.ENOSPC, path="*incomplete-backup-*/db.compact/data.mdb",
-            times=None)
-    with installed(fb):
-        r = CliRunner().invoke(main, ["backup", path, dest])
+    r, dest = backup_owing_an_erasure(tmp_path, "rename",
+                                      "*incomplete-backup-*/db.compact/data.mdb")
     line = r.stderr.strip()
     assert r.exit_code == 1, (r.exit_code, line)
     assert "incomplete-backup" not in line, line

@@ -159,6 +159,22 @@ def test_a_backup_refused_for_damage_names_the_source_not_the_staging_directory(
 
 
 # ---- 4. "backup failed: writing the backup failed (...)" -----------------------------------
+def backup_owing_an_erasure(tmp_path, op: str, pattern: str):
+    """`walstore backup` of a store that owes a purge's erasure (its writer killed -9
+    between the purge's commit and its compacting checkpoint: the backup finishes it in
+    its staged copy), every ``op`` on a path matching ``pattern`` failing with ENOSPC.
+    (The CLI's result, DEST.)"""
+    path, _ledger, _acked = charged_store(tmp_path)
+    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    dest = str(tmp_path / "bk")
+    fb = FaultBackend()
+    fb.fail(op, error=errno.ENOSPC, path=pattern, times=None)
+    with installed(fb):
+        return CliRunner().invoke(main, ["backup", path, dest]), dest
+
+
 @pytest.mark.parametrize("op,pattern", [
     ("rename", "*incomplete-backup-*/db.compact/data.mdb"),
     ("open", "*incomplete-backup-*/db.compact/*")])
@@ -170,15 +186,7 @@ def test_a_failed_backup_says_what_failed_once(tmp_path, op, pattern):
     owed: the next checkpoint or writable open tries again); the partial copy was removed
     [ENOSPC]: <dest>/db.compact/data.mdb": "backup failed" twice, the path three times,
     and advice about a copy that no longer exists.  Now what failed, once."""
-    path, _ledger, _acked = charged_store(tmp_path)
-    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
-                       capture_output=True, text=True, env=_env(), timeout=60)
-    assert w.returncode == -signal.SIGKILL, w.stderr
-    dest = str(tmp_path / "bk")
-    fb = FaultBackend()
-    fb.fail(op, error=errno.ENOSPC, path=pattern, times=None)
-    with installed(fb):
-        r = CliRunner().invoke(main, ["backup", path, dest])
+    r, dest = backup_owing_an_erasure(tmp_path, op, pattern)
     line = r.stderr.strip()
     assert r.exit_code == 1 and len(line.splitlines()) == 1, (r.exit_code, line)
     said = line.replace(str(tmp_path), "TMP")  # (the test's name holds "failed")

@@ -19,8 +19,8 @@ from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
 from ..engine.layout import (FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout,
                               enclosing_store, store_path)
-from ..errors import CorruptionError, NotAStore, command_word, type_and_message  # noqa: F401 (the CLI's
-# hints and messages use them)
+from ..errors import (CorruptionError, NotAStore, command_word,  # noqa: F401 (the CLI's
+                      type_and_message)  # hints and messages use them)
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
 from ..ops.rebuild import rebuild_refusal, rebuild_state

@@ -184,7 +184,7 @@ def _file_id(path: str, lock_file: str | None = None) -> tuple:
 MAP_SIZE = b"map_size"
 # ... and the ``txid_reserved`` row as it was when the note was made: every writable open
 # of any walstore that reads this format writes ``txid_reserved`` (and this one notes its
-# map again with it: ``note_map_size``), but one older than the note never notes its map
+# map again with it: ``put_map_note``), but one older than the note never notes its map
 # — a note whose stamp is not ``txid_reserved`` now is another writer's, stale
 # (``noted_map_size``; a stop-69 note, without a stamp, cannot be told from one)
 MAP_SIZE_AT = b"map_size_at"
