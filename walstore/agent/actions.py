@@ -473,7 +473,11 @@ class Saga:
         # the newest's and before the file changes between them were put back)
         self._reserved_depth: dict[str, int] = {}
         self._local = threading.local()  # .depth: compensators running on this thread
-        self._running_lock = threading.Lock()
+        # (reentrant: a signal handler runs on the main thread, maybe inside one of its
+        # sections, and may ask ``pending_compensations()`` -- ``owed_now`` takes it:
+        # with a plain Lock a SIGALRM handler asking it hung the process for good,
+        # probe-audit70 review.  A C lock: no check between acquire and block)
+        self._running_lock = threading.RLock()
         # close(): once it begins (``refuse_intents``), another thread's ``tx.action``
         # is refused before its intent is logged; those between that check and their
         # body's start are counted (``_entering``), and close() waits for them and for

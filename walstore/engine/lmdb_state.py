@@ -189,6 +189,12 @@ MAP_SIZE = b"map_size"
 # (``noted_map_size``; a stop-69 note, without a stamp, cannot be told from one)
 MAP_SIZE_AT = b"map_size_at"
 TXID_RESERVED = b"txid_reserved"
+# ... and the ``applied`` row as it was then: a clean close writes ``txid_reserved`` as the
+# next id, so an older walstore's open and clean close that handed out no id put back the
+# very stamp this one's close left (its note, another map, said as the last writer's);
+# its open and close apply log records, so once the store is closed (``open`` 0) the note
+# is the last writer's only if ``applied`` is still as it was (probe-audit70 review)
+MAP_SIZE_APPLIED = b"map_size_applied"
 
 
 def u64(n: int) -> bytes:
@@ -1075,18 +1081,29 @@ class LmdbState:
         stamp = txn.get(TXID_RESERVED, db=self.meta)
         if stamp is not None:
             txn.put(MAP_SIZE_AT, stamp, db=self.meta)
+            applied = txn.get(b"applied", db=self.meta)
+            if applied is None:
+                txn.delete(MAP_SIZE_APPLIED, db=self.meta)
+            else:
+                txn.put(MAP_SIZE_APPLIED, applied, db=self.meta)
 
     def noted_map_size(self) -> int | None:
         """The map size the writer noted (``MAP_SIZE``), None when there is no note it
         stamped, or its stamp is not ``txid_reserved`` now: a writer that does not note its
-        map (an older walstore) opened the store since, and the note is not its map.
-        CorruptionError naming the row when one of the three is damaged."""
+        map (an older walstore) opened the store since, and the note is not its map; or,
+        the store closed, ``applied`` is not as it was then (``MAP_SIZE_APPLIED``).
+        CorruptionError naming the row when one of them is damaged."""
         noted = self.meta_int(MAP_SIZE)
         at = self.get(MAP_SIZE_AT, "meta")
         if not noted or at is None:
             return None
         stamp = from_u64(at, 0, "meta", MAP_SIZE_AT, self)
-        return noted if stamp == self.meta_int(TXID_RESERVED) else None
+        if stamp != self.meta_int(TXID_RESERVED):
+            return None
+        if self.meta_int(b"open") == 0 and (self.meta_int(MAP_SIZE_APPLIED, -1)
+                                            != self.applied_lsn()):
+            return None  # (closed since by a writer that does not note: MAP_SIZE_APPLIED)
+        return noted
 
     def applied_lsn(self) -> int:
         return self.meta_int(b"applied")
