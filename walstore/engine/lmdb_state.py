@@ -6,7 +6,8 @@ Owns ``<store>/db`` and its named databases (tables):
 - ``meta``:     bookkeeping, u64 big endian: ``applied`` (end LSN of the last applied log
                 event), ``next_txid``, ``open`` (1 while a writer has the store open: the
                 clean-shutdown flag), ``horizon`` (history retention), ``wal_start``,
-                ``map_size`` (the writer's map: ``MAP_SIZE``);
+                ``map_size`` (the writer's map: ``MAP_SIZE``) and its stamps
+                ``map_size_at``, ``map_size_applied`` (``noted_map_size``);
 - ``txns``:     txid -> the committed transaction's log row;
 - ``bylsn``:    commit LSN -> txid;  ``hist``: key versions;  ``hkeys``: keys with history
                 (see :mod:`walstore.engine.tables`);
