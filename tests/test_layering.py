@@ -42,13 +42,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # replication.targets' classes use — a collision of names, not a reach-in
     ("walstore.agent.undo", "plan", "_oldest"): "undo.py's own UndoPlan (name collision)",
     # issue 10, still to remove (each layer's commit takes its entries out)
-    ("walstore.agent.actions", "self._tx", "_end_lock"): "issue 10: agent layer, to remove",
-    ("walstore.agent.actions", "tx", "_check_writable"): "issue 10: agent layer, to remove",
-    ("walstore.agent.files", "tx", "_end_lock"): "issue 10: agent layer, to remove",
-    ("walstore.agent.files", "tx", "_check_writable"): "issue 10: agent layer, to remove",
-    ("walstore.agent.purge", "tx", "_set"): "issue 10: agent layer, to remove",
-    ("walstore.agent.twophase", "tx", "_check_writable"): "issue 10: agent layer, to remove",
-    ("walstore.agent.undo", "tx", "_set"): "issue 10: agent layer, to remove",
     ("walstore.ops.backup", "store", "_files"): "issue 10: ops layer, to remove",
     ("walstore.ops.verify", "store", "_engine"): "issue 10: ops layer, to remove",
     ("walstore.replication.s3", "t", "_shared"): "issue 10: replication layer, to remove",

@@ -190,9 +190,9 @@ def test_a_bad_key_is_refused_as_before(store, key):
 
 
 def _same_refusal(tx):
-    """A put is refused with what ``_check_writable`` says (the reason, raised)."""
+    """A put is refused with what ``check_writable`` says (the reason, raised)."""
     with pytest.raises(walstore.WalstoreError) as slow:
-        tx._check_writable()
+        tx.check_writable()
     with pytest.raises(type(slow.value)) as fast:
         tx.put(b"a", 1)
     assert str(fast.value) == str(slow.value)

@@ -243,7 +243,7 @@ class ActionScope:
         try:
             try:  # (counted inside: an interrupt right after the count cannot leave it so)
                 self._saga.begin_entering(self.action, counted)
-                with self._tx._end_lock:
+                with self._tx.end_lock:
                     self._saga.log_intent(self._tx, self.action)
                     self._entered = True
                     # while the body runs, its side effect may not have happened yet: a
@@ -604,7 +604,7 @@ class Saga:
                       commit_bytes=size, recorded=(unpack(packed_args), None))
 
     def log_intent(self, tx: "Transaction", action: Action) -> None:
-        tx._check_writable()
+        tx.check_writable()
         # the event's args are its own (the MemTable keeps the body until the applier
         # writes the row from it): ``action.args`` changed in place (by the body, or by a
         # compensator given this object at a rollback) changed the row LMDB got, the WAL

@@ -884,16 +884,16 @@ class Files:
 
     def _run(self, tx: "Transaction", ws: Workspace, op: str,
              make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
-        end = tx._end_lock
+        end = tx.end_lock
         while True:
-            tx._check_writable()
+            tx.check_writable()
             with self._ws_lock(ws):
                 mine = False
                 try:
                     with deferred():  # (an interrupt as it ends still finds ``mine``)
                         mine = end.acquire(blocking=False)
                     if mine:
-                        tx._check_writable()
+                        tx.check_writable()
                         return self._run_ended_out(tx, ws, op, make_plan, act)
                 finally:
                     if mine:
@@ -1549,7 +1549,7 @@ class Files:
         file effect.  A path that changed since it was planned: RevertConflict.  Forced,
         a directory to remove loses what others put in it too (``_strangers_under``)."""
         from ..errors import RevertConflict
-        tx._check_writable()
+        tx.check_writable()
         by_ws: dict[bytes, list[FileUndo]] = {}
         for it in items:
             by_ws.setdefault(it.ws.root_b, []).append(it)
@@ -1639,7 +1639,7 @@ class Files:
             yield from self._watch(tx, ws)
 
     def _watch(self, tx: "Transaction", ws: Workspace) -> Iterator[Watch]:
-        tx._check_writable()
+        tx.check_writable()
         lock = self._ws_lock(ws)
         with lock:
             with self._lock:

@@ -75,8 +75,7 @@ class Purge:
             # once applied, so one written and deleted just before the purge was erased
             # but left out of ``keys_erased`` — a purge reported 0 keys erased, audit 60)
             had_history += eng.memtable.keys_in_range(rng.lo, rng.hi)
-            for k in present:
-                tx._set(k, None)
+            tx.write_stored((k, None) for k in present)
             tx.commit_body.update({"purge": prefix, "purge_range": [rng.lo, rng.hi]})
             return tx, present, had_history
 

@@ -94,7 +94,7 @@ class TwoPhase:
 
     def prepare(self, tx: "Transaction", gid: str, file_fields: dict | None = None) -> None:
         check_gid(gid)
-        tx._check_writable()
+        tx.check_writable()
         live = [a for a in tx.effects if isinstance(a, Action)]
         extra = self.saga.commit_fields(tx)
         extra.pop("actions", None)

@@ -1150,9 +1150,9 @@ class Undo:
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
         try:
-            for k, lsn in restore.items():
-                tx.read_keys.add(k)
-                tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undoer
+            tx.read_keys.update(restore)
+            # (each key's value just before the oldest undoer)
+            tx.write_stored((k, reader.as_of(k, lsn)) for k, lsn in restore.items())
         except TransactionTooLarge as e:
             raise TransactionTooLarge(
                 f"this undo restores {len(restore):,} keys, more than one transaction may "

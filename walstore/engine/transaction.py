@@ -481,7 +481,13 @@ class Transaction:
                 self._finish_as_decided()
         self._check_active()
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Raise unless this transaction takes writes now: TransactionClosed when it has
+        ended (or was decided through the store while prepared), or is prepared (a
+        prepared transaction takes no more writes or actions); the store's refusal
+        (StoreClosed, a read-only store, a failed store: ``Engine.check_writable``)
+        otherwise.  Nothing is changed.  What ``put`` raises; the agent layer asks it
+        before logging an action's intent, a file operation or a prepare."""
         self._check_active()
         if self.gid is not None:
             self._check_undecided()  # (decided meanwhile: it said "is prepared" of it)
@@ -615,7 +621,7 @@ class Transaction:
         eng = self._engine  # (``Engine.writable`` written out: a property is a call)
         if (self.state != ACTIVE or self.gid is not None or eng.closed or eng.readonly
                 or eng.failure is not None or eng.wal is None or eng.wal.failed is not None):
-            self._check_writable()  # one test on the hot path; the reason is raised here
+            self.check_writable()  # one test on the hot path; the reason is raised here
         if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
             k = b"b" + key  # (``encode_key``'s first case: codec._BYTES, the tag)
         else:
@@ -639,7 +645,7 @@ class Transaction:
     def update(self, items: Mapping | Iterable[tuple[Key, Any]]) -> None:
         """Put many pairs at once (a mapping or an iterable of (key, value)): the bulk
         load call, with the same validation as ``put``."""
-        self._check_writable()
+        self.check_writable()
         # (the pairs alone passing the bound: refused before the rest is read and packed)
         staged = pack_items(items.items() if isinstance(items, Mapping) else items,
                             MAX_TXN_WRITE_BYTES, lambda size: self._too_big(size, None))
@@ -660,11 +666,23 @@ class Transaction:
             self._late_write(staged.items(), writes)
 
     def delete(self, key: Key) -> None:
-        self._check_writable()
+        self.check_writable()
         self._set(encode_key(key), None)
 
     def __delitem__(self, key: Key) -> None:
         self.delete(key)
+
+    def write_stored(self, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Write pairs already in their stored form — an encoded key (``encode_key``)
+        and a packed value, or None: a delete — into the write set, as ``put``/``delete``
+        would (same accounting, savepoints and size bound: TransactionTooLarge), without
+        decoding and packing them again: a purge erasing the keys it scanned, an undo
+        putting back the raw value a key had (``reader.as_of``).  ``check_writable()``
+        first, once; the pairs are consumed in order (one that fails leaves those before
+        it written, as a loop of puts does)."""
+        self.check_writable()
+        for k, packed in items:
+            self._set(k, packed)
 
     def _set(self, k: bytes, packed: bytes | None) -> None:
         size = self._write_bytes + len(k) + WRITE_OVERHEAD + (0 if packed is None
@@ -827,7 +845,7 @@ class Transaction:
         idempotency key; set ``act.result``.  ``scope``: the key prefix a scoped rewind
         counts this action in (default: the transaction's scope).
         """
-        self._check_writable()
+        self.check_writable()
         return self._hooks.start_action(self, name, args, compensate,
                                         self.scope if scope is None else scope)
 
@@ -1346,6 +1364,20 @@ class Transaction:
                         seal.writes = seal.lookup = None  # (ended: holds none of them,
                         # unless a write landed after the copy: its writer, not yet
                         # registered, will check against them, then drop them)
+
+    @property
+    def end_lock(self) -> "_RLock":
+        """The lock this transaction's end is decided under (a C ``RLock``, one per
+        transaction, for its whole life): commit(), rollback(), prepare(), rollback_to()
+        and the store's close() hold it from their check of the state to the state they
+        leave.  The agent layer holds it (``with``; or ``acquire(blocking=False)`` and
+        ``release``) around a change that must land wholly before or wholly after that
+        end — an action's intent, a file operation — then asks ``check_writable()``
+        under it.  Never wait for it while holding a lock that an end takes (a
+        workspace's lock: a rollback holds this one and then waits for that one); the
+        same thread re-entering it from inside an end is refused by the end's own
+        check, not by the lock."""
+        return self._end_lock
 
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
