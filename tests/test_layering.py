@@ -42,8 +42,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # replication.targets' classes use — a collision of names, not a reach-in
     ("walstore.agent.undo", "plan", "_oldest"): "undo.py's own UndoPlan (name collision)",
     # issue 10, still to remove (each layer's commit takes its entries out)
-    ("walstore.ops.backup", "store", "_files"): "issue 10: ops layer, to remove",
-    ("walstore.ops.verify", "store", "_engine"): "issue 10: ops layer, to remove",
     ("walstore.replication.s3", "t", "_shared"): "issue 10: replication layer, to remove",
     ("walstore.replication.source", "store", "_engine"): "issue 10: replication layer, to remove",
     ("walstore.replication.source", "self._engine", "_stored_replica_position"): "issue 10: replication layer, to remove",

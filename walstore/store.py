@@ -318,6 +318,25 @@ class Store:
     def compensators(self) -> dict[str, Callable]:
         return self._saga.compensators
 
+    # ---- what walstore's own layers are built on (not in CONTRACT) ------------------------
+    @property
+    def engine(self) -> Engine:
+        """The Engine under this store (its WAL, LMDB state, pipeline and views): what
+        walstore's own layers that work below the Store's methods — ops (``verify``),
+        replication (``InProcessSource``), the CLI — use, through the Engine's public
+        methods and attributes.  One per Store, for its whole life; after ``close()`` it
+        is closed too (``engine.closed``; ``engine.check_open()`` raises StoreClosed).  Not part of the product contract:
+        an application keeps to the Store's methods."""
+        return self._engine
+
+    @property
+    def reversible_files(self) -> Files:
+        """This store's reversible files (``agent.files.Files``: its workspaces, blob
+        store, claims, gc): what ``ops.backup`` asks which blobs a copy refers to.  One
+        per Store, for its whole life, built on ``engine``; not part of the product
+        contract (an application uses ``workspace()`` and ``tx.files(ws)``)."""
+        return self._files
+
     def close(self) -> None:
         """Roll back open transactions whose effects are out in the world (compensate
         their actions, put back their files; a prepared one is left for its coordinator),

@@ -829,7 +829,7 @@ def referenced_blobs(root: str, manifests: set[str] | None = None) -> set[str]:
     from ..store import Store  # (late: the store imports the engine's operations)
     store = Store(root, readonly=True)
     try:
-        return store._files.referenced(manifests)
+        return store.reversible_files.referenced(manifests)
     finally:
         store.close()
 

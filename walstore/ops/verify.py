@@ -264,7 +264,7 @@ def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
         # prepared set stays empty, so a prepared transaction's file changes — held
         # until its decision — were said "file undo owed ... the next open tries again"
         # — audit 58)
-        in_doubt = set(store._engine.views.prepared_summaries(lambda row: row.get("tx")))
+        in_doubt = set(store.engine.views.prepared_summaries(lambda row: row.get("tx")))
     finally:
         store.close()
     alive = writer_alive(layout)
