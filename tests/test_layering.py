@@ -42,9 +42,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # replication.targets' classes use — a collision of names, not a reach-in
     ("walstore.agent.undo", "plan", "_oldest"): "undo.py's own UndoPlan (name collision)",
     # issue 10, still to remove (each layer's commit takes its entries out)
-    ("walstore.replication.s3", "t", "_shared"): "issue 10: replication layer, to remove",
-    ("walstore.replication.source", "store", "_engine"): "issue 10: replication layer, to remove",
-    ("walstore.replication.source", "self._engine", "_stored_replica_position"): "issue 10: replication layer, to remove",
     ("walstore.integrations.transaction", "self.tx", "_finish_as_decided"): "issue 10: integrations layer, to remove",
 }
 

@@ -165,7 +165,7 @@ class Engine:
         self._spare_later = spare_later
         if keep_replica_pin is not None:
             self.retention_pins.append(self._stored_replica_pin)
-            self.replica_positions.append(self._stored_replica_position)
+            self.replica_positions.append(self.stored_replica_position)
         self._proc_lock: ProcessLock | None = None
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
@@ -1059,9 +1059,11 @@ class Engine:
         bound = self._replica_pin_bound or 0
         return pin if self.wal.synced_lsn - pin <= bound else None  # (past the bound: trim)
 
-    def _stored_replica_position(self) -> int | None:
-        """The replica's position recorded by the last shipper, unbounded (see
-        ``replica_positions``)."""
+    def stored_replica_position(self) -> int | None:
+        """The replica's position recorded by the last shipper (the store's meta
+        ``replica_pin``), unbounded (see ``replica_positions``); None when none is, or
+        LMDB is not open.  Read afresh at each call; a reader of the store, never a
+        writer (``record_replica_pin`` writes it)."""
         raw = self.state.meta_int(REPLICA_PIN, 0) if self.state is not None else 0
         return raw - 1 if raw else None
 
@@ -1071,8 +1073,8 @@ class Engine:
         recorded at open is let go."""
         if self._stored_replica_pin in self.retention_pins:
             self.retention_pins.remove(self._stored_replica_pin)
-        if self._stored_replica_position in self.replica_positions:
-            self.replica_positions.remove(self._stored_replica_position)
+        if self.stored_replica_position in self.replica_positions:
+            self.replica_positions.remove(self.stored_replica_position)
         value = 0 if lsn is None else lsn + 1
         if (self.readonly or self.failure is not None
                 or self.state.meta_int(REPLICA_PIN, 0) == value):

@@ -34,6 +34,7 @@ _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnava
 class S3Target:
     server_conditions = True  # If-None-Match / If-Match are the server's to enforce: the
     # lease checks that it does (see Lease._check_enforced)
+    _shared = False  # a copy ``enclosing`` made, sharing this one's client: close() leaves it
 
     def __init__(self, bucket: str, prefix: str, options: ReplicateOptions | None = None) -> None:
         opts = options or ReplicateOptions.from_any()
@@ -275,7 +276,7 @@ class S3Target:
         return out
 
     def close(self) -> None:
-        if getattr(self, "_shared", False):
+        if self._shared:
             return
         try:
             self.client.close()

@@ -360,7 +360,7 @@ class InProcessSource(DirectorySource):
 
     def __init__(self, store) -> None:
         super().__init__(store.path, fsync=False)
-        self._engine = store._engine
+        self._engine = store.engine
         self._pin = self.bounded_pin
         self._engine.retention_pins.append(self._pin)
         self._position = lambda: self.pin  # (unbounded: the blob gc's, see Engine)
@@ -381,7 +381,7 @@ class InProcessSource(DirectorySource):
     def recorded_position(self) -> int | None:
         """The replica's position the last shipper recorded in the store (its meta
         ``replica_pin``), None when none is."""
-        return self._engine._stored_replica_position()
+        return self._engine.stored_replica_position()
 
     def complete_mark(self) -> tuple[float, int] | None:
         """Exact in the writer's process: the time is read, then the journal lock is
