@@ -41,8 +41,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # plan's fields (its repr, as_dict and constructor); only ``_oldest`` is also a name
     # replication.targets' classes use — a collision of names, not a reach-in
     ("walstore.agent.undo", "plan", "_oldest"): "undo.py's own UndoPlan (name collision)",
-    # issue 10, still to remove (each layer's commit takes its entries out)
-    ("walstore.integrations.transaction", "self.tx", "_finish_as_decided"): "issue 10: integrations layer, to remove",
 }
 
 

@@ -1379,6 +1379,18 @@ class Transaction:
         check, not by the lock."""
         return self._end_lock
 
+    def finish_if_decided(self) -> str:
+        """A prepared transaction decided outside it (``store.commit_prepared`` /
+        ``rollback_prepared``, ``resolve_atomic``) is finished as the decision says, so
+        its ``state`` says it ("committed", LSN set; "rolled back"; "outcome unknown"
+        when that decision's fsync failed); nothing when it is not prepared, already
+        ended, still in doubt, or its decision is still being made durable.  Returns
+        ``state``.  Idempotent; for the transaction's owner (the Zope data manager asks
+        it before it reads the state), not taking the end lock: the decision is the
+        store's already, this only makes the object say it."""
+        self._finish_as_decided()
+        return self.state
+
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
         lock held here)?"""

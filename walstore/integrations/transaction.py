@@ -224,7 +224,7 @@ class WalstoreDataManager:
         ``transaction.abort()`` and the manager stayed registered; ``join`` handed the
         stale, decided transaction out again.)"""
         if self.tx.state == ACTIVE and self.tx.gid is not None:
-            self.tx._finish_as_decided()
+            self.tx.finish_if_decided()
 
     def _decided(self, txn) -> bool:
         """Every participant voted yes (our tpc_finish began, or the transaction's record
