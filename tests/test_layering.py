@@ -17,6 +17,11 @@ The rule, checked by parsing walstore/ with ``ast`` (no import, no type inferenc
   store, a transaction, an engine, a log) — (b) catches a name both layers happen to use,
   e.g. ``store._engine`` read by replication, whose own ``Source`` also has an ``_engine``.
 
+- The same for a layer's module-level privates (a function, class or constant named
+  ``_name`` at a module's top level): a checked layer neither imports one from another
+  layer's module (``from ..engine.snapshot import _purged_since``) nor reads one through
+  a module of another layer it imported (``fapply._pin_dir``).
+
 Without type inference the rule is by name: a private name only walstore's own classes
 define is what it can see (a third-party object's privates, e.g. langgraph's, are not
 walstore's layering and are not checked), and ALLOWED lists, each with why, what stays.
@@ -90,6 +95,50 @@ def _holder(node: ast.expr) -> bool:
             and isinstance(node.value, ast.Name) and node.value.id == "self")
 
 
+def _top_level_privates(tree: ast.Module) -> set[str]:
+    out = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        for t in (node.targets if isinstance(node, ast.Assign)
+                  else [node.target] if isinstance(node, ast.AnnAssign) else []):
+            if isinstance(t, ast.Name):
+                out.add(t.id)
+    return {n for n in out if _private(n)}
+
+
+def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")[:len(module.split(".")) - node.level + is_package]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _module_reach_ins(module: str, tree: ast.Module, trees: dict) -> list:
+    """Another layer's module-level privates, imported by name or read through its
+    module (see the module docstring)."""
+    layer, found = _layer(module), []
+    is_package = module.endswith(".__init__")
+    aliases: dict[str, str] = {}  # a name bound to another layer's module here -> it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = _absolute(module, node, is_package)
+            for a in node.names:
+                sub = f"{source}.{a.name}"
+                if sub in trees or f"{sub}.__init__" in trees:
+                    if _layer(sub if sub in trees else f"{sub}.__init__") != layer:
+                        aliases[a.asname or a.name] = sub if sub in trees else f"{sub}.__init__"
+                elif (source in trees and _layer(source) != layer and _private(a.name)
+                      and a.name in _top_level_privates(trees[source])):
+                    found.append((module, node.lineno, source, a.name))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and _private(node.attr)
+                and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr in _top_level_privates(trees[aliases[node.value.id]])):
+            found.append((module, node.lineno, node.value.id, node.attr))
+    return found
+
+
 def reach_ins(root: Path | None = None) -> list[tuple[str, int, str, str]]:
     """Every reach-in of a checked layer: (module, line, receiver, attribute)."""
     return list(_reach_ins(root or PKG))
@@ -111,6 +160,7 @@ def _reach_ins(root: Path) -> tuple[tuple[str, int, str, str], ...]:
         layer = _layer(module)
         if layer not in CHECKED:
             continue
+        found += _module_reach_ins(module, tree, trees)
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Attribute) and _private(node.attr)) or \
                     _receiver_is_self(node.value):
@@ -140,7 +190,8 @@ def test_every_allowed_reach_in_is_still_there():
 def test_the_checker_sees_a_reach_in(tmp_path):
     """The rule itself: a module of the agent layer that reads ``tx._set`` and
     ``store._engine`` is caught (the latter though its own class has an ``_engine``
-    too), and ``self._x`` / ``super()._x`` are not."""
+    too), and so is one importing an engine module's private function or reading it
+    through the module; ``self._x`` / ``super()._x`` and public names are not."""
     root = tmp_path / "walstore"
     (root / "agent").mkdir(parents=True)
     (root / "engine").mkdir()
@@ -154,5 +205,11 @@ def test_the_checker_sees_a_reach_in(tmp_path):
         "        self._engine = store._engine\n"
         "    def f(self, tx):\n"
         "        tx._set()\n        self._engine\n        super()._set\n")
+    (root / "engine" / "snap.py").write_text("def _as_of(): pass\ndef public(): pass\n")
+    (root / "agent" / "b.py").write_text(
+        "from ..engine.snap import _as_of, public\nfrom ..engine import snap as s2\n"
+        "s2._as_of()\ns2.public()\n")
     assert sorted((m, r, a) for m, _, r, a in reach_ins(root)) == [
-        ("walstore.agent.a", "store", "_engine"), ("walstore.agent.a", "tx", "_set")]
+        ("walstore.agent.a", "store", "_engine"), ("walstore.agent.a", "tx", "_set"),
+        ("walstore.agent.b", "s2", "_as_of"),
+        ("walstore.agent.b", "walstore.engine.snap", "_as_of")]

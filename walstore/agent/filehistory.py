@@ -28,7 +28,7 @@ from ..errors import CorruptionError, HistoryTrimmed, os_errors_as_store_errors,
     os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
-from ..files.apply import _pin_dir, open_to_read
+from ..files.apply import pin_dir, open_to_read
 from ..files.entries import ABSENT, DIR, UnsupportedFileType, iter_content
 from ..files.paths import PathLike, display, parent_of
 from ..log.format import LSN
@@ -254,7 +254,7 @@ class HistoricalFiles:
             # looked up in its parent pinned from the root: by its absolute path, a parent
             # swapped for a symlink to outside since the check described (hashed) a file
             # outside the root; under that symlink the path is absent, as above
-            pin = _pin_dir(ws, parent_of(rel))
+            pin = pin_dir(ws, parent_of(rel))
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return Entry.absent()
         try:

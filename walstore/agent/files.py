@@ -95,7 +95,7 @@ def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
     # parent swapped for a symlink to outside the root after the checks listed a
     # directory outside the root
     try:
-        pin = fapply._pin_dir(ws, parent_of(rel)) if rel else None
+        pin = fapply.pin_dir(ws, parent_of(rel)) if rel else None
     except (FileNotFoundError, ValueError):  # (a parent gone, or a file or symlink now:
         return None                          # no such directory as the workspace sees it)
     try:
@@ -1575,10 +1575,10 @@ class Files:
                 where = os.fsencode(self.quarantine(tx.id))
                 for c in strangers:  # (a copy kept aside as well: see _strangers_under)
                     if c.after.is_file or c.after.is_symlink:
-                        fapply._save_aside(c.path, c.after, self.blobs, where)
+                        fapply.save_aside(c.path, c.after, self.blobs, where)
                 self.log_steps(tx, ws, "revert", forward, known=tx.effects.append)
                 for rel in sorted(specials, key=len, reverse=True):
-                    fapply._remove_special(ws, rel, self.durable)
+                    fapply.remove_special(ws, rel, self.durable)
                 conflicts = []
                 since = {it.path: it.since_ns for it in by_ws[root]}
                 for c in forward:
@@ -1623,7 +1623,8 @@ class Files:
                 raise RevertConflict(f"{where} cannot be put back: it holds walstore's own "
                                      f"directory {abs_display(ws.root_b, held)}; nothing "
                                      f"was changed", paths=[where])
-            for p, e in plan._subtree(ws, c.path, c.after, self.blobs, specials)[1:]:
+            for p, e in plan.capture_subtree(ws, c.path, c.after, self.blobs,
+                                             specials)[1:]:
                 if p not in known:
                     known.add(p)
                     out.append(Change.of(p, Entry.absent(), e))
@@ -2055,7 +2056,7 @@ class Files:
         for c in changes:
             if not (c.after.is_file or c.after.is_symlink):
                 continue  # a directory's files are changes of their own; absence: nothing
-            saved = fapply._save_aside(c.path, c.after, self.blobs, where)
+            saved = fapply.save_aside(c.path, c.after, self.blobs, where)
             self.watch_saved.append({"tx": txid, "workspace": os.fsdecode(ws.root_b),
                                      "path": abs_display(ws.root_b, c.path),
                                      "found": c.after.describe(), "saved_as": saved})
@@ -2575,7 +2576,7 @@ class TxFiles:
             raise TypeError(f"file content is str or bytes, not {type(data).__name__}")
         data = bytes(data)
         if mode is not None:
-            fapply._check_mode(mode)
+            fapply.check_mode(mode)
         ws = self.workspace
         self._run("write", lambda: plan.plan_write(ws, path, data, self._blobs, mode),
                   lambda: fapply.write_file(ws, path, data, mode, self._durable))
@@ -2585,7 +2586,7 @@ class TxFiles:
         """Create the directory ``path`` (and missing parents)."""
         ws = self.workspace
         if mode is not None:
-            fapply._check_mode(mode)
+            fapply.check_mode(mode)
         rel, abs_path = ws.resolve(path)
         if exist_ok and os.path.isdir(abs_path) and not os.path.islink(abs_path):
             return
@@ -2616,7 +2617,7 @@ class TxFiles:
     def chmod(self, path: PathLike, mode: int) -> None:
         """Change the permission bits of a file or directory."""
         ws = self.workspace
-        fapply._check_mode(mode)
+        fapply.check_mode(mode)
         self._run("chmod", lambda: plan.plan_mode(ws, path, mode, self._blobs),
                   lambda: fapply.set_mode(ws, path, mode, self._durable))
 
@@ -2718,7 +2719,7 @@ class TxFiles:
         # looked up in its parent pinned from the root (as a read): by its absolute path,
         # a parent swapped for a symlink to outside after the check answered for outside
         try:
-            with fapply._pinned(self.workspace, rel) as (_parent, pinned):
+            with fapply.pinned_parent(self.workspace, rel) as (_parent, pinned):
                 return os.path.lexists(pinned)
         except FileNotFoundError:  # (a parent gone since the check)
             return False

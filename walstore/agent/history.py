@@ -25,7 +25,7 @@ from ..log.format import RecordType
 from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
 from ..engine.lmdb_state import SCAN_CHUNK, from_u64, read_chunk
-from ..engine.snapshot import SnapshotTooOld, _purged_since as purged_since
+from ..engine.snapshot import SnapshotTooOld, purged_since
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
 

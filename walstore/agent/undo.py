@@ -1341,7 +1341,7 @@ def _holding_strangers(items: list) -> list:
             continue
         ws = item.ws
         try:
-            fd = fapply._open_dir(ws, item.path)  # (never through a symlink)
+            fd = fapply.open_dir(ws, item.path)  # (never through a symlink)
         except (OSError, ValueError):
             continue  # (not there as a directory: the path's own status says)
         try:
@@ -1370,7 +1370,7 @@ def _strangers_in(ws: Any, fd: int, item: Any, gone: set, fapply: Any) -> bool:
         if not ws.ignore or (ws.exclude and ws.excluded(child)) \
                 or not ws.ignored(child, stat.S_ISDIR(cst.st_mode)):
             return True
-        if item.since_ns is not None and fapply._older_inside(
+        if item.since_ns is not None and fapply.older_inside(
                 fd, name, cst, item.since_ns - fapply.CTIME_SLACK_NS):
             return True
     return False

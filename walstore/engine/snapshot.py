@@ -117,7 +117,7 @@ class StateReader:
             if found:
                 return v
         st = self.state
-        return st.run_read(_lmdb_value_as_of, st, key, at, purges)
+        return st.run_read(lmdb_value_as_of, st, key, at, purges)
 
     # ---- scans --------------------------------------------------------------------------
     def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None,
@@ -311,8 +311,13 @@ def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: boo
     return (after is None or k > after) and (edge is None or k <= edge)
 
 
-def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = False
-                      ) -> bytes | None:
+def lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = False
+                     ) -> bytes | None:
+    """``key``'s stored value as of LSN ``at`` in LMDB alone (no MemTable), inside the
+    read transaction ``txn`` of ``st``: when LMDB is applied past ``at``, the version its
+    history holds at ``at`` (SnapshotTooOld when ``at`` is below the retention horizon;
+    ``purges``: or a purge applied since may have erased it), else, or with no such
+    version, its current row; None: absent.  (``walstore verify`` reads it too.)"""
     if st.applied_past(txn, at) is not None:
         _check_horizon(txn, st, at, purges, key, key + b"\x00")
         cur = txn.cursor(db=st.hist)
@@ -329,11 +334,11 @@ def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False, lo: bytes 
         raise SnapshotTooOld.of(at, "this transaction's", "retry it", horizon=horizon)
     if purges:
         purge = from_u64(txn.get(b"last_purge", db=st.meta), 0, "meta", b"last_purge", st)
-        if purge >= at and _purged_since(txn, st, at, lo, hi):
+        if purge >= at and purged_since(txn, st, at, lo, hi):
             raise SnapshotTooOld.of(at, "this", "retry it", purge=purge)
 
 
-def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> bool:
+def purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> bool:
     """Did a purge applied after snapshot ``at`` erase keys in [lo, hi) (``hi`` None: to
     the end)?  The newest purges' ranges are kept (apply.RECENT_PURGES); a snapshot older
     than all of them cannot tell: yes."""
@@ -365,7 +370,7 @@ def _fixes_in(txn, st: LmdbState, changed: KeyIndex, lo: bytes, after: bytes | N
     fixed: list[tuple[bytes, bytes | None]] = []
     size = 0
     for k in keys:
-        v = _lmdb_value_as_of(txn, st, k, at, purges)
+        v = lmdb_value_as_of(txn, st, k, at, purges)
         fixed.append((k, v))
         changed.discard(k)
         size += 0 if v is None else len(v)

@@ -185,7 +185,9 @@ def _temp_name(parent_abs: bytes) -> bytes:
     return parent_abs + b"/" + TEMP_PREFIX + b"%x-" % os.getpid() + os.urandom(6).hex().encode()
 
 
-def _check_mode(mode: int) -> int:
+def check_mode(mode: int) -> int:
+    """``mode`` when it is a file mode (an int 0..0o7777, not a bool); ValueError naming
+    it otherwise.  (agent.files checks a caller's mode with it.)"""
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
         raise ValueError(f"mode must be an int between 0 and 0o7777, not {mode!r}")
     return mode
@@ -225,7 +227,7 @@ def _undo_created(ws: Workspace, created: list[bytes], durable: bool) -> None:
     made us undo them is the one the caller sees."""
     for rel in reversed(created):
         try:
-            with _pinned(ws, rel) as (parent, path):
+            with pinned_parent(ws, rel) as (parent, path):
                 _rmdir(path)
                 _fsync_dir(parent, durable)
         except (OSError, ValueError):
@@ -235,8 +237,8 @@ def _undo_created(ws: Workspace, created: list[bytes], durable: bool) -> None:
 def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
                   durable: bool) -> None:
     """Create the directory ``rel`` with exactly ``mode`` in one visible step, in its
-    parent pinned (``_pinned``)."""
-    with _pinned(ws, rel) as (parent, path):
+    parent pinned (``pinned_parent``)."""
+    with pinned_parent(ws, rel) as (parent, path):
         tmp = _temp_name(parent)
         # made with its permission bits, and chmod-ed only when they differ (the umask):
         # mkdir(2) keeps the setgid bit a setgid parent passes on, where a chmod by a
@@ -301,14 +303,14 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
         # the temp file was root's, so another user's file setuid to them became setuid
         # ROOT with the mode kept, and its owner could no longer write it)
         owner = entry_from_stat(st)
-    _check_mode(mode)
+    check_mode(mode)
     created = _make_parents(ws, rel, durable)
     # the parent pinned (walked from the root, no symlink followed) and named through
     # /proc/self/fd: a directory on the way swapped for a symlink by another process
     # after the checks above made the write land in the symlink's target, outside the
     # root; now the walk refuses it, and one swapped after the walk changes nothing
     try:
-        pin = _pin_dir(ws, parent_of(rel))
+        pin = pin_dir(ws, parent_of(rel))
     except BaseException as e:
         _undo_created(ws, created, durable)
         if isinstance(e, OSError):  # (a parent gone meanwhile, EIO: as the write's own)
@@ -367,7 +369,7 @@ class _PinnedDir:
 _PROC_FD = os.path.isdir("/proc/self/fd")
 
 
-def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
+def pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
     """Open ``rel_dir`` of ``ws`` component by component from the root, following no
     symlink (None where /proc is not mounted: the absolute path is used, as before).  A
     component that is a symlink (or no directory) now: WorkspaceChanged (a ValueError),
@@ -397,13 +399,13 @@ def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
 
 def open_to_read(ws: Workspace, rel: bytes) -> int:
     """Open the file ``rel`` for reading (O_NONBLOCK: a FIFO swapped in does not block)
-    in its parent pinned from the root (``_pin_dir``: no symlink followed on the way,
+    in its parent pinned from the root (``pin_dir``: no symlink followed on the way,
     WorkspaceChanged): opened by its absolute path after the caller's checks, a parent
     swapped for a symlink to outside the root in between made a read return a file
     outside the root."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        pin = _pin_dir(ws, parent_of(rel))
+        pin = pin_dir(ws, parent_of(rel))
         if pin is None:  # (no /proc/self/fd: by path, as before)
             return os.open(ws.abspath(rel), flags)
         try:
@@ -415,13 +417,13 @@ def open_to_read(ws: Workspace, rel: bytes) -> int:
 
 
 @contextlib.contextmanager
-def _pinned(ws: Workspace, rel: bytes):
-    """``with _pinned(ws, rel) as (parent, path):`` ``rel``'s parent pinned
-    (``_pin_dir``) and both named through it, so a directory on the way swapped for a
+def pinned_parent(ws: Workspace, rel: bytes):
+    """``with pinned_parent(ws, rel) as (parent, path):`` ``rel``'s parent pinned
+    (``pin_dir``) and both named through it, so a directory on the way swapped for a
     symlink by another process after walstore's checks is refused (WorkspaceChanged),
     never gone through: nothing outside the root is created, changed or removed."""
     if not rel:  # the root itself (a watch's mode change): pinned as it is
-        pin = _pin_dir(ws, b"")
+        pin = pin_dir(ws, b"")
         try:
             # (b"/.": the directory itself; /proc/self/fd/N alone lstats as a symlink)
             yield ((pin.path + b"/.", pin.path + b"/.") if pin is not None
@@ -430,7 +432,7 @@ def _pinned(ws: Workspace, rel: bytes):
             if pin is not None:
                 pin.close()
         return
-    pin = _pin_dir(ws, parent_of(rel))
+    pin = pin_dir(ws, parent_of(rel))
     try:
         if pin is None:
             yield ws.abspath(parent_of(rel)), ws.abspath(rel)
@@ -477,10 +479,10 @@ def set_mode(ws: Workspace, path: PathLike, mode: int, durable: bool = True) -> 
     A file with other hard links (``st_nlink`` > 1: perhaps one outside the workspace)
     is made an independent copy with the new mode (temp file, rename over: the write
     primitive), so the other names keep theirs."""
-    _check_mode(mode)
+    check_mode(mode)
     rel, abs_path = ws.resolve(path)
     try:
-        with _pinned(ws, rel) as (_parent, pinned):
+        with pinned_parent(ws, rel) as (_parent, pinned):
             _chmod_nofollow(pinned, mode, durable, ws, rel)
     except OSError as e:
         if isinstance(e, UnsupportedFileType):
@@ -542,7 +544,7 @@ def make_dir(ws: Workspace, path: PathLike, mode: int | None = None,
     """Create the directory ``path`` (and its missing parents); FileExistsError when
     anything is there."""
     rel, abs_path = ws.resolve(path)
-    mode = default_dir_mode() if mode is None else _check_mode(mode)
+    mode = default_dir_mode() if mode is None else check_mode(mode)
     if _lstat(abs_path) is not None:
         raise FileExistsError(errno.EEXIST, f"cannot create directory {display(rel)!r} in "
                               f"workspace {ws.root!r}: it exists", _s(abs_path))
@@ -569,7 +571,7 @@ def make_symlink(ws: Workspace, path: PathLike, target: str | bytes,
                                 f"{ws.root!r} a symlink: it is a directory", _s(abs_path))
     created = _make_parents(ws, rel, durable)
     try:
-        with _pinned(ws, rel) as (parent, pinned):  # (see _pinned)
+        with pinned_parent(ws, rel) as (parent, pinned):  # (see pinned_parent)
             tmp = _temp_name(parent)
             try:
                 fsops.symlink(target_b, tmp)
@@ -606,10 +608,10 @@ def delete(ws: Workspace, path: PathLike, durable: bool = True) -> Entry:
 
 def _remove(ws: Workspace, rel: bytes, is_dir: bool, durable: bool) -> None:
     """unlink (rmdir) ``rel``, then fsync its directory; errors name the path.  In its
-    parent pinned (``_pin_dir``): a directory on the way swapped for a symlink after the
+    parent pinned (``pin_dir``): a directory on the way swapped for a symlink after the
     checks made the unlink remove a file outside the root."""
     try:
-        pin = _pin_dir(ws, parent_of(rel))
+        pin = pin_dir(ws, parent_of(rel))
     except OSError as e:
         raise _fail(e, "delete", ws, rel) from e
     try:
@@ -664,7 +666,7 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
     try:
         for rel_dir in (parent_of(srel), parent_of(drel)):
             try:
-                pins.append(_pin_dir(ws, rel_dir))
+                pins.append(pin_dir(ws, rel_dir))
             except OSError as e:  # (a parent gone meanwhile, EIO: the rename's own error)
                 _undo_created(ws, created, durable)
                 raise _fail(e, "rename", ws, srel, drel) from e
@@ -717,7 +719,7 @@ def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = 
     ValueError) naming it; what was removed before stays removed (the caller's undo puts
     it back: the steps logged describe it)."""
     rel, abs_path = ws.resolve(path)
-    pfd = _open_dir(ws, parent_of(rel))
+    pfd = open_dir(ws, parent_of(rel))
     try:
         name = rel.rpartition(b"/")[2]
         try:
@@ -769,7 +771,7 @@ def _clear_ignored(ws: Workspace, rel: bytes, since_ns: int | None = None) -> bo
     if not ws.ignore:
         return False
     try:
-        fd = _open_dir(ws, rel)
+        fd = open_dir(ws, rel)
     except (OSError, ValueError):
         return False
     try:
@@ -785,7 +787,7 @@ def _clear_ignored(ws: Workspace, rel: bytes, since_ns: int | None = None) -> bo
                 return False
             children.append((child, crel, cst))
         if since_ns is not None and any(
-                _older_inside(fd, child, cst, since_ns - CTIME_SLACK_NS)
+                older_inside(fd, child, cst, since_ns - CTIME_SLACK_NS)
                 for child, _crel, cst in children):
             return False
         run = _Rmtree(ws, None)
@@ -794,7 +796,7 @@ def _clear_ignored(ws: Workspace, rel: bytes, since_ns: int | None = None) -> bo
         os.close(fd)
 
 
-def _older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> bool:
+def older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> bool:
     """Is ``name`` (in the directory ``pfd``, ``st`` its lstat), or anything under it, of
     a ctime older than ``bound_ns``?  Never follows a symlink; a name gone meanwhile is
     not older; a directory that cannot be opened is (kept rather than lost)."""
@@ -814,7 +816,7 @@ def _older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> b
                 cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if _older_inside(fd, os.fsencode(child), cst, bound_ns):
+            if older_inside(fd, os.fsencode(child), cst, bound_ns):
                 return True
         return False
     except OSError:
@@ -823,7 +825,7 @@ def _older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> b
         os.close(fd)
 
 
-def _open_dir(ws: Workspace, rel: bytes) -> int:
+def open_dir(ws: Workspace, rel: bytes) -> int:
     """A descriptor of the workspace directory ``rel`` (b"": the root), opened component
     by component from the root, each relative to its parent with ``O_NOFOLLOW``: a
     symlink on the way (even one swapped in after ``resolve``) raises ValueError, a file
@@ -1040,7 +1042,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     except NotADirectoryError:
         pass  # a file on the way: nothing is at the path (restore_status says absent)
     if expected_current is None and not root:
-        _remove_special(ws, path, durable)
+        remove_special(ws, path, durable)
     status = restore_status(ws, path, before, expected_current, done, after_crash)
     current = status.current
     if status.state == "done":  # (also a path to stay absent under a parent that is a
@@ -1056,7 +1058,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                             "the workspace root itself is only put back to its mode")
     if current.kind == DIR and before.kind != DIR:
         try:
-            with _pinned(ws, rel) as (_parent, pinned):
+            with pinned_parent(ws, rel) as (_parent, pinned):
                 try:
                     _rmdir(pinned)
                 except OSError as e:
@@ -1081,7 +1083,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                 if os.lstat(abs_path).st_nlink > 1:  # setuid/setgid bits); a hard link:
                     _unshare(ws, rel, before.mode, before, durable)  # a copy (set_mode)
                 else:
-                    with _pinned(ws, rel) as (_parent, pinned):
+                    with pinned_parent(ws, rel) as (_parent, pinned):
                         _chown(pinned, before)
                         _chmod_nofollow(pinned, before.mode, durable)
             except OSError as e:
@@ -1095,7 +1097,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     # a directory
     if current.kind == DIR:
         try:
-            with _pinned(ws, rel) as (_parent, pinned):
+            with pinned_parent(ws, rel) as (_parent, pinned):
                 _chown(pinned, before)  # (first: a chown clears setuid/setgid bits)
                 _chmod_nofollow(pinned, before.mode, durable)
         except OSError as e:
@@ -1111,7 +1113,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     return None
 
 
-def _remove_special(ws: Workspace, path: PathLike, durable: bool) -> None:
+def remove_special(ws: Workspace, path: PathLike, durable: bool) -> None:
     """A restore over any current state (``expected_current`` None: a forced revert, a
     crashed watch) puts the before-image over a FIFO, socket or device too: it is removed
     first (walstore tracks none; its manifests skip them, so no step describes one).  It
@@ -1131,11 +1133,11 @@ def _conflict(ws: Workspace, rel: bytes, before: Entry, expected: Entry | None,
               reason: str) -> FileConflict:
     saved = None
     if quarantine is not None and before.exists and rel:  # (the root: a mode, no copy)
-        saved = _save_aside(rel, before, blobs, os.fsencode(quarantine))
+        saved = save_aside(rel, before, blobs, os.fsencode(quarantine))
     return FileConflict(rel, before, expected, current, saved, reason)
 
 
-def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) -> str:
+def save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) -> str:
     """Keep the before-image at ``<quarantine>/<rel>`` (walstore's file: 0600/0700).  A
     name taken there gets a numbered suffix (``b.1``), and so does a directory on the way
     taken by a file or symlink kept earlier (``a`` kept, then ``a/b``: ``a.1/b``; the copy
@@ -1226,7 +1228,7 @@ def remove_stray_temps(ws: Workspace, dirs: Iterable[PathLike] | None = None,
                     # directory swapped for a symlink to outside since the check above
                     # made this remove a temp name outside the root (WorkspaceChanged)
                     try:
-                        with _pinned(ws, child) as (_parent, pinned):
+                        with pinned_parent(ws, child) as (_parent, pinned):
                             if is_dir:
                                 _rmdir(pinned)
                             else:

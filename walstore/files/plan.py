@@ -165,7 +165,7 @@ def plan_delete(ws: Workspace, path: PathLike, blobs: BlobStore) -> list[Change]
     return [Change.of(rel, before, Entry.absent())]
 
 
-def _subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore,
+def capture_subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore,
              specials: list[bytes] | None = None) -> list[tuple[bytes, Entry]]:
     """``rel`` and everything under it (ignored paths too), parents first, captured.
     ``specials``: given, a FIFO, socket or device found is listed there and left out
@@ -192,7 +192,8 @@ def plan_rmtree(ws: Workspace, path: PathLike, blobs: BlobStore) -> list[Change]
     if not top.exists:
         raise FileNotFoundError(errno.ENOENT, f"cannot remove {display(rel)!r} in workspace "
                                 f"{ws.root!r}: it does not exist", os.fsdecode(abs_path))
-    return [Change.of(p, e, Entry.absent()) for p, e in reversed(_subtree(ws, rel, top, blobs))]
+    return [Change.of(p, e, Entry.absent())
+            for p, e in reversed(capture_subtree(ws, rel, top, blobs))]
 
 
 def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
@@ -221,7 +222,7 @@ def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
     if old_dst.is_dir and os.listdir(dabs):
         raise OSError(errno.ENOTEMPTY, f"cannot rename {display(srel)!r} onto "
                       f"{display(drel)!r}: the directory is not empty", os.fsdecode(dabs))
-    moved = _subtree(ws, srel, top, blobs)
+    moved = capture_subtree(ws, srel, top, blobs)
     arrive = [Change.of(drel + p[len(srel):], old_dst if p == srel else Entry.absent(), e)
               for p, e in moved]
     leave = [Change.of(p, e, Entry.absent()) for p, e in reversed(moved)]

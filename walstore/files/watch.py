@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .apply import FileConflict, _save_aside, overrides_modes, restore
+from .apply import FileConflict, save_aside, overrides_modes, restore
 from .blobs import BlobStore
 from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
@@ -941,7 +941,7 @@ def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
             # nowhere: the content the transaction had overwritten was lost to the user)
             saved = None
             if quarantine is not None and kept.exists and c.path:
-                saved = _save_aside(c.path, kept, blobs, os.fsencode(quarantine))
+                saved = save_aside(c.path, kept, blobs, os.fsencode(quarantine))
             got = FileConflict(c.path, kept, expected, Entry.absent(), saved,
                                f"cannot be restored: {e}")
         if got is not None:

@@ -215,7 +215,7 @@ class SegmentReader:
             sealed = False
             while True:
                 lsn = self.lsn_at(off)
-                h, reason, buf, i = _check_at(mm, off, self.salt, lsn, size, self.path)
+                h, reason, buf, i = check_at(mm, off, self.salt, lsn, size, self.path)
                 if reason is not None:
                     self.end = self._classify(mm, off, size, reason, sealed)
                     return
@@ -275,7 +275,7 @@ class SegmentReader:
                 return None, False
             off = pos - 10
             if off >= start:
-                h, reason, buf, i = _check_at(mm, off, self.salt, self.lsn_at(off), size,
+                h, reason, buf, i = check_at(mm, off, self.salt, self.lsn_at(off), size,
                                               self.path)
                 if h is not None and h.lsn == self.lsn_at(off) and h.length <= size:
                     budget -= RECORD_HEADER_SIZE + h.length
@@ -397,7 +397,7 @@ def _pread_full(fd: int, n: int, off: int) -> bytes:
     return b"".join(parts)
 
 
-def _check_at(src: FileBytes, off: int, salt: int, lsn: int, size: int, where: str):
+def check_at(src: FileBytes, off: int, salt: int, lsn: int, size: int, where: str):
     """``check_record`` of the record at file offset ``off`` of ``src`` (bytes up to
     ``size``), judged and named as it was over a map: the header read first, and the
     whole record only when the check will read its payload (magic, length bound, within
@@ -715,7 +715,7 @@ class LogFollower:
         src = FileBytes(self._fd, reader.file_size, FOLLOW_WINDOW)
         while True:
             lsn = reader.lsn_at(self._offset)
-            h, reason, buf, i = _check_at(src, self._offset, reader.salt, lsn,
+            h, reason, buf, i = check_at(src, self._offset, reader.salt, lsn,
                                           reader.file_size, reader.path)
             if reason is not None:
                 return self._next_starts_at(lsn)

@@ -42,7 +42,7 @@ from ..engine.layout import Layout, writer_alive
 from ..engine import tables
 from ..engine.lmdb_state import LmdbState
 from ..engine.recovery import check_owner
-from ..engine.snapshot import SnapshotTooOld, _lmdb_value_as_of
+from ..engine.snapshot import SnapshotTooOld, lmdb_value_as_of
 from ..agent.actions import compensation_under_way
 
 COMPARE_BATCH = 512
@@ -452,7 +452,7 @@ def _compare(state: LmdbState, rep: VerifyReport, last: dict) -> None:
             for k, want in batch:
                 rep.keys_checked += 1
                 try:
-                    have = _digest(_lmdb_value_as_of(txn, state, k, at, purges=True))
+                    have = _digest(lmdb_value_as_of(txn, state, k, at, purges=True))
                 except SnapshotTooOld:
                     moved_on += 1
                     continue

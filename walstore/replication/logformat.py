@@ -38,7 +38,7 @@ from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RE
                           decode_segment_header, encode_record, encode_segment_header,
                           segment_salt)
 from ..log.format import check_record as _check_record
-from ..log.reader import FileBytes, _check_at
+from ..log.reader import FileBytes, check_at
 
 SEAL = int(RecordType.SEAL)
 CHECKPOINT = int(RecordType.CHECKPOINT)
@@ -103,7 +103,7 @@ def check_record(buf, off: int, salt_: int, lsn: int, limit: int) -> tuple[Rec |
     read through ``walstore.log.reader.FileBytes`` (``pread``, a window at a time: never
     a mapping, which dies of SIGBUS when the file is cut under it; CONTRACT 4.9)."""
     if isinstance(buf, FileBytes):
-        h, why, _b, _i = _check_at(buf, off, salt_, lsn, limit, "")
+        h, why, _b, _i = check_at(buf, off, salt_, lsn, limit, "")
     else:
         h, why = _check_record(buf, off, salt_, lsn, limit)
     if why is not None:
