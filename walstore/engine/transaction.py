@@ -42,7 +42,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, \
-    decode_key, encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_common, DECODE_ERRORS, \
+    check_stored, decode_key, encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_common, DECODE_ERRORS, \
     unpack_value
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, CorruptionError,
                       FileConflictError, TransactionClosed, TransactionTooLarge, UnknownGid,
@@ -678,10 +678,12 @@ class Transaction:
         would (same accounting, savepoints and size bound: TransactionTooLarge), without
         decoding and packing them again: a purge erasing the keys it scanned, an undo
         putting back the raw value a key had (``reader.as_of``).  ``check_writable()``
-        first, once; the pairs are consumed in order (one that fails leaves those before
-        it written, as a loop of puts does)."""
+        first, once; the pairs are consumed in order, each checked to be of the stored
+        form (``codec.check_stored``: TypeError/ValueError; one that fails leaves those
+        before it written, as a loop of puts does)."""
         self.check_writable()
         for k, packed in items:
+            check_stored(k, packed)  # (public: a pair of another form bricked the store)
             self._set(k, packed)
 
     def _set(self, k: bytes, packed: bytes | None) -> None:
