@@ -19,8 +19,10 @@ The rule, checked by parsing walstore/ with ``ast`` (no import, no type inferenc
 
 - The same for a layer's module-level privates (a function, class or constant named
   ``_name`` at a module's top level): a checked layer neither imports one from another
-  layer's module (``from ..engine.snapshot import _purged_since``) nor reads one through
-  a module of another layer it imported (``fapply._pin_dir``).
+  layer's module (``from ..engine.snapshot import _purged_since``; ``from ..engine import
+  _x`` of a package's ``__init__``) nor reads one through a module of another layer it
+  imported (``fapply._pin_dir``, ``import walstore.files.apply as fapply``), in any of
+  its modules, a package's ``__init__.py`` too.
 
 Without type inference the rule is by name: a private name only walstore's own classes
 define is what it can see (a third-party object's privates, e.g. langgraph's, are not
@@ -76,7 +78,12 @@ def _class_members(cls: ast.ClassDef):
                 if t.id == "__slots__" and node.value is not None:
                     yield from (c.value for c in ast.walk(node.value)
                                 if isinstance(c, ast.Constant) and isinstance(c.value, str))
-    for node in ast.walk(cls):
+
+
+def _self_stores(nodes: list):
+    """``self._name = ...`` / ``cls._name = ...`` in a module (its classes' methods: one
+    walk of the module, not one more of each class)."""
+    for node in nodes:
         if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
                 and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
             yield node.attr
@@ -107,35 +114,52 @@ def _top_level_privates(tree: ast.Module) -> set[str]:
     return {n for n in out if _private(n)}
 
 
-def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+def _absolute(module: str, node: ast.ImportFrom) -> str:
     if not node.level:
         return node.module or ""
-    base = module.split(".")[:len(module.split(".")) - node.level + is_package]
+    # (a package's ``__init__`` is a module name one part longer than the package: ``.``
+    # in walstore/agent/__init__.py is walstore.agent, as in walstore/agent/undo.py)
+    base = module.split(".")[:len(module.split(".")) - node.level]
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _module_reach_ins(module: str, tree: ast.Module, trees: dict) -> list:
+def _tree_of(trees: dict, name: str) -> str | None:
+    """The key of module ``name`` in ``trees`` (a package: its ``__init__``), or None."""
+    return name if name in trees else f"{name}.__init__" if f"{name}.__init__" in trees \
+        else None
+
+
+def _module_reach_ins(module: str, nodes: list, trees: dict, privates) -> list:
     """Another layer's module-level privates, imported by name or read through its
-    module (see the module docstring)."""
+    module (see the module docstring); ``nodes``: the module's, ``privates(key)``: a
+    module's top-level ones."""
     layer, found = _layer(module), []
-    is_package = module.endswith(".__init__")
     aliases: dict[str, str] = {}  # a name bound to another layer's module here -> it
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.ImportFrom):
-            source = _absolute(module, node, is_package)
+            source = _absolute(module, node)
+            src = _tree_of(trees, source)
             for a in node.names:
-                sub = f"{source}.{a.name}"
-                if sub in trees or f"{sub}.__init__" in trees:
-                    if _layer(sub if sub in trees else f"{sub}.__init__") != layer:
-                        aliases[a.asname or a.name] = sub if sub in trees else f"{sub}.__init__"
-                elif (source in trees and _layer(source) != layer and _private(a.name)
-                      and a.name in _top_level_privates(trees[source])):
+                sub = _tree_of(trees, f"{source}.{a.name}")
+                if sub is not None:
+                    if _layer(sub) != layer:
+                        aliases[a.asname or a.name] = sub
+                elif (src is not None and _layer(src) != layer and _private(a.name)
+                      and a.name in privates(src)):
                     found.append((module, node.lineno, source, a.name))
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and _private(node.attr)
-                and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr in _top_level_privates(trees[aliases[node.value.id]])):
-            found.append((module, node.lineno, node.value.id, node.attr))
+        elif isinstance(node, ast.Import):  # (``import walstore.engine.snapshot as sn``)
+            for a in node.names:
+                sub = _tree_of(trees, a.name)
+                if a.asname and sub is not None and _layer(sub) != layer:
+                    aliases[a.asname] = sub
+    for node in nodes:
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            recv = node.value
+            key = (aliases.get(recv.id) if isinstance(recv, ast.Name) else
+                   _tree_of(trees, ast.unparse(recv)) if isinstance(recv, ast.Attribute)
+                   else None)  # (the latter: ``walstore.engine.snapshot._x``)
+            if key is not None and _layer(key) != layer and node.attr in privates(key):
+                found.append((module, node.lineno, ast.unparse(recv), node.attr))
     return found
 
 
@@ -148,20 +172,25 @@ def reach_ins(root: Path | None = None) -> list[tuple[str, int, str, str]]:
 def _reach_ins(root: Path) -> tuple[tuple[str, int, str, str], ...]:
     trees = {_module(p, root): ast.parse(p.read_text(), str(p))
              for p in sorted(root.rglob("*.py"))}
+    privates = functools.lru_cache(maxsize=None)(lambda key: _top_level_privates(trees[key]))
+    walked = {module: list(ast.walk(tree)) for module, tree in trees.items()}  # (once)
     owners: dict[str, set[str]] = defaultdict(set)  # private name -> layers defining it
-    for module, tree in trees.items():
-        for cls in ast.walk(tree):
+    for module, nodes in walked.items():
+        for name in _self_stores(nodes):
+            if _private(name):
+                owners[name].add(_layer(module))
+        for cls in nodes:
             if isinstance(cls, ast.ClassDef):
                 for name in _class_members(cls):
                     if _private(name):
                         owners[name].add(_layer(module))
     found = []
-    for module, tree in trees.items():
+    for module, nodes in walked.items():
         layer = _layer(module)
         if layer not in CHECKED:
             continue
-        found += _module_reach_ins(module, tree, trees)
-        for node in ast.walk(tree):
+        found += _module_reach_ins(module, nodes, trees, privates)
+        for node in nodes:
             if not (isinstance(node, ast.Attribute) and _private(node.attr)) or \
                     _receiver_is_self(node.value):
                 continue
