@@ -323,10 +323,10 @@ class Store:
     def engine(self) -> Engine:
         """The Engine under this store (its WAL, LMDB state, pipeline and views): what
         walstore's own layers that work below the Store's methods — ops (``verify``),
-        replication (``InProcessSource``), the CLI — use, through the Engine's public
-        methods and attributes.  One per Store, for its whole life; after ``close()`` it
-        is closed too (``engine.closed``; ``engine.check_open()`` raises StoreClosed).  Not part of the product contract:
-        an application keeps to the Store's methods."""
+        replication (``InProcessSource``) — use, through the Engine's public methods and
+        attributes.  One per Store, for its whole life; after ``close()`` it is closed too
+        (``engine.closed``; ``engine.check_open()`` raises StoreClosed).  Not part of the
+        product contract: an application keeps to the Store's methods."""
         return self._engine
 
     @property
