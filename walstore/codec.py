@@ -103,7 +103,11 @@ def encode_key(key: Any) -> bytes:
 def decode_key(stored: bytes) -> Key:
     tag, raw = stored[:1], stored[1:]
     if tag == _STR:
-        return raw.decode("utf-8")
+        try:  # (free when it decodes; a damaged row escaped as a bare UnicodeDecodeError)
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptionError(f"stored key {stored[:24]!r} is tagged str and is not "
+                                  f"UTF-8 ({e.reason})") from None
     if tag == _BYTES:
         return raw
     raise CorruptionError(f"stored key has unknown type tag {tag!r}")
@@ -111,12 +115,14 @@ def decode_key(stored: bytes) -> Key:
 
 def check_stored(k: Any, packed: Any) -> None:
     """TypeError/ValueError unless ``k`` is a key's stored form (``encode_key``'s: its type
-    tag and 1 to MAX_KEY_BYTES bytes, UTF-8 under the str tag) and ``packed`` a packed
-    value (bytes, at most MAX_VALUE_BYTES) or None: what ``Transaction.write_stored``
-    takes.  (It took anything: a key of 600 bytes, one with no tag, a ``str`` key or
-    value — the commit was acknowledged, the applier failed, and every later open refused
-    the log record holding it: one call bricked the store, review of issue 10.)  The
-    value's msgpack is not read: such bytes fail only that key's reads."""
+    tag and 1 to MAX_KEY_BYTES bytes) and ``packed`` a packed value (bytes, at most
+    MAX_VALUE_BYTES) or None: what ``Transaction.write_stored`` takes.  (It took
+    anything: a key of 600 bytes, one with no tag, a ``str`` key or value — the commit
+    was acknowledged, the applier failed, and every later open refused the log record
+    holding it: one call bricked the store, review of issue 10.)  What the log's own
+    parse refuses (``records.parse_writes``), no more: a str-tagged key that is not
+    UTF-8, or a value that is no msgpack, fails only that key's reads (CorruptionError),
+    and a purge of a range holding such a damaged key still erases it."""
     if type(k) is not bytes or not (packed is None or type(packed) is bytes):
         raise TypeError(f"a stored pair is (bytes, bytes or None), not "
                         f"({type(k).__name__}, {type(packed).__name__})")
@@ -124,12 +130,6 @@ def check_stored(k: Any, packed: Any) -> None:
     if not 1 < len(k) <= MAX_KEY_BYTES + 1 or (tag != _BYTES and tag != _STR):
         raise ValueError(f"{k[:24]!r} is no stored key (a type tag {_STR!r} or {_BYTES!r} "
                          f"and 1 to {MAX_KEY_BYTES} bytes)")
-    if tag == _STR:
-        try:
-            k[1:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"stored key {k[:24]!r} is tagged str and is not UTF-8: "
-                             f"{e.reason}") from None
     if packed is not None and len(packed) > MAX_VALUE_BYTES:
         raise ValueError(f"the value for stored key {k[:24]!r} is {len(packed)} bytes "
                          f"packed; the limit is {MAX_VALUE_BYTES}")
