@@ -1,7 +1,8 @@
 """Audit 70: what stop 69's report review noticed and left alone.
 
-``pending_compensations()`` listed a compensation another thread of the process was
-running (``retry_compensations`` no longer did); a damaged ``map_size`` meta row failed
+``pending_compensations()`` lists a compensation another thread of the process is
+running, as owed until it ends (pinned here: it was left out for a while, and a caller
+waiting for nothing owed went on with a refund in flight); a damaged ``map_size`` meta row failed
 `walstore stats` outright; a walstore that never notes its map (one older than the note)
 left a stale note that `walstore stats` said as the writer's map; a backup that met
 damage in its staged copy named the staging directory; a failed backup said "backup
@@ -52,25 +53,29 @@ def _stats(path: str, *more: str):
 
 
 # ---- 1. pending_compensations() beside a compensation running in another thread ----------
-def test_pending_compensations_does_not_list_one_another_thread_is_running(tmp_path):
+def test_pending_compensations_lists_one_another_thread_is_running_until_it_ends(tmp_path):
     """Thread A's ``retry_compensations()`` runs the refund (held on an Event); meanwhile
-    ``pending_compensations()`` in thread B listed it, ``pending``, as still owed — the
-    list a dashboard or a second retry loop acts on, while ``retry_compensations()`` (audit
-    69) and `walstore actions --pending` beside a live writer leave it out.  Now it is
-    left out while it runs; ``actions(pending=True)`` still lists the row as recorded."""
+    ``pending_compensations()`` in thread B must still list it: the refund is under way,
+    not done, and a caller waiting until nothing is owed (a dashboard, a shutdown
+    hook) must not go on before it ends.  Audit 70 first left it out (as
+    ``retry_compensations`` does, which leaves it to A): B read ``[]`` with the refund in
+    flight; the lead put it back.  While it runs, ``resolve`` refuses it and a second
+    retry leaves it to A; once A ends, nothing is owed."""
     started, go = threading.Event(), threading.Event()
     s, owed = _owed_refund(tmp_path, started, go)
     try:
         a, out = _in_thread(s.retry_compensations)
         assert started.wait(10)
         try:
-            listed = [x.id for x in s.pending_compensations()]
-            rows = [x.id for x in s.actions(pending=True)]
+            listed = [(x.id, x.state) for x in s.pending_compensations()]
+            with pytest.raises(walstore.WalstoreError, match="running now"):
+                s.resolve(owed.id)
+            second = [x.id for x in s.retry_compensations()]
         finally:
             go.set()
             a.join(10)
-        assert listed == [], listed
-        assert rows == [owed.id]
+        assert listed == [(owed.id, "pending")], listed
+        assert second == [], second
         assert out == {"value": []}
         assert s.pending_compensations() == []
         assert s.get_action(owed.id).state == "compensated"

@@ -747,13 +747,14 @@ class Store:
         return self._saga.iter_actions(pending)
 
     def pending_compensations(self) -> list[Action]:
-        """Actions whose compensation is owed: ``pending`` or ``failed``, less those this
-        process is running now (``Saga.owed_now``: their outcome is being decided, as
-        ``retry_compensations`` and `walstore actions --pending` beside a live writer
-        leave them out; it listed the refund another thread's retry was running as
-        pending, probe-audit70).  ``actions(pending=True)`` lists every owed row."""
-        self._engine.check_open()
-        return self._saga.owed_now()
+        """Actions whose compensation is owed: ``pending`` or ``failed`` — including one
+        another thread of this process is running right now (its row still says
+        ``pending`` until its outcome is recorded): a caller waiting until nothing is
+        owed must not go on while a refund is still under way.  ``retry_compensations``
+        leaves such a one to the thread running it, and ``resolve`` refuses it while it
+        runs.  (Audit 70 left running ones out for a while; a poller then saw ``[]``
+        with a refund in flight.)"""
+        return self.actions(pending=True)
 
     def get_action(self, action_id: str) -> Action:
         """One action, as ``actions()`` shows it (an in-doubt one names its gid)."""
