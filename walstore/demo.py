@@ -25,7 +25,7 @@ import click
 import walstore
 
 from . import demo_payments as payments
-from .signals import deferred
+from .signals import ASYNCHRONOUS, deferred
 
 TOTAL_BUDGET = 100
 
@@ -359,6 +359,11 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
 def _worker(path: str, ledger: str) -> None:
     """The child: spend the budget one durable step at a time, ACK after each commit;
     after 40 steps, charge a card and hang before committing (the parent kills it)."""
+    # (started inside the parent's ``deferred()`` section: a process keeps the mask it
+    # inherits across exec, and the worker ran with every asynchronous signal blocked --
+    # ``kill`` and a Ctrl-C never reached it)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
     store = walstore.open(path)
     for _ in range(40):
         with store.transaction(meta={"agent": "worker"}) as tx:

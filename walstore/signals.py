@@ -69,7 +69,8 @@ def _forked() -> None:
         _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
         for sig, handler in reversed(saved):
             try:
-                signal.signal(sig, handler)
+                if signal.getsignal(sig) is _stand_in:  # (one the program installed in
+                    signal.signal(sig, handler)  # the section stays, as at its end)
             except (ValueError, OSError):  # (not the main interpreter: nothing to give)
                 break
     _OWN[0] = 0  # (the forking thread alone goes on in the child)
@@ -205,8 +206,15 @@ def _os_threads() -> int:
 
 
 def _stand_in(signum: int, frame) -> None:
-    if _DEFERRED.depth or _DEFERRED.saved:  # (in a section, or handlers still to give back)
-        _HELD.append(signum)
+    if _DEFERRED.depth or (_DEFERRED.saved and _ending(frame)):  # (in a section, or in
+        _HELD.append(signum)  # its end, which gives the handlers back and raises it)
+        return
+    if _DEFERRED.saved:  # (a section's end cut short before it gave the handlers back --
+        # an exception at its give-back's first line: they stayed in place, and this
+        # signal was noted and delivered only when some later section ended, a Ctrl-C
+        # of the idle program lost meanwhile): given back now, this signal raised again
+        _HELD.append(signum)  # with any the section noted
+        _give_back_handlers(_DEFERRED.saved)
         return
     # in place outside any section, never to be given back (a program read it with
     # ``signal.getsignal`` inside a section and put it back after it): the handler it
@@ -219,6 +227,17 @@ def _stand_in(signum: int, frame) -> None:
         handler(signum, frame)
     elif handler == signal.SIG_DFL:
         signal.raise_signal(signum)  # (its default action: the process ends)
+
+
+def _ending(frame) -> bool:
+    """Is ``frame`` (where a stand-in's signal landed) inside a section's end?  Asked
+    only by a stand-in outside any section with handlers to give back (never by the
+    commit path)."""
+    while frame is not None:
+        if frame.f_code is _ENDS[0] or frame.f_code is _ENDS[1]:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _hold_handlers(saved: list) -> None:
@@ -266,7 +285,13 @@ def _give_back_handlers(saved: list) -> None:
             while _HELD:
                 if signal.getsignal(_HELD[0]) is _stand_in:  # (still in place: raised into
                     _give_back_one(_HELD[0])  # it, it would note it again, for ever)
-                signal.raise_signal(_HELD.pop(0))
+                # (taken off and raised with no call between, where another handler
+                # could raise: ``raise_signal(_HELD.pop(0))`` dropped it when one did
+                # at the pop's return; a handler raising after the raise, its own, must
+                # not find it still listed: raised again, it ran twice)
+                sig = _HELD[0]
+                del _HELD[0]
+                signal.raise_signal(sig)
         except BaseException as e:  # noqa: B036 (a handler's: raised once all is given back)
             raised = e
     if raised is not None:
@@ -349,6 +374,7 @@ class _Deferred:
 
 
 _DEFERRED = _Deferred()
+_ENDS = (_Deferred.__exit__.__code__, _give_back_handlers.__code__)  # (see _ending)
 
 
 def deferred() -> _Deferred:
