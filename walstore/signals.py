@@ -57,6 +57,12 @@ _MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers 
 
 def _forked() -> None:
     global _OWN_LOCK
+    # (first, with no call before them: a handler raising in the child as this runs -- a
+    # Ctrl-C to the process group just after a fork -- skipped what followed it, and the
+    # parent's noted signals were raised again in the child at its next section's end)
+    _OWN[0] = 0  # (the forking thread alone goes on in the child)
+    _TASKS[0] = -1.0
+    del _HELD[:]  # (the parent's signals, delivered to the parent)
     # (the main thread forked inside a section: the child goes on inside it and ends it,
     # giving its handlers back; reset, the section's end did nothing in the child and the
     # stand-ins stayed in place for good -- every later Ctrl-C noted, never delivered)
@@ -73,9 +79,6 @@ def _forked() -> None:
                     signal.signal(sig, handler)  # the section stays, as at its end)
             except (ValueError, OSError):  # (not the main interpreter: nothing to give)
                 break
-    _OWN[0] = 0  # (the forking thread alone goes on in the child)
-    _TASKS[0] = -1.0
-    _HELD.clear()  # (the parent's signals, delivered to the parent)
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -206,14 +209,15 @@ def _os_threads() -> int:
 
 
 def _stand_in(signum: int, frame) -> None:
-    if _DEFERRED.depth or (_DEFERRED.saved and _ending(frame)):  # (in a section, or in
-        _HELD.append(signum)  # its end, which gives the handlers back and raises it)
-        return
-    if _DEFERRED.saved:  # (a section's end cut short before it gave the handlers back --
-        # an exception at its give-back's first line: they stayed in place, and this
-        # signal was noted and delivered only when some later section ended, a Ctrl-C
-        # of the idle program lost meanwhile): given back now, this signal raised again
-        _HELD.append(signum)  # with any the section noted
+    if _DEFERRED.depth or _DEFERRED.saved:  # (in a section, or handlers to give back)
+        _HELD.append(signum)  # (noted first: a handler raising at the walk's call or
+        # its loop, before the note, dropped this signal -- its handler never ran)
+        if _DEFERRED.depth or _ending(frame):  # (in a section, or in its end, which
+            return  # gives the handlers back and raises it)
+        # (a section's end cut short before it gave the handlers back -- an exception at
+        # its give-back's first line: they stayed in place, and this signal was noted and
+        # delivered only when some later section ended, a Ctrl-C of the idle program lost
+        # meanwhile): given back now, this signal raised again with any the section noted
         _give_back_handlers(_DEFERRED.saved)
         return
     # in place outside any section, never to be given back (a program read it with
