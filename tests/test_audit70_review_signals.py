@@ -8,11 +8,12 @@ hook at a point where CPython runs handlers (a function's start: its "call" even
   raising at the walk's call (or at its loop's back edge) dropped the signal the stand-in
   was taking -- its handler never ran, not at the section's end nor later
   (``test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered``).
-- ``_forked`` cleared the parent's noted signals last: a handler raising in the child
-  before that (a Ctrl-C to the process group just after the fork, at the give-back
-  loop's ``signal.getsignal``) left them, and the child's next section end raised the
-  parent's signal in the child
-  (``test_a_signal_noted_in_the_parent_is_not_raised_again_in_a_forked_child``).
+- ``_forked`` (the at-fork hook) made calls before it reset anything: a handler raising
+  in the child at one (a Ctrl-C to the process group just after the fork) left the
+  parent's main thread recorded and its section open in the child -- the child's
+  stand-ins then noted every Ctrl-C for good -- and, at the give-back loop's, the
+  parent's noted signals, raised again in the child at its next section's end
+(``test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_parents_signal``).
 """
 from __future__ import annotations
 
@@ -65,13 +66,16 @@ def test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered():
     assert out == ["CUT", "END", "1", "CUT", "CUT", "IDLE", "1", "BACK", "True"], out
 
 
-def test_a_signal_noted_in_the_parent_is_not_raised_again_in_a_forked_child():
+def test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_parents_signal():
     """The main thread in a section has noted a SIGUSR1 (taken by another thread); a
-    third thread forks, and in the child a handler raises at the give-back loop's first
-    ``signal.getsignal`` (a process group's Ctrl-C landing there).  The child's next
-    section end must not raise the parent's SIGUSR1 in the child (the parent's handler
-    runs once, in the parent).  Before the fix: ``CHILD 1`` (``_HELD`` cleared last,
-    after the loop the exception left)."""
+    third thread forks, and in the child a handler raises at the k-th point of the
+    at-fork hook ``_forked`` (every "call" and "c_return" in it but its own start, one
+    fork per k: a process group's Ctrl-C landing there).  Each child then ends a section
+    of its own, and: the parent's SIGUSR1 is not raised in it, a Ctrl-C reaches it, and
+    its thread is the one recorded as main.  Before the fix: at the points before the
+    reset (``get_ident``, ``main_thread``, ``ident``, ``allocate_lock``) the child's
+    stand-ins noted every Ctrl-C for good (``ctrlc=False``, ``main=False``), and at the
+    give-back loop's the parent's SIGUSR1 ran in the child (``usr1=1``)."""
     out = _run(
         "import warnings\n"
         "warnings.simplefilter('ignore', DeprecationWarning)\n"
@@ -79,36 +83,63 @@ def test_a_signal_noted_in_the_parent_is_not_raised_again_in_a_forked_child():
         "def mine(signum, frame):\n"
         "    count[0] += 1\n"
         "signal.signal(signal.SIGUSR1, mine)\n"
-        "FORKED, GET = signals._forked.__code__, signal.getsignal.__code__\n"
+        "FORKED = signals._forked.__code__\n"
+        "at = {'k': -1, 'n': 0, 'where': None}\n"
         "def hook(frame, event, arg):\n"
-        "    if event == 'call' and frame.f_code is GET and frame.f_back.f_code is FORKED:\n"
+        "    if at['k'] < 0 or event not in ('call', 'c_return'):\n"
+        "        return\n"
+        "    if frame.f_code is not FORKED and (event != 'call' or frame.f_back is None\n"
+        "                                       or frame.f_back.f_code is not FORKED):\n"
+        "        return\n"
+        "    if frame.f_code is FORKED and event == 'call':\n"
+        "        return  # (its own start: any at-fork hook's, not to be helped)\n"
+        "    if at['n'] == at['k']:\n"
+        "        at['where'] = f\"{event}:{getattr(arg, '__name__', frame.f_code.co_name)}\"\n"
+        "        at['k'] = -1\n"
         "        sys.setprofile(None)\n"
         "        raise KeyboardInterrupt\n"
-        "inside, done = threading.Event(), threading.Event()\n"
-        "def forker():\n"
-        "    inside.wait(10)\n"
-        "    sys.setprofile(hook)\n"
-        "    pid = os.fork()\n"
-        "    if pid == 0:\n"
-        "        sys.setprofile(None)\n"
-        "        with signals.deferred():\n"
-        "            pass\n"
-        "        time.sleep(0.05)\n"
-        "        os.write(1, f'CHILD {count[0]}\\n'.encode())\n"
-        "        os._exit(0)\n"
+        "    at['n'] += 1\n"
+        "def child():\n"
         "    sys.setprofile(None)\n"
-        "    os.waitpid(pid, 0)\n"
-        "    done.set()\n"
-        "threading.Thread(target=forker).start()\n"
-        "with signals.deferred():\n"
-        "    os.kill(os.getpid(), signal.SIGUSR1)  # (another thread takes it: noted)\n"
-        "    for _ in range(200):\n"
-        "        if signals._HELD:\n"
-        "            break\n"
-        "        time.sleep(0.005)\n"
-        "    print('NOTED', signals._HELD == [signal.SIGUSR1])\n"
-        "    inside.set()\n"
-        "    done.wait(10)\n"
-        "time.sleep(0.05)\n"
-        "print('PARENT', count[0])\n")
-    assert out == ["NOTED", "True", "CHILD", "0", "PARENT", "1"], out
+        "    with signals.deferred():\n"
+        "        pass\n"
+        "    try:\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "        time.sleep(0.01)\n"
+        "        ki = False\n"
+        "    except KeyboardInterrupt:\n"
+        "        ki = True\n"
+        "    main = signals._MAIN[0] == threading.get_ident()\n"
+        "    os.write(1, f\"{at['where']}:usr1={count[0]}:ctrlc={ki}:main={main}\\n\".encode())\n"
+        "    os._exit(3 if at['where'] is None else 0)  # (3: it ran through)\n"
+        "through = [False]\n"
+        "for k in range(40):\n"
+        "    inside, done = threading.Event(), threading.Event()\n"
+        "    def forker():\n"
+        "        inside.wait(10)\n"
+        "        at.update(k=k, n=0, where=None)\n"
+        "        sys.setprofile(hook)\n"
+        "        pid = os.fork()\n"
+        "        if pid == 0:\n"
+        "            child()\n"
+        "        sys.setprofile(None)\n"
+        "        through[0] = os.waitpid(pid, 0)[1] == 3 << 8\n"
+        "        done.set()\n"
+        "    threading.Thread(target=forker).start()\n"
+        "    count[0] = 0\n"
+        "    with signals.deferred():\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)  # (another thread takes it: noted)\n"
+        "        for _ in range(200):\n"
+        "            if signals._HELD:\n"
+        "                break\n"
+        "            time.sleep(0.005)\n"
+        "        inside.set()\n"
+        "        done.wait(10)\n"
+        "    print('PARENT', count[0], flush=True)\n"
+        "    if through[0]:\n"
+        "        break\n")
+    children = [line for line in out if line != "PARENT" and not line.isdigit()]
+    assert len(children) >= 4 and children[-1].startswith("None:"), out
+    assert all(c.endswith(":usr1=0:ctrlc=True:main=True") for c in children), children
+    assert out.count("PARENT") == len(children) and all(
+        out[i + 1] == "1" for i, line in enumerate(out) if line == "PARENT"), out

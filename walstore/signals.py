@@ -57,22 +57,29 @@ _MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers 
 
 def _forked() -> None:
     global _OWN_LOCK
-    # (first, with no call before them: a handler raising in the child as this runs -- a
-    # Ctrl-C to the process group just after a fork -- skipped what followed it, and the
-    # parent's noted signals were raised again in the child at its next section's end)
+    # (up to the section's reset, no call: a handler raising in the child as this runs --
+    # a Ctrl-C to the process group just after a fork -- skipped what followed it: the
+    # parent's noted signals raised again in the child at its next section's end, or the
+    # parent's main thread still recorded and its section still open in the child, whose
+    # stand-ins then noted every Ctrl-C for good and whose sections did nothing)
     _OWN[0] = 0  # (the forking thread alone goes on in the child)
     _TASKS[0] = -1.0
     del _HELD[:]  # (the parent's signals, delivered to the parent)
+    # (the child's main thread, the one that forked, as threading's own at-fork hook --
+    # run before this one -- recorded it)
+    me = threading._main_thread._ident  # type: ignore[attr-defined]
     # (the main thread forked inside a section: the child goes on inside it and ends it,
     # giving its handlers back; reset, the section's end did nothing in the child and the
     # stand-ins stayed in place for good -- every later Ctrl-C noted, never delivered)
-    in_section = bool(_DEFERRED.depth) and _ident() == _MAIN[0]
-    _MAIN[0] = threading.main_thread().ident  # (the child's: the thread that forked)
+    in_section = _DEFERRED.depth != 0 and me == _MAIN[0]
+    _MAIN[0] = me
+    saved = _DEFERRED.saved
+    if not in_section:  # (another thread forked: the main thread's section is not the
+        _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []  # child's; its
+        # stand-ins are given back below -- or, cut short, by the first signal they take)
     _OWN_LOCK = threading.Lock()  # (one a parent's thread held at the fork — one of ours
     # starting or ending — stayed held: every thread the child started hung at its start)
-    if not in_section:  # (another thread forked: the main thread's section is not the
-        saved = _DEFERRED.saved  # child's; its stand-ins are given back here)
-        _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
+    if not in_section:
         for sig, handler in reversed(saved):
             try:
                 if signal.getsignal(sig) is _stand_in:  # (one the program installed in
