@@ -2,7 +2,8 @@
 
 Each test runs in a process of its own (``_run``: another thread running, so sections put
 stand-ins in place of the Python handlers), with a handler's exception placed by a profile
-hook at a point where CPython runs handlers (a function's start: its "call" event).
+hook at a point where CPython runs handlers (a function's start, its "call" event, and
+right after a call into C returns, its "c_return").
 
 - The stand-in's frame walk (``_ending``) ran before the signal was noted: a handler
   raising at the walk's call (or at its loop's back edge) dropped the signal the stand-in
@@ -13,7 +14,11 @@ hook at a point where CPython runs handlers (a function's start: its "call" even
   parent's main thread recorded and its section open in the child -- the child's
   stand-ins then noted every Ctrl-C for good -- and, at the give-back loop's, the
   parent's noted signals, raised again in the child at its next section's end
-(``test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_parents_signal``).
+  (``test_a_child_interrupted_in_its_fork_hook_takes_its_ctrl_c_not_the_parents_signal``).
+- The stand-in's give-back (ccec179) runs where the signal landed: a few frames short of
+  the recursion limit, ``signal.getsignal`` raised RecursionError at every retry of the
+  give-back loop, which spun for good
+  (``test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_does_not_hang``).
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ def test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered():
         "    print('CUT')\n"
         "finally:\n"
         "    sys.setprofile(None)\n"
-        "signal.raise_signal(signal.SIGUSR2)  # (the next signal: its stand-in gives back)\n"
+        "signal.raise_signal(signal.SIGUSR2)  # (the next signal: its stand-in gives all)\n"
         "print('IDLE', count[0])\n"
         "ok = (signal.getsignal(signal.SIGUSR1) is mine and not signals._HELD\n"
         "      and signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
@@ -66,7 +71,7 @@ def test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered():
     assert out == ["CUT", "END", "1", "CUT", "CUT", "IDLE", "1", "BACK", "True"], out
 
 
-def test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_parents_signal():
+def test_a_child_interrupted_in_its_fork_hook_takes_its_ctrl_c_not_the_parents_signal():
     """The main thread in a section has noted a SIGUSR1 (taken by another thread); a
     third thread forks, and in the child a handler raises at the k-th point of the
     at-fork hook ``_forked`` (every "call" and "c_return" in it but its own start, one
@@ -94,7 +99,8 @@ def test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_pa
         "    if frame.f_code is FORKED and event == 'call':\n"
         "        return  # (its own start: any at-fork hook's, not to be helped)\n"
         "    if at['n'] == at['k']:\n"
-        "        at['where'] = f\"{event}:{getattr(arg, '__name__', frame.f_code.co_name)}\"\n"
+        "        name = getattr(arg, '__name__', frame.f_code.co_name)\n"
+        "        at['where'] = f'{event}:{name}'\n"
         "        at['k'] = -1\n"
         "        sys.setprofile(None)\n"
         "        raise KeyboardInterrupt\n"
@@ -110,7 +116,8 @@ def test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_pa
         "    except KeyboardInterrupt:\n"
         "        ki = True\n"
         "    main = signals._MAIN[0] == threading.get_ident()\n"
-        "    os.write(1, f\"{at['where']}:usr1={count[0]}:ctrlc={ki}:main={main}\\n\".encode())\n"
+        "    line = f\"{at['where']}:usr1={count[0]}:ctrlc={ki}:main={main}\\n\"\n"
+        "    os.write(1, line.encode())\n"
         "    os._exit(3 if at['where'] is None else 0)  # (3: it ran through)\n"
         "through = [False]\n"
         "for k in range(40):\n"
@@ -143,3 +150,45 @@ def test_a_forked_child_interrupted_as_it_starts_takes_its_ctrl_c_and_not_the_pa
     assert all(c.endswith(":usr1=0:ctrlc=True:main=True") for c in children), children
     assert out.count("PARENT") == len(children) and all(
         out[i + 1] == "1" for i, line in enumerate(out) if line == "PARENT"), out
+
+
+def test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_does_not_hang():
+    """Stand-ins left by a section's end cut short; a Ctrl-C lands in code a few frames
+    short of the recursion limit (every depth from the limit down to where it is
+    delivered at once).  The stand-in gives the handlers back from there, where
+    ``signal.getsignal`` (a Python function) raises RecursionError: the give-back loop
+    retried it for ever, at 100% CPU (the process hung).  Now each Ctrl-C the stand-in
+    took is delivered once: at once or, too deep for that, at the next section's end,
+    its handler back."""
+    out = _run(CUT + (
+        "sys.setrecursionlimit(200)\n"
+        "def deep(n):\n"
+        "    if n:\n"
+        "        return deep(n - 1)\n"
+        "    try:\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "        return 'none'\n"
+        "    except KeyboardInterrupt:\n"
+        "        return 'now'\n"
+        "    except RecursionError:\n"
+        "        return 'deep'\n"
+        "seen = []\n"
+        "for depth in range(200, 150, -1):\n"
+        "    section_cut_short()\n"
+        "    try:\n"
+        "        got = deep(depth)\n"
+        "    except RecursionError:\n"
+        "        got = 'deep'\n"
+        "    try:\n"
+        "        with signals.deferred():\n"
+        "            pass\n"
+        "        later = ''\n"
+        "    except KeyboardInterrupt:\n"
+        "        later = '+later'\n"
+        "    back = signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "    seen.append(got + later + ('' if back else '-stand-in'))\n"
+        "    if got == 'now':\n"
+        "        break\n"
+        "print(' '.join(sorted(set(seen))))\n"))
+    seen = [s for s in out if s != "CUT"]  # ("deep": too deep for any handler to run)
+    assert seen[-1] == "now" and set(seen) <= {"deep", "deep+later", "now"}, seen
