@@ -1388,9 +1388,26 @@ class Transaction:
         when that decision's fsync failed); nothing when it is not prepared, already
         ended, still in doubt, or its decision is still being made durable.  Returns
         ``state``.  Idempotent; for the transaction's owner (the Zope data manager asks
-        it before it reads the state), not taking the end lock: the decision is the
-        store's already, this only makes the object say it."""
-        self._finish_as_decided()
+        it before it reads the state).  Nothing either while its commit() or rollback()
+        is under way (another thread's; or this thread's, from inside it): that call
+        finishes it, once its undo is done — finished here, a rollback read "rolled
+        back" while its compensations ran and its files held the prepared content, and
+        a commit was finished twice (audit 70).  The end lock is only tried, never
+        waited for (the caller may hold a workspace's lock: see ``end_lock``); held by
+        another thread, this is an end, or a change that must land before one, under
+        way, and the state is read as it is."""
+        if self.state != ACTIVE or self.gid is None:
+            return self.state
+        lock = self._end_lock
+        mine = False
+        try:
+            with deferred():  # (an interrupt as it ends still finds ``mine``)
+                mine = lock.acquire(blocking=False)
+            if mine and self._ending is None:
+                self._finish_as_decided()
+        finally:
+            if mine:
+                lock.release()
         return self.state
 
     def ending_in_this_thread(self) -> bool:
