@@ -143,7 +143,7 @@ def store_stats(store: Store, path: str, damage: list | None = None) -> dict[str
     # ever had — LMDB persists only increases — and a store written before the note, or
     # by a walstore that does not note it since, has only that one: ``noted_map_size``)
     try:
-        noted = store._engine.state.noted_map_size()
+        noted = store.engine.state.noted_map_size()
     except CorruptionError as e:
         if damage is None:
             raise
@@ -156,8 +156,8 @@ def store_stats(store: Store, path: str, damage: list | None = None) -> dict[str
 
 def iter_log(store: Store, limit: int | None) -> Iterator[Any]:
     """``store.log(limit)``, read as it is consumed (``walstore log`` streams it)."""
-    store._engine.check_open()
-    return store._history.iter_log(limit)
+    store.engine.check_open()
+    return store._history.iter_log(limit)  # (``store.log`` holds them all: a list)
 
 
 def lmdb_file(path: str) -> str:
@@ -204,11 +204,11 @@ def replication(*names: str) -> tuple:
 # ---- reversible files (``walstore files``, ``walstore diff``) ----------------------------
 def _boundary(store: Store, point: Any) -> int:
     """The boundary LSN of a point (None: the end of the log)."""
-    eng = store._engine
+    eng = store.engine
     eng.drain()
     if point is None:
         return eng.memtable.published
-    return store._history.resolve(point)
+    return int(store.at(point).lsn)  # (a view's boundary: the point resolved)
 
 
 FILE_HISTORY_WAIT_S = 3.0  # how long `files`/`diff` wait for a live writer to apply
@@ -227,7 +227,8 @@ def _readable_file_history(store: Store, roots: list[bytes], *points: Any) -> li
     def attempt() -> list[int]:
         bounds = [_boundary(store, p) for p in points]
         for root in roots:
-            store._history.check_file_history(store._files.registered(root, gone_ok=True))
+            store._history.check_file_history(
+                store.reversible_files.registered(root, gone_ok=True))
         return bounds
     return while_writer_applies(store, attempt)
 
@@ -263,7 +264,7 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
     consumed (held whole, 2,000 versions took 9 MB and any number could be asked for):
     consume them in order while ``store`` is open."""
     from ..agent.filehistory import describe
-    files, fh = store._files, store._history.file_history
+    files, fh = store.reversible_files, store._history.file_history
     roots = sorted(files.rows())
     if workspace is not None:
         roots = [files.resolve_ws(workspace, register=False, gone_ok=True).root_b]
@@ -301,9 +302,10 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     from ..agent.history import hide_purged
     from ..codec import decode_key, unpack_value
     from ..files import Change
-    eng = store._engine
+    eng = store.engine
     # (read-only: the log's tail not applied yet, files unknown; a root gone is read too)
-    first, second = _readable_file_history(store, sorted(store._files.rows()), start, end)
+    first, second = _readable_file_history(store, sorted(store.reversible_files.rows()),
+                                           start, end)
     lo, hi = min(first, second), max(first, second)
     keys: set[bytes] = set()
     paths: set[tuple[bytes, bytes]] = set()
