@@ -175,11 +175,18 @@ def _module_reach_ins(module: str, nodes: list, trees: dict, privates) -> list:
 
 
 def reach_ins(root: Path | None = None) -> list[tuple[str, int, str, str]]:
-    """Every reach-in of a checked layer: (module, line, receiver, attribute)."""
-    return list(_reach_ins(root or PKG))
+    """Every reach-in of a checked layer: (module, line, receiver, attribute).  Only
+    walstore's own tree is read once per session: a synthetic tree is read every time
+    (pytest 9 gives a test the directory a passed test before it had, emptied: cached by
+    path, the second read the first's tree)."""
+    return list(_package_reach_ins() if root is None else _reach_ins(root))
 
 
 @functools.lru_cache(maxsize=None)
+def _package_reach_ins() -> tuple[tuple[str, int, str, str], ...]:
+    return _reach_ins(PKG)
+
+
 def _reach_ins(root: Path) -> tuple[tuple[str, int, str, str], ...]:
     trees = {_module(p, root): ast.parse(p.read_text(), str(p))
              for p in sorted(root.rglob("*.py"))}
