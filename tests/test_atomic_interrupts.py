@@ -152,7 +152,9 @@ refunds = {n: [] for n in names}
 charges = {n: [] for n in names}
 
 def mk_refund(n):
-    return lambda a: refunds[n].append(a.args["k"])
+    def refund(a):  # (named so: the interrupter tells a point inside the compensator)
+        refunds[n].append(a.args["k"])
+    return refund
 
 stores, wss = [], []
 for n in names:
