@@ -1,29 +1,34 @@
-"""Layering (issue 10): the agent layer, ops, replication, the integrations and the CLI are
-built on the engine's public interface — no module of theirs reads or writes another layer's
-private state (the CLI's internals all go through walstore/cli/_engine.py, whose remaining
-reads of a store's privates ALLOWED lists).
+"""Layering (issue 10): the agent layer, ops, replication, the integrations, the CLI and the
+Store facade are built on the engine's public interface — no module of theirs reads or
+writes another layer's private state (the CLI's internals all go through
+walstore/cli/_engine.py, on ``Store.engine``, ``reversible_files``, ``txn_history`` and the
+Store's methods; the facade, walstore/store.py, on the Engine's and the agent layer's
+public names).
 
 The rule, checked by parsing walstore/ with ``ast`` (no import, no type inference):
 
 - A *layer* is a subpackage of walstore (``walstore/agent/``, ``walstore/engine/``,
-  ``walstore/log/``, ...); ``walstore/store.py`` is the engine's public face and counts as
-  the engine layer; every other top-level module is a layer of its own.
+  ``walstore/log/``, ...); every top-level module is a layer of its own, the facade
+  ``walstore/store.py`` (layer ``store``) among them.
 - A private member ``_name`` (one leading underscore, not a dunder) *belongs to* a layer
   when a class of that layer defines it: a method, a class-body assignment, an entry of
   ``__slots__``, or ``self._name = ...`` / ``cls._name = ...`` in one of its methods.
-- In a checked layer (CHECKED below) an access ``x._name`` whose receiver ``x`` is not
-  ``self``, ``cls`` or ``super()`` is a reach-in when ``_name`` belongs to another layer
-  and either (a) to no class of the accessing layer, or (b) ``x`` is a name (or a
-  ``self.`` attribute) that the code base uses for another layer's object (HOLDERS: a
-  store, a transaction, an engine, a log) — (b) catches a name both layers happen to use,
-  e.g. ``store._engine`` read by replication, whose own ``Source`` also has an ``_engine``.
+- In a checked layer (CHECKED below) an access ``x._name`` — or ``getattr(x, "_name"[,
+  default])``, ``setattr``/``hasattr``/``delattr`` with the name a string literal — whose
+  receiver ``x`` is not ``self``, ``cls`` or ``super()`` is a reach-in when ``_name``
+  belongs to another layer and either (a) to no class of the accessing layer, or (b)
+  ``x`` is a name (or a ``self.`` attribute) that the code base uses for another layer's
+  object (HOLDERS: a store, a transaction, an engine, a log) — (b) catches a name both
+  layers happen to use, e.g. ``store._engine`` read by replication, whose own ``Source``
+  also has an ``_engine`` (a holder of the accessing layer's own kind is its own object:
+  the facade's ``store._engine``).
 
 - The same for a layer's module-level privates (a function, class or constant named
   ``_name`` at a module's top level): a checked layer neither imports one from another
   layer's module (``from ..engine.snapshot import _purged_since``; ``from ..engine import
   _x`` of a package's ``__init__``) nor reads one through a module of another layer it
-  imported (``fapply._pin_dir``, ``import walstore.files.apply as fapply``), in any of
-  its modules, a package's ``__init__.py`` too.
+  imported (``fapply._pin_dir``, ``import walstore.files.apply as fapply``; through
+  ``getattr`` too), in any of its modules, a package's ``__init__.py`` too.
 
 Without type inference the rule is by name: a private name only walstore's own classes
 define is what it can see (a third-party object's privates, e.g. langgraph's, are not
@@ -38,11 +43,17 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "walstore"
 # the layers issue 10 puts on the engine's public interface (the CLI since audit 70: it
-# read ``store._engine`` and ``store._files``, now ``Store.engine`` / ``reversible_files``)
-CHECKED = ("agent", "ops", "replication", "integrations", "cli")
-# names the code base gives another layer's store, transaction, engine or log
-HOLDERS = {"store", "s", "tx", "txn", "engine", "eng", "log", "writer",
-           "_store", "_tx", "_engine", "_log", "_writer"}
+# read ``store._engine`` and ``store._files``, now ``Store.engine`` / ``reversible_files``;
+# since audit 71 ``store._history`` and ``store._twophase``, now ``Store.txn_history`` /
+# ``prepared_summaries()``; and the facade: it read ``engine._open_failed`` and imported
+# ``agent.scope._providers``, now ``Engine.open_failed`` / ``agent.scope.PROVIDERS``)
+CHECKED = ("agent", "ops", "replication", "integrations", "cli", "store")
+# names the code base gives a store, transaction, engine or log -> the layer of that object
+HOLDERS = {**dict.fromkeys(("store", "s", "_store"), "store"),
+           **dict.fromkeys(("tx", "txn", "_tx", "engine", "eng", "_engine"), "engine"),
+           **dict.fromkeys(("log", "writer", "_log", "_writer"), "log")}
+# the builtins whose second argument, a string literal, names an attribute of the first
+BY_NAME = ("getattr", "setattr", "hasattr", "delattr")
 # (module, receiver, attribute): what stays, and why
 ALLOWED: dict[tuple[str, str, str], str] = {
     # UndoPlan is undo.py's own dataclass: the undo keeps its working state on the plan it
@@ -50,15 +61,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # plan's fields (its repr, as_dict and constructor); only ``_oldest`` is also a name
     # replication.targets' classes use — a collision of names, not a reach-in
     ("walstore.agent.undo", "plan", "_oldest"): "undo.py's own UndoPlan (name collision)",
-    # the CLI's door into the internals (walstore/cli/_engine.py) reads what no public
-    # Store or Engine method gives: ``_history.iter_log`` (`walstore log` streams the log;
-    # ``Store.log`` returns a list, held whole), ``_history.check_file_history``,
-    # ``_history.file_history`` and ``_history.unapplied_purges`` (`walstore files` /
-    # `diff` read the file history and the purges LMDB does not hold yet)
-    ("walstore.cli._engine", "store", "_history"): "CLI: streamed log, file history, purges",
-    # ``_twophase.summaries()``: `walstore prepared` lists every in-doubt transaction in
-    # one pass, summaries only (``Store.prepared_details(gid)`` reads one, values decoded)
-    ("walstore.cli._engine", "store", "_twophase"): "CLI: in-doubt summaries in one pass",
 }
 
 
@@ -72,9 +74,7 @@ def _module(path: Path, root: Path) -> str:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if module == "walstore.store":
-        return "engine"
-    return parts[1] if len(parts) > 2 else module
+    return parts[1] if len(parts) > 2 else "store" if module == "walstore.store" else module
 
 
 def _class_members(cls: ast.ClassDef):
@@ -106,11 +106,29 @@ def _receiver_is_self(node: ast.expr) -> bool:
             and node.func.id == "super")
 
 
-def _holder(node: ast.expr) -> bool:
+def _holder(node: ast.expr) -> str | None:
+    """The layer of the object ``node`` names by the code base's habit (HOLDERS), or None."""
     if isinstance(node, ast.Name):
-        return node.id in HOLDERS
-    return (isinstance(node, ast.Attribute) and node.attr in HOLDERS
-            and isinstance(node.value, ast.Name) and node.value.id == "self")
+        return HOLDERS.get(node.id)
+    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "self"):
+        return HOLDERS.get(node.attr)
+    return None
+
+
+def _private_accesses(nodes: list):
+    """(line, receiver, name) of each access of a private member in ``nodes``:
+    ``x._name``, and ``getattr(x, "_name"[, default])`` (``setattr``, ``hasattr``,
+    ``delattr`` too) with the name a string literal."""
+    for node in nodes:
+        if isinstance(node, ast.Attribute):
+            if _private(node.attr):
+                yield node.lineno, node.value, node.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in BY_NAME and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and _private(node.args[1].value)):
+            yield node.lineno, node.args[0], node.args[1].value
 
 
 def _top_level_privates(tree: ast.Module) -> set[str]:
@@ -140,10 +158,11 @@ def _tree_of(trees: dict, name: str) -> str | None:
         else None
 
 
-def _module_reach_ins(module: str, nodes: list, trees: dict, privates) -> list:
+def _module_reach_ins(module: str, nodes: list, accesses: list, trees: dict,
+                      privates) -> list:
     """Another layer's module-level privates, imported by name or read through its
-    module (see the module docstring); ``nodes``: the module's, ``privates(key)``: a
-    module's top-level ones."""
+    module (see the module docstring); ``nodes``: the module's, ``accesses``: its
+    ``_private_accesses``, ``privates(key)``: a module's top-level ones."""
     layer, found = _layer(module), []
     aliases: dict[str, str] = {}  # a name bound to another layer's module here -> it
     for node in nodes:
@@ -163,14 +182,12 @@ def _module_reach_ins(module: str, nodes: list, trees: dict, privates) -> list:
                 sub = _tree_of(trees, a.name)
                 if a.asname and sub is not None and _layer(sub) != layer:
                     aliases[a.asname] = sub
-    for node in nodes:
-        if isinstance(node, ast.Attribute) and _private(node.attr):
-            recv = node.value
-            key = (aliases.get(recv.id) if isinstance(recv, ast.Name) else
-                   _tree_of(trees, ast.unparse(recv)) if isinstance(recv, ast.Attribute)
-                   else None)  # (the latter: ``walstore.engine.snapshot._x``)
-            if key is not None and _layer(key) != layer and node.attr in privates(key):
-                found.append((module, node.lineno, ast.unparse(recv), node.attr))
+    for line, recv, attr in accesses:
+        key = (aliases.get(recv.id) if isinstance(recv, ast.Name) else
+               _tree_of(trees, ast.unparse(recv)) if isinstance(recv, ast.Attribute)
+               else None)  # (the latter: ``walstore.engine.snapshot._x``)
+        if key is not None and _layer(key) != layer and attr in privates(key):
+            found.append((module, line, ast.unparse(recv), attr))
     return found
 
 
@@ -207,14 +224,15 @@ def _reach_ins(root: Path) -> tuple[tuple[str, int, str, str], ...]:
         layer = _layer(module)
         if layer not in CHECKED:
             continue
-        found += _module_reach_ins(module, nodes, trees, privates)
-        for node in nodes:
-            if not (isinstance(node, ast.Attribute) and _private(node.attr)) or \
-                    _receiver_is_self(node.value):
+        accesses = list(_private_accesses(nodes))
+        found += _module_reach_ins(module, nodes, accesses, trees, privates)
+        for line, recv, attr in accesses:
+            if _receiver_is_self(recv):
                 continue
-            others = owners.get(node.attr, set()) - {layer}
-            if others and (layer not in owners[node.attr] or _holder(node.value)):
-                found.append((module, node.lineno, ast.unparse(node.value), node.attr))
+            others = owners.get(attr, set()) - {layer}
+            if others and (layer not in owners[attr]
+                           or _holder(recv) not in (None, layer)):
+                found.append((module, line, ast.unparse(recv), attr))
     return tuple(sorted(found))
 
 
@@ -260,3 +278,37 @@ def test_the_checker_sees_a_reach_in(tmp_path):
         ("walstore.agent.a", "store", "_engine"), ("walstore.agent.a", "tx", "_set"),
         ("walstore.agent.b", "s2", "_as_of"),
         ("walstore.agent.b", "walstore.engine.snap", "_as_of")]
+
+
+def test_the_checker_sees_getattr_by_name_and_the_facades_reach_ins(tmp_path):
+    """``getattr(tx, "_set")`` / ``getattr(store, "_engine", None)`` / ``setattr`` with a
+    string-literal private name is a reach-in as ``tx._set`` is (the check could not see
+    them: audit 71), a module's private read through ``getattr`` too; and the facade,
+    walstore/store.py, is checked: its ``engine._open`` (the Engine's private) and an
+    import of an agent module's private are caught, its own ``store._engine`` (a store
+    is the facade's own object) and ``getattr(x, name)`` with a name not a literal are
+    not."""
+    root = tmp_path / "walstore"
+    (root / "agent").mkdir(parents=True)
+    (root / "engine").mkdir()
+    (root / "engine" / "engine.py").write_text(
+        "class Engine:\n    def _open(self): pass\n    def _set(self): pass\n"
+        "def _helper(): pass\n")
+    (root / "agent" / "scope.py").write_text("_providers = []\n")
+    (root / "store.py").write_text(
+        "from .agent.scope import _providers\n"
+        "class Store:\n    def __init__(self, engine):\n        self._engine = engine\n"
+        "        engine._open()\n        getattr(self, '_engine')\n"
+        "def close_all(store):\n    store._engine\n")
+    (root / "agent" / "a.py").write_text(
+        "from ..engine import engine as em\n"
+        "def f(tx, store, name):\n"
+        "    getattr(tx, '_set')()\n    getattr(store, '_engine', None)\n"
+        "    setattr(tx, '_set', None)\n    getattr(tx, name)\n    getattr(tx, 'public')\n"
+        "    getattr(em, '_helper')\n")
+    assert sorted((m, r, a) for m, _, r, a in reach_ins(root)) == [
+        ("walstore.agent.a", "em", "_helper"),
+        ("walstore.agent.a", "store", "_engine"), ("walstore.agent.a", "tx", "_set"),
+        ("walstore.agent.a", "tx", "_set"),
+        ("walstore.store", "engine", "_open"),
+        ("walstore.store", "walstore.agent.scope", "_providers")]

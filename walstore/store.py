@@ -37,7 +37,7 @@ from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
 from .agent.scope import NO_SCOPE, check_scope, provided_scope
-from .agent.scope import _providers as _scope_providers  # (changed in place only)
+from .agent.scope import PROVIDERS as _scope_providers  # (changed in place only)
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import Undo, UndoPlan
@@ -229,7 +229,7 @@ class Store:
                 # (an OS error of the open's settling, after the engine's: listing the
                 # before-image store's temp directory at the descriptor limit, EMFILE,
                 # escaped raw from walstore.open)
-                raise engine._open_failed(e) from e
+                raise engine.open_failed(e) from e
             if isinstance(e, LogFailed):  # (the settle's records: see open_log_failed)
                 raise engine.open_log_failed(e) from e
             raise
@@ -336,6 +336,18 @@ class Store:
         per Store, for its whole life, built on ``engine``; not part of the product
         contract (an application uses ``workspace()`` and ``tx.files(ws)``)."""
         return self._files
+
+    @property
+    def txn_history(self) -> History:
+        """This store's history (``agent.history.History``: the log, key and file
+        versions, restore points, purges LMDB does not hold yet): what the CLI's
+        ``walstore log`` streams (``iter_log``: ``log()`` returns a list, held whole) and
+        ``walstore files`` / ``diff`` read (``file_history``, ``check_file_history``,
+        ``unapplied_purges``).  One per Store, for its whole life, built on ``engine``;
+        its methods do not check that the store is open (``engine.check_open()`` first).
+        Not part of the product contract (an application uses ``log()``, ``history()``
+        and ``at()``)."""
+        return self._history
 
     def close(self) -> None:
         """Roll back open transactions whose effects are out in the world (compensate
@@ -802,7 +814,7 @@ class Store:
         """A read-only view of the state as of ``point`` (txid, LSN or restore point)."""
         self._engine.check_open()
         view = self._history.at(point)
-        view._store = self  # (as a transaction: the store stays open while it is used)
+        view.keepalive = self  # (as a transaction: the store stays open while it is used)
         return view
 
     def restore_point(self, name: str) -> LSN:
@@ -887,6 +899,15 @@ class Store:
             p, writes=[(decode_key(k), None if v is None else unpack_value(v))
                        for k, v in p.writes],
             read_keys=[decode_key(k) for k in p.read_keys])
+
+    def prepared_summaries(self) -> list[dict[str, Any]]:
+        """Every prepared (in-doubt) transaction in one pass, sorted by gid, as a dict:
+        ``gid``, ``txid``, ``keys`` (its number of writes), ``ts`` (prepare time),
+        ``meta``, ``files_read`` and ``dirs_listed`` (workspace paths it read, directories
+        it listed): what ``walstore prepared`` lists, no write set read.  A new list each
+        call, a snapshot of the moment (a read-only store reads the log's tail first);
+        ``prepared_details(gid)`` reads one whole.  Not part of the product contract."""
+        return self._twophase.summaries()
 
     def commit_prepared(self, gid: str) -> LSN:
         """Commit a prepared transaction; returns its commit LSN."""

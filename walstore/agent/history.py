@@ -55,6 +55,10 @@ class HistoricalView:
     def __init__(self, history: "History", boundary: int) -> None:
         self._history = history
         self.lsn = LSN(boundary)
+        # what must stay alive while the view is used (the Store facade that made it, as
+        # a transaction's ``keepalive``: a store the program dropped is closed by its
+        # __del__); the view's whole life
+        self.keepalive: Any = None
 
     def _erased(self) -> list[tuple[bytes, bytes | None]]:
         """The ranges of purges after the point that LMDB does not hold yet (a read-only

@@ -24,7 +24,12 @@ from typing import Any, Callable
 from ..codec import MAX_KEY_BYTES, encode_prefix, prefix_end
 from ..errors import EmptyArgumentError
 
-_providers: list[Callable[[], Any]] = []
+# The registered providers, in registration order: ``register_scope_provider`` appends to
+# it, under ``_lock``, and nothing else changes it.  Public to read, never to change: one
+# list for the process's life, changed in place only, so a module that imported it sees
+# every registration (``Store.transaction`` tests it before asking ``provided_scope``:
+# every transaction begins there, and with no integration registered that is the whole cost).
+PROVIDERS: list[Callable[[], Any]] = []
 _on_begin: dict[Callable[[], Any], Callable[[Any, Any], None]] = {}
 _lock = threading.Lock()
 
@@ -58,8 +63,8 @@ def register_scope_provider(fn: Callable[[], Any],
     the transaction (rolled back: nothing changed).  Registering the same function again
     only replaces its ``on_begin``."""
     with _lock:
-        if fn not in _providers:
-            _providers.append(fn)
+        if fn not in PROVIDERS:
+            PROVIDERS.append(fn)
         if on_begin is not None:
             _on_begin[fn] = on_begin
         else:
@@ -73,9 +78,9 @@ def current_scope() -> Any:
 def provided_scope() -> tuple[Any, Callable[[Any, Any], None] | None]:
     """(the scope a registered provider names, that provider's ``on_begin``); (None,
     None) when none names one."""
-    if not _providers:
+    if not PROVIDERS:
         return None, None  # (every transaction begins here: no integration, no cost)
-    for fn in list(_providers):
+    for fn in list(PROVIDERS):
         try:
             scope = fn()
         except Exception:  # a provider outside its framework's context: no scope

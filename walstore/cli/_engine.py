@@ -157,7 +157,7 @@ def store_stats(store: Store, path: str, damage: list | None = None) -> dict[str
 def iter_log(store: Store, limit: int | None) -> Iterator[Any]:
     """``store.log(limit)``, read as it is consumed (``walstore log`` streams it)."""
     store.engine.check_open()
-    return store._history.iter_log(limit)  # (``store.log`` holds them all: a list)
+    return store.txn_history.iter_log(limit)  # (``store.log`` holds them all: a list)
 
 
 def lmdb_file(path: str) -> str:
@@ -169,8 +169,8 @@ def prepared_details(store: Store) -> list[dict[str, Any]]:
     """In-doubt two-phase transactions, sorted by gid: gid, txid, number of writes,
     prepare time, meta, and how many workspace paths it read and directories it listed
     (held until its decision: a change of them through walstore is refused meanwhile).
-    One pass, summaries only (``TwoPhase.summaries``)."""
-    return store._twophase.summaries()
+    One pass, summaries only (``Store.prepared_summaries``)."""
+    return store.prepared_summaries()
 
 
 def run_demo(path: str | None) -> int:
@@ -227,7 +227,7 @@ def _readable_file_history(store: Store, roots: list[bytes], *points: Any) -> li
     def attempt() -> list[int]:
         bounds = [_boundary(store, p) for p in points]
         for root in roots:
-            store._history.check_file_history(
+            store.txn_history.check_file_history(
                 store.reversible_files.registered(root, gone_ok=True))
         return bounds
     return while_writer_applies(store, attempt)
@@ -264,7 +264,7 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
     consumed (held whole, 2,000 versions took 9 MB and any number could be asked for):
     consume them in order while ``store`` is open."""
     from ..agent.filehistory import describe
-    files, fh = store.reversible_files, store._history.file_history
+    files, fh = store.reversible_files, store.txn_history.file_history
     roots = sorted(files.rows())
     if workspace is not None:
         roots = [files.resolve_ws(workspace, register=False, gone_ok=True).root_b]
@@ -309,11 +309,11 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     lo, hi = min(first, second), max(first, second)
     keys: set[bytes] = set()
     paths: set[tuple[bytes, bytes]] = set()
-    fh = store._history.file_history
+    fh = store.txn_history.file_history
     # a purge LMDB does not hold yet (a read-only open after its writer was killed before
     # applying it): the keys it erased are absent at every point before it, and their
     # names are in no row (the diff printed their past values)
-    purges = store._history.unapplied_purges()
+    purges = store.txn_history.unapplied_purges()
 
     def value(k: bytes, boundary: int) -> bytes | None:
         if any(p > boundary and plo <= k and (phi is None or k < phi)

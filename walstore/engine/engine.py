@@ -215,7 +215,7 @@ class Engine:
         except BaseException as e:
             self._release()
             if isinstance(e, OSError) and not isinstance(e, WalstoreError):
-                raise self._open_failed(e) from e
+                raise self.open_failed(e) from e
             if isinstance(e, StateWriteError):  # (REDO, or the open's own LMDB writes)
                 raise self.state_io_error(e, f"opening the store at {self.path}",
                                            "nothing was lost: every commit is in the log; "
@@ -248,11 +248,13 @@ class Engine:
 
     low_room_note = staticmethod(low_room_note)  # (lmdb_state's: its table creation too)
 
-    def _open_failed(self, e: OSError) -> WalstoreError:
+    def open_failed(self, e: OSError) -> WalstoreError:
         """The walstore error for an OS error while opening: NotAStore when the path cannot
         be a store directory (a missing parent, a parent or STORE of the wrong type) while
         its directory and identity were made or read, else StoreIOError (a full disk, a
-        read-only file system, EIO, no permission) naming the file."""
+        read-only file system, EIO, no permission) naming the file.  Returned, not raised
+        (the caller raises it ``from e``): a new error each call, for this open only —
+        the Engine's own open and the Store's settling after it (walstore/store.py)."""
         if (self.state is None and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
                 and not self._is_store_entry(e.filename)):
             where = f" ({e.filename})" if e.filename else ""
