@@ -672,9 +672,14 @@ class LogFollower:
         self._reader: SegmentReader | None = None
         self._fd: int | None = None
         self._offset = SEGMENT_HEADER_SIZE
+        # where the last poll stopped at non-zero bytes that are no record (one being
+        # copied in, or damage: the caller tells them apart by the writer's shared mark,
+        # ``Follower``): (reason, segment path, file offset, LSN); None at zeros
+        self.blocked: tuple[str, str, int, int] | None = None
 
     def poll(self, applied: int) -> Iterator[Record]:
         """Yield every whole, valid record past the current position."""
+        self.blocked = None
         while True:
             if self._fd is None and not self._open(applied):
                 return
@@ -718,7 +723,10 @@ class LogFollower:
             h, reason, buf, i = check_at(src, self._offset, reader.salt, lsn,
                                           reader.file_size, reader.path)
             if reason is not None:
-                return self._next_starts_at(lsn)
+                moved = self._next_starts_at(lsn)
+                if not moved and bytes(buf[i:i + RECORD_HEADER_SIZE]).strip(b"\0"):
+                    self.blocked = (reason, reader.path, self._offset, lsn)
+                return moved
             end = self._offset + RECORD_HEADER_SIZE + h.length
             rec = Record(lsn, h.type, bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
                                                  + h.length]),

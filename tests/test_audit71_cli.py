@@ -1,0 +1,81 @@
+"""Audit 71: the CLI verbs that read the log, the file history and the in-doubt
+transactions (`log`, `files`, `diff`, `prepared`, each with --json) beside a live writer,
+over damaged WAL segments, in a read-only directory.
+
+- A read-only store beside a live writer read its log tail up to the first record that
+  did not check and stopped there for good, as at a record the writer was still copying
+  in: a durable record damaged in place (bytes flipped in the middle of the live segment,
+  acknowledged commits behind it) made every read-only open show the state before it,
+  exit 0 (`walstore log` listed 145 transactions of a writer hundreds past them), while
+  `walstore verify` at the same moment said "corrupt ... a valid record follows".  The
+  writer's shared mark (VISIBLE) says how far it published: bytes short of it that do not
+  read as a record, read again, are damage, and the reads now say so (CorruptionError).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+from store_support import cli_env
+
+WRITER = (
+    "import sys, walstore\n"
+    "s = walstore.open(sys.argv[1], durability='full', apply_interval=60)\n"
+    "i = 0\n"
+    "while True:\n"
+    "    with s.transaction(meta={'i': i}) as t:\n"
+    "        t.put(f'k{i % 50}', {'i': i, 'pad': 'x' * 200})\n"
+    "    i += 1\n"
+    "    if i == 200:\n"
+    "        print('committed', flush=True)\n")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = cli_env()
+    env.pop("WALSTORE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "walstore.cli", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def _flip_in_the_middle(path: str) -> int:
+    """Flip 4 bytes 30% into the used part of the newest segment; returns their offset."""
+    seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[-1]
+    with open(seg, "r+b") as f:
+        data = f.read()
+        off = int(len(data.rstrip(b"\0")) * 0.3)
+        f.seek(off)
+        f.write(bytes(b ^ 0xFF for b in data[off:off + 4]))
+    return off
+
+
+def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path):
+    """Before the fix `walstore log --json` beside the writer exited 0, listing the
+    transactions before the damaged record only; after the writer was killed the same
+    command said CorruptionError."""
+    path = str(tmp_path / "s")
+    w = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE,
+                         text=True, env=cli_env())
+    try:
+        assert w.stdout.readline().strip() == "committed"
+        for _ in range(3):  # (the healthy store beside it, committing flat out: read)
+            r = _cli("log", path, "--json")
+            assert r.returncode == 0, r.stderr
+            assert len(json.loads(r.stdout)["transactions"]) == 20
+        _flip_in_the_middle(path)
+        time.sleep(0.2)  # (the writer goes on committing past the damage)
+        for verb in (["log", path], ["prepared", path], ["scan", path]):
+            r = _cli(*verb, "--json")
+            assert r.returncode == 1, (verb, r.stdout[:300], r.stderr)
+            assert "Traceback" not in r.stderr
+            lines = r.stderr.splitlines()
+            assert len(lines) == 1 and "corrupt" in lines[0], r.stderr
+            doc = json.loads(r.stdout)
+            assert doc["error"]["type"] == "CorruptionError", doc
+    finally:
+        w.kill()
+        w.wait()
+        w.stdout.close()
