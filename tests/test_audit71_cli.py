@@ -10,6 +10,7 @@ over damaged WAL segments, in a read-only directory.
   `walstore verify` at the same moment said "corrupt ... a valid record follows".  The
   writer's shared mark (VISIBLE) says how far it published: bytes short of it that do not
   read as a record, read again, are damage, and the reads now say so (CorruptionError).
+  The same of a segment whose header was damaged (the follower waited at it for good).
 """
 from __future__ import annotations
 
@@ -20,17 +21,19 @@ import subprocess
 import sys
 import time
 
+import pytest
 from store_support import cli_env
 
-WRITER = (
+WRITER = (  # (64 KiB segments, nothing applied nor trimmed: the log is all tail)
     "import sys, walstore\n"
-    "s = walstore.open(sys.argv[1], durability='full', apply_interval=60)\n"
+    "s = walstore.open(sys.argv[1], durability='full', apply_interval=60,\n"
+    "                  segment_size=64 * 1024, checkpoint_bytes=1 << 30)\n"
     "i = 0\n"
     "while True:\n"
     "    with s.transaction(meta={'i': i}) as t:\n"
     "        t.put(f'k{i % 50}', {'i': i, 'pad': 'x' * 200})\n"
     "    i += 1\n"
-    "    if i == 200:\n"
+    "    if i == 600:\n"
     "        print('committed', flush=True)\n")
 
 
@@ -41,21 +44,22 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60, env=env)
 
 
-def _flip_in_the_middle(path: str) -> int:
-    """Flip 4 bytes 30% into the used part of the newest segment; returns their offset."""
-    seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[-1]
+def _flip(path: str, where: str) -> None:
+    """Flip 4 bytes of the second segment: 30% into its used part ("record"), or in its
+    header ("header")."""
+    seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[1]
     with open(seg, "r+b") as f:
         data = f.read()
-        off = int(len(data.rstrip(b"\0")) * 0.3)
+        off = int(len(data.rstrip(b"\0")) * 0.3) if where == "record" else 8
         f.seek(off)
         f.write(bytes(b ^ 0xFF for b in data[off:off + 4]))
-    return off
 
 
-def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path):
+@pytest.mark.parametrize("where", ["record", "header"])
+def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path, where):
     """Before the fix `walstore log --json` beside the writer exited 0, listing the
-    transactions before the damaged record only; after the writer was killed the same
-    command said CorruptionError."""
+    transactions before the damage only (176 of 800); after the writer was killed the
+    same command said CorruptionError."""
     path = str(tmp_path / "s")
     w = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE,
                          text=True, env=cli_env())
@@ -65,7 +69,7 @@ def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path):
             r = _cli("log", path, "--json")
             assert r.returncode == 0, r.stderr
             assert len(json.loads(r.stdout)["transactions"]) == 20
-        _flip_in_the_middle(path)
+        _flip(path, where)
         time.sleep(0.2)  # (the writer goes on committing past the damage)
         for verb in (["log", path], ["prepared", path], ["scan", path]):
             r = _cli(*verb, "--json")

@@ -90,10 +90,10 @@ class Follower:
                         break
                 else:
                     mt.publish(max(upto, mt.published, applied))
-                    reason, path, offset, lsn = self.log.blocked
+                    kind, reason, path, offset, lsn = self.log.blocked
                     raise CorruptionError(
-                        f"corrupt-record: {reason}; the writer published the log past it "
-                        f"(up to LSN {self._mark_read}): a record written whole, damaged "
+                        f"{kind}: {reason}; the writer published the log past it "
+                        f"(up to LSN {self._mark_read}): written whole, damaged "
                         f"since", file=path, offset=offset, lsn=lsn)
             mt.publish(max(upto if upto is not None else mt.published, applied))
             self._drop_applied(applied)

@@ -672,10 +672,11 @@ class LogFollower:
         self._reader: SegmentReader | None = None
         self._fd: int | None = None
         self._offset = SEGMENT_HEADER_SIZE
-        # where the last poll stopped at non-zero bytes that are no record (one being
-        # copied in, or damage: the caller tells them apart by the writer's shared mark,
-        # ``Follower``): (reason, segment path, file offset, LSN); None at zeros
-        self.blocked: tuple[str, str, int, int] | None = None
+        # where the last poll stopped at non-zero bytes that are no record, or at a segment
+        # whose header fails its check (one being copied in, or damage: the caller tells
+        # them apart by the writer's shared mark, ``Follower``): (kind — "corrupt-record"
+        # or "bad-segment" —, reason, segment path, file offset, LSN); None at zeros
+        self.blocked: tuple[str, str, str, int, int] | None = None
 
     def poll(self, applied: int) -> Iterator[Record]:
         """Yield every whole, valid record past the current position."""
@@ -705,6 +706,9 @@ class LogFollower:
                 continue
             if reader.header_error or reader.file_size <= SEGMENT_HEADER_SIZE:
                 os.close(fd)
+                if reader.header_error:
+                    self.blocked = ("bad-segment", reader.header_error, path, 0,
+                                    max(start, self.position))
                 return False
             self.close()
             self._seg, self._reader, self._fd = start, reader, fd
@@ -725,7 +729,7 @@ class LogFollower:
             if reason is not None:
                 moved = self._next_starts_at(lsn)
                 if not moved and bytes(buf[i:i + RECORD_HEADER_SIZE]).strip(b"\0"):
-                    self.blocked = (reason, reader.path, self._offset, lsn)
+                    self.blocked = ("corrupt-record", reason, reader.path, self._offset, lsn)
                 return moved
             end = self._offset + RECORD_HEADER_SIZE + h.length
             rec = Record(lsn, h.type, bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
