@@ -10,7 +10,8 @@ over damaged WAL segments, in a read-only directory.
   `walstore verify` at the same moment said "corrupt ... a valid record follows".  The
   writer's shared mark (VISIBLE) says how far it published: bytes short of it that do not
   read as a record, read again, are damage, and the reads now say so (CorruptionError).
-  The same of a segment whose header was damaged (the follower waited at it for good).
+  The same of a segment whose header was damaged (the follower waited at it for good),
+  and of a record zeroed (read as the writer's end).
 """
 from __future__ import annotations
 
@@ -45,17 +46,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _flip(path: str, where: str) -> None:
-    """Flip 4 bytes of the second segment: 30% into its used part ("record"), or in its
-    header ("header")."""
+    """Damage the second segment: 4 bytes flipped 30% into its used part ("record") or
+    in its header ("header"), or 512 bytes there zeroed ("zeros": a lost write)."""
     seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[1]
     with open(seg, "r+b") as f:
         data = f.read()
-        off = int(len(data.rstrip(b"\0")) * 0.3) if where == "record" else 8
+        off = 8 if where == "header" else int(len(data.rstrip(b"\0")) * 0.3)
         f.seek(off)
-        f.write(bytes(b ^ 0xFF for b in data[off:off + 4]))
+        f.write(bytes(512) if where == "zeros"
+                else bytes(b ^ 0xFF for b in data[off:off + 4]))
 
 
-@pytest.mark.parametrize("where", ["record", "header"])
+@pytest.mark.parametrize("where", ["record", "header", "zeros"])
 def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path, where):
     """Before the fix `walstore log --json` beside the writer exited 0, listing the
     transactions before the damage only (176 of 800); after the writer was killed the

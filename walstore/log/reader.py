@@ -672,10 +672,11 @@ class LogFollower:
         self._reader: SegmentReader | None = None
         self._fd: int | None = None
         self._offset = SEGMENT_HEADER_SIZE
-        # where the last poll stopped at non-zero bytes that are no record, or at a segment
-        # whose header fails its check (one being copied in, or damage: the caller tells
-        # them apart by the writer's shared mark, ``Follower``): (kind — "corrupt-record"
-        # or "bad-segment" —, reason, segment path, file offset, LSN); None at zeros
+        # where the last poll stopped at bytes that are no record (zeros: the writer's end;
+        # a record being copied in; or damage), or at a segment whose header fails its
+        # check: the caller tells them apart by the writer's shared mark (``Follower``).
+        # (kind — "corrupt-record" or "bad-segment" —, reason, segment path, file offset,
+        # LSN); None when the poll found no segment to read
         self.blocked: tuple[str, str, str, int, int] | None = None
 
     def poll(self, applied: int) -> Iterator[Record]:
@@ -728,7 +729,7 @@ class LogFollower:
                                           reader.file_size, reader.path)
             if reason is not None:
                 moved = self._next_starts_at(lsn)
-                if not moved and bytes(buf[i:i + RECORD_HEADER_SIZE]).strip(b"\0"):
+                if not moved:
                     self.blocked = ("corrupt-record", reason, reader.path, self._offset, lsn)
                 return moved
             end = self._offset + RECORD_HEADER_SIZE + h.length
