@@ -11,7 +11,8 @@ over damaged WAL segments, in a read-only directory.
   writer's shared mark (VISIBLE) says how far it published: bytes short of it that do not
   read as a record, read again, are damage, and the reads now say so (CorruptionError).
   The same of a segment whose header was damaged (the follower waited at it for good),
-  and of a record zeroed (read as the writer's end).
+  of a record zeroed (read as the writer's end), and of a segment deleted (a hole the
+  follower waited at).
 """
 from __future__ import annotations
 
@@ -41,8 +42,12 @@ WRITER = (  # (64 KiB segments, nothing applied nor trimmed: the log is all tail
 
 def _flip(path: str, where: str) -> None:
     """Damage the second segment: 4 bytes flipped 30% into its used part ("record") or
-    in its header ("header"), or 512 bytes there zeroed ("zeros": a lost write)."""
-    seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[1]
+    in its header ("header"), or 512 bytes there zeroed ("zeros": a lost write), or the
+    segment gone ("missing"; "missing-first": the one LMDB's applied LSN lies in)."""
+    seg = sorted(glob.glob(os.path.join(path, "wal", "0*.wal")))[where != "missing-first"]
+    if where.startswith("missing"):
+        os.unlink(seg)
+        return
     with open(seg, "r+b") as f:
         data = f.read()
         off = 8 if where == "header" else int(len(data.rstrip(b"\0")) * 0.3)
@@ -51,7 +56,8 @@ def _flip(path: str, where: str) -> None:
                 else bytes(b ^ 0xFF for b in data[off:off + 4]))
 
 
-@pytest.mark.parametrize("where", ["record", "header", "zeros"])
+@pytest.mark.parametrize("where", ["record", "header", "zeros", "missing",
+                                   "missing-first"])
 def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path, where):
     """Before the fix `walstore log --json` beside the writer exited 0, listing the
     transactions before the damage only (176 of 800); after the writer was killed the
@@ -71,6 +77,7 @@ def test_no_damaged_durable_record_is_read_as_a_live_writers_tail(tmp_path, wher
             r = run_proc(*verb, "--json")
             assert r.returncode == 1, (verb, r.stdout[:300], r.stderr)
             assert "corrupt" in proc_one_line(r)
+            assert ("gap:" in r.stderr) == where.startswith("missing"), r.stderr
             doc = json.loads(r.stdout)
             assert doc["error"]["type"] == "CorruptionError", doc
     finally:

@@ -89,6 +89,7 @@ class Follower:
                 for look in range(DAMAGE_LOOKS + 1):
                     if look:
                         time.sleep(0.02 * look)
+                        applied = self.state.applied_lsn()  # (a segment trimmed meanwhile)
                     upto = self._read_bounded(applied)
                     if (upto is None or self.log.position != stuck
                             or self.log.blocked is None or not self._short_of_mark()):

@@ -675,9 +675,10 @@ class LogFollower:
         # where the last poll stopped at bytes that are no record (zeros: the writer's end;
         # a record being copied in; or damage), or at a segment whose header fails its
         # check: the caller tells them apart by the writer's shared mark (``Follower``).
-        # (kind — "corrupt-record" or "bad-segment" —, reason, segment path, file offset,
-        # LSN); None when the poll found no segment to read
+        # (kind — "corrupt-record", "bad-segment" or "gap" —, reason, segment path, file
+        # offset, LSN); None when the poll found no segment to read
         self.blocked: tuple[str, str, str, int, int] | None = None
+        self._sealed = False  # the last record read is its segment's SEAL
 
     def poll(self, applied: int) -> Iterator[Record]:
         """Yield every whole, valid record past the current position."""
@@ -697,7 +698,12 @@ class LogFollower:
                 continue  # wholly behind us
             if start > self.position:
                 if start > applied:
-                    return False  # a hole we cannot explain: wait for the writer
+                    # a hole we cannot explain: wait for the writer (its mark says whether
+                    # the records in the hole had been published: then they are missing)
+                    self.blocked = ("gap", f"segment starts at LSN {start} but the log read "
+                                    f"reaches only LSN {self.position}: the segment holding "
+                                    f"it is missing", path, 0, self.position)
+                    return False
                 self.skipped_to = start  # trimmed: LMDB holds what we did not read
                 self.position = start
             try:
@@ -713,6 +719,7 @@ class LogFollower:
                 return False
             self.close()
             self._seg, self._reader, self._fd = start, reader, fd
+            self._sealed = False
             self._offset = reader.offset_of(self.position)
             return True
         return False
@@ -730,7 +737,11 @@ class LogFollower:
             if reason is not None:
                 moved = self._next_starts_at(lsn)
                 if not moved:
-                    self.blocked = ("corrupt-record", reason, reader.path, self._offset, lsn)
+                    self.blocked = (
+                        ("gap", f"the segment is sealed: the log goes on at LSN {lsn}, but "
+                                f"no segment starts there", reader.path, self._offset, lsn)
+                        if self._sealed else
+                        ("corrupt-record", reason, reader.path, self._offset, lsn))
                 return moved
             end = self._offset + RECORD_HEADER_SIZE + h.length
             rec = Record(lsn, h.type, bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
@@ -738,7 +749,8 @@ class LogFollower:
                          h.synced_lsn, reader.lsn_at(end), self._offset)
             self._offset = end
             self.position = rec.end_lsn
-            if rec.type != RecordType.SEAL:
+            self._sealed = rec.type == RecordType.SEAL
+            if not self._sealed:
                 yield rec
 
     def _next_starts_at(self, lsn: int) -> bool:
