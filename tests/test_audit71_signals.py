@@ -1,0 +1,138 @@
+"""Audit 71, signal sections (walstore/signals.py): interrupts at a loop's back edge.
+
+CPython runs a pending signal's handler at a function's start, after a call into C
+returns (the points tests/test_interrupt_points.py visits with a profile hook), and also
+at a loop's back edge (a backward jump's check).  The sweep here visits every back edge
+in walstore/signals.py's own frames (a trace hook with opcode events) while a section
+holds two signals a stand-in took, and raises KeyboardInterrupt there: a second handler
+raising while the first's exception is in flight.
+
+- A held signal's handler raising as the section's end gave it its signal, then a Ctrl-C
+  at the give-back's outer loop's back edge (outside its ``try``): the other held signal
+  stayed in the Python list, its handler back in place, and was delivered only when some
+  later section ended -- never, for an idle program (a SIGTERM held while a Ctrl-C came)
+  (``test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted``).
+- The demo's worker unblocked every asynchronous signal where it should take back the
+  mask ``walstore demo`` had before the section it was started in (a supervisor that
+  blocked SIGUSR1 for it saw it unblocked in the worker)
+  (``test_the_demo_worker_keeps_the_mask_its_parent_had_before_the_section``).
+
+Each sweep runs in a process of its own (``_run``: another thread running, so the
+section puts its stand-ins in place; SIGINT's default handler).
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+from walstore.demo import _python_m
+from walstore.signals import deferred
+
+from store_support import cli_env
+from test_audit69_signals import _run
+from test_audit70_signals import _blocked
+
+BACK_EDGES = (
+    "import dis\n"
+    "FILE = signals.__file__\n"
+    "EDGES = {}\n"
+    "def edges(code):  # (offsets of the backward jumps a handler can run at)\n"
+    "    e = EDGES.get(code)\n"
+    "    if e is None:\n"
+    "        e = EDGES[code] = set()\n"
+    "        start = None\n"
+    "        for i in dis.get_instructions(code):  # (a jump's EXTENDED_ARG: its event's)\n"
+    "            if i.opname == 'EXTENDED_ARG':\n"
+    "                start = i.offset if start is None else start\n"
+    "                continue\n"
+    "            if ((i.opcode in dis.hasjrel or i.opcode in dis.hasjabs)\n"
+    "                    and isinstance(i.argval, int) and i.argval < i.offset\n"
+    "                    and 'NO_INTERRUPT' not in i.opname):\n"
+    "                e.add(i.offset if start is None else start)\n"
+    "            start = None\n"
+    "    return e\n"
+    "at = {'k': -1, 'n': 0, 'where': None}\n"
+    "def local(frame, event, arg):\n"
+    "    if event == 'opcode' and at['k'] >= 0 and frame.f_lasti in edges(frame.f_code):\n"
+    "        if at['n'] == at['k']:\n"
+    "            at['where'] = f'{frame.f_code.co_name}:{frame.f_lineno}@{frame.f_lasti}'\n"
+    "            at['k'] = -1\n"
+    "            raise KeyboardInterrupt(at['where'])\n"
+    "        at['n'] += 1\n"
+    "    return local\n"
+    "def tracer(frame, event, arg):  # (signals.py's frames only, opcode by opcode)\n"
+    "    if frame.f_code.co_filename != FILE:\n"
+    "        return None\n"
+    "    frame.f_trace_opcodes = True\n"
+    "    return local\n")
+
+
+def test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted():
+    """Inside a section (stand-ins in place) the process takes SIGUSR1, whose handler
+    raises, and SIGTERM, whose handler counts: both held.  A KeyboardInterrupt is raised
+    at the k-th back edge of signals.py's loops (one per run, k = 0, 1, ... until a run
+    visits them all).  Once the exception is caught and the program idles a moment (no
+    further section), each handler ran exactly once, every program handler is in place,
+    no stand-in is left, nothing is held or pending.  Before the fix, at the
+    give-back's outer back edge after SIGUSR1's handler raised: SIGTERM's handler never
+    ran (``10``), SIGTERM left in ``_HELD`` until a later section's end."""
+    out = _run(BACK_EDGES + (
+        "class Handled(Exception):\n"
+        "    pass\n"
+        "count = {}\n"
+        "def usr1(signum, frame):\n"
+        "    count['USR1'] = count.get('USR1', 0) + 1\n"
+        "    raise Handled\n"
+        "def term(signum, frame):\n"
+        "    count['TERM'] = count.get('TERM', 0) + 1\n"
+        "signal.signal(signal.SIGUSR1, usr1)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "BOTH = {signal.SIGUSR1, signal.SIGTERM}\n"
+        "def taken():  # (noted by a stand-in, or pending in the kernel)\n"
+        "    return BOTH <= set(signals._HELD) | signal.sigpending()\n"
+        "for k in range(300):\n"
+        "    count.clear()\n"
+        "    sent, got = False, '-'\n"
+        "    at.update(k=k, n=0, where=None)\n"
+        "    sys.settrace(tracer)\n"
+        "    try:\n"
+        "        with signals.deferred():\n"
+        "            sent = True\n"
+        "            os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            t = time.monotonic() + 5\n"
+        "            while not taken() and time.monotonic() < t:\n"
+        "                time.sleep(0.001)\n"
+        "    except (KeyboardInterrupt, Handled) as e:\n"
+        "        got = type(e).__name__\n"
+        "    finally:\n"
+        "        sys.settrace(None)\n"
+        "        at['k'] = -1\n"
+        "    for _ in range(5):  # (idle: a handler still due runs here, at once)\n"
+        "        try:\n"
+        "            time.sleep(0.01)\n"
+        "        except Handled:\n"
+        "            got += '+late'\n"
+        "    ok = (signal.getsignal(signal.SIGUSR1) is usr1\n"
+        "          and signal.getsignal(signal.SIGTERM) is term\n"
+        "          and signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "          and all(signal.getsignal(s) is not signals._stand_in for s in signals._FEW))\n"
+        "    left = sorted(set(signals._HELD) | signal.sigpending())\n"
+        "    want = '11' if sent else '00'\n"
+        "    have = f\"{count.get('USR1', 0)}{count.get('TERM', 0)}\"\n"
+        "    verdict = 'OK' if (have == want and ok and not left) else 'BAD'\n"
+        "    print(f\"{verdict}|{at['where']}|{got}|{have}|handlers-{ok}|left-{left}\")\n"
+        "    try:  # (whatever was left, delivered before the next run)\n"
+        "        with signals.deferred():\n"
+        "            pass\n"
+        "        time.sleep(0.01)\n"
+        "    except Handled:\n"
+        "        pass\n"
+        "    if at['where'] is None:\n"
+        "        break\n"))
+    assert out[-1].startswith("OK|None|") and len(out) >= 3, out
+    assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
