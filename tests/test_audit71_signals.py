@@ -34,7 +34,7 @@ from walstore.signals import deferred
 
 from store_support import cli_env
 from test_audit69_signals import _run
-from test_audit70_signals import _blocked
+from test_audit70_signals import CUT, _blocked
 
 BACK_EDGES = (
     "import dis\n"
@@ -136,3 +136,84 @@ def test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted(
         "        break\n"))
     assert out[-1].startswith("OK|None|") and len(out) >= 3, out
     assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
+
+
+def test_a_signal_coming_in_after_a_cut_short_give_back_is_delivered_at_once():
+    """Inside a section (stand-ins in place) another thread sends SIGTERM to the main
+    thread (pending in the kernel, the mask blocks it); the section's give-back is cut
+    at its first line (a handler raising at its call).  The mask comes off all the same,
+    SIGTERM reaches the stand-in still in place, and it must give the handlers back and
+    hand SIGTERM to the program's handler at once (once; no stand-in left).  Before,
+    the stand-in, called inside ``__exit__``, took that for a section's end that would
+    give back and raise what it noted, and returned: ``TERM 0``, the stand-ins left."""
+    out = _run(CUT + (
+        "terms = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: terms.append(s))\n"
+        "main = threading.main_thread().ident\n"
+        "def to_main():\n"
+        "    signal.pthread_kill(main, signal.SIGTERM)\n"
+        "sys.setprofile(cut_hook)\n"
+        "try:\n"
+        "    with signals.deferred():\n"
+        "        t = threading.Thread(target=to_main)\n"
+        "        t.start()\n"
+        "        t.join()\n"
+        "except Cut:\n"
+        "    print('CUT')\n"
+        "sys.setprofile(None)\n"
+        "time.sleep(0.05)\n"
+        "print('TERM', len(terms))\n"
+        "print('HANDLERS', signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+        "      all(signal.getsignal(s) is not signals._stand_in for s in signals._FEW))\n"
+        "with signals.deferred():\n"
+        "    pass\n"
+        "time.sleep(0.05)\n"
+        "print('AFTER', len(terms))\n"))
+    assert out == ["CUT", "TERM", "1", "HANDLERS", "True", "True", "AFTER", "1"], out
+
+
+def test_the_mask_comes_off_when_a_handler_runs_a_section_during_the_give_back():
+    """A section's end gives the handlers back while the signals are still blocked (see
+    the first test); a handler that runs there -- at the give-back's first point, or
+    at any point of its loops -- and ends a section of its own (a commit in a SIGTERM
+    handler) must not leave the main thread's signals blocked.  (Seen while fixing the
+    first: the nested section wrote the blocked mask into the one buffer the ending
+    section then restored -- every Ctrl-C blocked for good.)  Swept over every "call"
+    and "c_return" of the give-back, one per run."""
+    out = _run(
+        "signal.signal(signal.SIGUSR1, lambda s, f: None)\n"
+        "GIVE_BACK = signals._give_back_handlers.__code__\n"
+        "at = {'k': -1, 'n': 0, 'where': None}\n"
+        "def hook(frame, event, arg):  # (a handler that opens and ends a section)\n"
+        "    if at['k'] < 0 or frame.f_code is not GIVE_BACK:\n"
+        "        return\n"
+        "    if event not in ('call', 'c_return'):\n"
+        "        return\n"
+        "    if at['n'] == at['k']:\n"
+        "        at['where'] = event + ':' + getattr(arg, '__name__', '-')\n"
+        "        at['k'] = -1\n"
+        "        with signals.deferred():\n"
+        "            pass\n"
+        "    at['n'] += 1\n"
+        "before = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "main = threading.main_thread().ident\n"
+        "for k in range(200):\n"
+        "    at.update(k=k, n=0, where=None)\n"
+        "    sys.setprofile(hook)\n"
+        "    try:\n"
+        "        with signals.deferred():\n"
+        "            os.kill(os.getpid(), signal.SIGUSR1)  # (noted: a give-back to do)\n"
+        "            t = time.monotonic() + 5\n"
+        "            while not signals._HELD and time.monotonic() < t:\n"
+        "                time.sleep(0.001)\n"
+        "    finally:\n"
+        "        sys.setprofile(None)\n"
+        "        at['k'] = -1\n"
+        "    same = signal.pthread_sigmask(signal.SIG_BLOCK, []) == before\n"
+        "    print(f\"{at['where']}={'clean' if same else 'BLOCKED'}\")\n"
+        "    if not same:\n"
+        "        signal.pthread_sigmask(signal.SIG_SETMASK, before)\n"
+        "    if at['where'] is None:\n"
+        "        break\n")
+    assert out[-1] == "None=clean" and len(out) >= 3, out
+    assert all(p.endswith("=clean") for p in out), out

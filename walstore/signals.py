@@ -17,7 +17,11 @@ SIGILL, SIGABRT, SIGTRAP, SIGSYS) are never blocked.  The mask is the main threa
 signal it blocks goes to another thread if one runs that does not block it, and CPython
 then runs the main thread's handler anyway — so while such threads run
 (``_other_threads``) the section also puts a stand-in in place of the Python handlers,
-which notes the signal, and raises it again at the section's end.
+which notes the signal; the section's end gives the handlers back and raises the noted
+signals again while the mask still blocks them, so the kernel holds them pending and
+they come in with the mask, together: a handler that raises leaves the others to CPython,
+which runs them at its next check, not to a list of ours a second exception could cut
+short.
 
 The same exception can land between a lock's acquisition and the ``with`` block that
 would release it, when the lock is taken through a Python ``__enter__``: a
@@ -241,11 +245,14 @@ def _stand_in(signum: int, frame) -> None:
 
 
 def _ending(frame) -> bool:
-    """Is ``frame`` (where a stand-in's signal landed) inside a section's end?  Asked
-    only by a stand-in outside any section with handlers to give back (never by the
-    commit path)."""
+    """Is ``frame`` (where a stand-in's signal landed) inside a section's give-back?
+    Asked only by a stand-in outside any section with handlers to give back (never by
+    the commit path).  ``__exit__`` alone is not: it gives back before the mask comes
+    off, so a stand-in that takes a signal there found its give-back cut short (taken
+    for an end still to give back, it noted the signal and returned: the signal and the
+    stand-ins stayed)."""
     while frame is not None:
-        if frame.f_code is _ENDS[0] or frame.f_code is _ENDS[1]:
+        if frame.f_code is _END:
             return True
         frame = frame.f_back
     return False
@@ -277,7 +284,8 @@ def _hold_handlers(saved: list) -> None:
 
 def _give_back_handlers(saved: list) -> None:
     """The section ended: the original handlers back, then each signal the stand-in took
-    raised again in this thread (its handler runs at once, just after the section).  A
+    raised again in this thread (from a section's end, its signals still blocked: pending
+    in the kernel, delivered as the mask comes off; from a stand-in, at once).  A
     handler that raises (a Ctrl-C's KeyboardInterrupt: one taken in the section, or one
     landing here, the handlers being back) stops neither: every handler still comes back
     and every signal taken still reaches its handler, then the last exception is raised
@@ -374,22 +382,34 @@ class _Deferred:
         self.depth -= 1
         if not self.depth:
             old, self.old = self.old, None
-            try:
+            try:  # (given back while the signals are still blocked: the noted ones go
+                # back to the kernel, pending, and all come in with the mask below.  After
+                # the mask, a handler raising at the give-back loop's back edge -- a second
+                # Ctrl-C -- left the rest in the list, their handlers back: a SIGTERM the
+                # idle program never got.  Emptied as it is given back: what a handler cut
+                # short before its call is given back at the next section's end, or by the
+                # next signal a stand-in takes)
+                if self.saved or _HELD:
+                    if _LIBC is not None and old is not None:  # (its own copy of the one
+                        # buffer: a handler running in the give-back, the mask still on,
+                        # whose section -- a commit -- began and ended wrote the blocked
+                        # mask into it, restored below: every signal blocked for good)
+                        self.depth = 1  # (a handler at the copy's calls nests: no write)
+                        try:
+                            old = type(old).from_buffer_copy(old)
+                        finally:
+                            self.depth = 0
+                    _give_back_handlers(self.saved)
+            finally:  # (the mask always comes off, whatever a handler raised above)
                 if old is not None:
                     if _LIBC is not None:
                         _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
                     else:
                         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            finally:  # (a handler no stand-in replaced -- a SIGWINCH's -- raising as the
-                # signals came in lost the list: the stand-ins stayed for good, a Ctrl-C
-                # noted and never delivered.  Emptied as it is given back: what a handler
-                # cut short before its call is given back at the next section's end)
-                if self.saved or _HELD:
-                    _give_back_handlers(self.saved)
 
 
 _DEFERRED = _Deferred()
-_ENDS = (_Deferred.__exit__.__code__, _give_back_handlers.__code__)  # (see _ending)
+_END = _give_back_handlers.__code__  # (see _ending)
 
 
 def deferred() -> _Deferred:
