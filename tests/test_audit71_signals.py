@@ -12,6 +12,17 @@ raising while the first's exception is in flight.
   stayed in the Python list, its handler back in place, and was delivered only when some
   later section ended -- never, for an idle program (a SIGTERM held while a Ctrl-C came)
   (``test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted``).
+  Fixed by giving the handlers back and raising the held signals while the mask still
+  blocks them: the kernel keeps them pending, all come in with the mask, and CPython
+  itself runs the rest when one handler raises.
+- With that order, a stand-in taking a signal in ``__exit__`` (the give-back cut short
+  before the mask came off) took it for an end still to give back, and returned: the
+  signal noted, never delivered, stand-ins left
+  (``test_a_signal_coming_in_after_a_cut_short_give_back_is_delivered_at_once``; the
+  same before the fix, the stand-in taking it at the mask's restore) -- and a handler
+  ending a section of its own in the give-back wrote the blocked mask into the one
+  buffer the ending section restored (seen with the first fix, never landed:
+  ``test_the_mask_comes_off_when_a_handler_runs_a_section_during_the_give_back``).
 - The demo's worker unblocked every asynchronous signal where it should take back the
   mask ``walstore demo`` had before the section it was started in (a supervisor that
   blocked SIGUSR1 for it saw it unblocked in the worker)
@@ -22,19 +33,14 @@ section puts its stand-ins in place; SIGINT's default handler).
 """
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 
 import pytest
 
 import walstore
-from walstore.demo import _python_m
-from walstore.signals import deferred
 
-from store_support import cli_env
 from test_audit69_signals import _run
-from test_audit70_signals import CUT, _blocked
+from test_audit70_signals import CUT
 
 BACK_EDGES = (
     "import dis\n"
@@ -217,3 +223,47 @@ def test_the_mask_comes_off_when_a_handler_runs_a_section_during_the_give_back()
         "        break\n")
     assert out[-1] == "None=clean" and len(out) >= 3, out
     assert all(p.endswith("=clean") for p in out), out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/status")
+def test_the_demo_worker_keeps_the_mask_its_parent_had_before_the_section(tmp_path):
+    """``walstore demo`` run with SIGUSR1 blocked (a supervisor's choice, inherited
+    across exec) starts its worker inside a ``deferred()`` section; the worker, between
+    its commits, must run with the demo's mask from before the section: SIGUSR1 still
+    blocked, SIGINT and SIGTERM not.  Before the fix it unblocked every asynchronous
+    signal (``USR1-False``)."""
+    path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger.json")
+    with walstore.open(path) as store, store.transaction() as tx:
+        for key, value in (("plan/steps_done", 0), ("budget/available", 100),
+                           ("budget/spent", 0)):
+            tx.put(key, value)
+    out = _run(
+        "from walstore import demo\n"
+        "def _blocked(pid):  # (SigBlk of /proc/<pid>/status)\n"
+        "    with open(f'/proc/{pid}/status') as f:\n"
+        "        return int([x for x in f if x.startswith('SigBlk:')][0].split()[1], 16)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "masks = []\n"
+        "def watch():  # (the worker's mask, read from /proc while it runs)\n"
+        "    me, t = os.getpid(), time.monotonic() + 20\n"
+        "    while not done.is_set() and time.monotonic() < t:\n"
+        "        for pid in os.listdir('/proc'):\n"
+        "            try:\n"
+        "                with open(f'/proc/{pid}/cmdline', 'rb') as f:\n"
+        "                    if b'--worker' not in f.read():\n"
+        "                        continue\n"
+        "                masks.append(_blocked(int(pid)))\n"
+        "            except (OSError, ValueError):\n"
+        "                pass\n"
+        "        time.sleep(0.002)\n"
+        "done = threading.Event()\n"
+        "threading.Thread(target=watch, daemon=True).start()\n"
+        f"demo._crash_story({path!r}, {ledger!r})\n"
+        "done.set()\n"
+        "bit = lambda s: 1 << (s - 1)\n"
+        "idle = [m for m in masks if not m & bit(signal.SIGINT)]  # (between commits)\n"
+        "print('IDLE-SEEN', bool(idle))\n"
+        "print('USR1', all(m & bit(signal.SIGUSR1) for m in idle))\n"
+        "print('TERM-IN', all(not m & bit(signal.SIGTERM) for m in idle))\n")
+    got = out[out.index("IDLE-SEEN"):]
+    assert got == ["IDLE-SEEN", "True", "USR1", "True", "TERM-IN", "True"], out[-12:]

@@ -294,9 +294,12 @@ def _crash_story(path: str, ledger: str) -> list[dict]:
     try:
         # (deferred: a Ctrl-C while it starts leaves no worker unknown to the finally
         # below, writing to a store being removed; its own session: a terminal's Ctrl-C
-        # reaches the demo alone, which kills it — the worker printed a traceback)
+        # reaches the demo alone, which kills it — the worker printed a traceback.  The
+        # mask before the section goes with it: the worker takes it back)
+        blocked = _blocked_now()
         with deferred():
-            proc = subprocess.Popen(_python_m("walstore.demo", "--worker", path, ledger),
+            proc = subprocess.Popen(_python_m("walstore.demo", "--worker", path, ledger,
+                                              blocked),
                                     stdout=subprocess.PIPE, text=True,
                                     start_new_session=True)
         for line in proc.stdout:
@@ -356,14 +359,28 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
     return 0 if good else 1
 
 
-def _worker(path: str, ledger: str) -> None:
+def _blocked_now() -> str:
+    """The signals this thread blocks, as the worker's last argument ("1,10": numbers;
+    "" none or no masks here)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return ""
+    return ",".join(str(int(s)) for s in sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+def _worker(path: str, ledger: str, blocked: str | None = None) -> None:
     """The child: spend the budget one durable step at a time, ACK after each commit;
     after 40 steps, charge a card and hang before committing (the parent kills it)."""
     # (started inside the parent's ``deferred()`` section: a process keeps the mask it
     # inherits across exec, and the worker ran with every asynchronous signal blocked --
-    # ``kill`` and a Ctrl-C never reached it)
+    # ``kill`` and a Ctrl-C never reached it.  It takes back the mask the parent had
+    # before the section (``blocked``), so a signal the demo's own parent blocked stays
+    # blocked, as in any child; none given, every asynchronous signal let in)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
+        if blocked is None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNCHRONOUS)
+        else:
+            signal.pthread_sigmask(signal.SIG_SETMASK,
+                                   {int(s) for s in blocked.split(",") if s})
     store = walstore.open(path)
     for _ in range(40):
         with store.transaction(meta={"agent": "worker"}) as tx:
@@ -381,7 +398,7 @@ def _worker(path: str, ledger: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--worker":
+        _worker(*sys.argv[2:])
     else:
         sys.exit(run_demo(sys.argv[1] if len(sys.argv) > 1 else None))
