@@ -250,7 +250,7 @@ def test_the_demo_worker_keeps_the_mask_its_parent_had_before_the_section(tmp_pa
         "        for pid in os.listdir('/proc'):\n"
         "            try:\n"
         "                with open(f'/proc/{pid}/cmdline', 'rb') as f:\n"
-        "                    if b'--worker' not in f.read():\n"
+        "                    if pid == str(me) or b'\\0--worker\\0' not in f.read():\n"
         "                        continue\n"
         "                masks.append(_blocked(int(pid)))\n"
         "            except (OSError, ValueError):\n"
