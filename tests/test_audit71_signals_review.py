@@ -1,0 +1,109 @@
+"""Audit 71, review of helper 1's signal change (walstore/signals.py, 9a96c1f).
+
+9a96c1f has a section's end give the handlers back and raise the noted signals while the
+mask still blocks them, so a handler that raises leaves the other held signals to
+CPython (pending in the kernel) rather than to ``_HELD``, which a second exception at
+the give-back loop's back edge could leave stranded.  A stand-in that takes a signal
+outside any section, after a section's end was cut short, runs the same give-back: it
+still raised the held signals with the mask off, one handler at a time.
+
+- A section's give-back cut short (stand-ins left, SIGUSR1 and SIGTERM held); then the
+  idle program takes SIGUSR2, whose stand-in gives everything back: SIGUSR1's handler
+  raised, and a Ctrl-C at the give-back's outer back edge left SIGTERM in ``_HELD``,
+  the handlers back -- never delivered to the idle program
+  (``test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted``).
+
+Each runs in a process of its own (``_run``: another thread running, so the section puts
+its stand-ins in place).
+"""
+from __future__ import annotations
+
+from test_audit69_signals import _run
+from test_audit70_signals import CUT
+from test_audit71_signals import BACK_EDGES
+
+# the helper's sweep with a Ctrl-C's effect at the back edge: whatever SIGINT's handler
+# is then runs (its stand-in, still in place, notes it -- a KeyboardInterrupt raised
+# there would be one no Ctrl-C could raise)
+RAISE = "            raise KeyboardInterrupt(at['where'])\n"
+assert RAISE in BACK_EDGES
+CTRL_C_AT_BACK_EDGES = BACK_EDGES.replace(
+    RAISE, "            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)\n"
+           "            return local\n")
+
+
+def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted():
+    """A section holds SIGUSR1 (its handler raises) and SIGTERM (its handler counts);
+    its give-back is cut at its first line, so both stay held and the stand-ins stay.
+    The idle program then takes SIGUSR2, whose stand-in gives the handlers back and
+    the held signals to them, while a Ctrl-C lands at the k-th back edge of signals.py's
+    loops (one per run: SIGINT's handler then runs there).  After a moment idle (no further section) each
+    handler ran exactly once, no stand-in is left, nothing held or pending.  Before the
+    fix, at the give-back's outer back edge after SIGUSR1's handler raised: ``10``,
+    SIGTERM left in ``_HELD``."""
+    out = _run(CUT + CTRL_C_AT_BACK_EDGES + (
+        "class Handled(Exception):\n"
+        "    pass\n"
+        "count = {}\n"
+        "def usr1(signum, frame):\n"
+        "    count['USR1'] = count.get('USR1', 0) + 1\n"
+        "    raise Handled\n"
+        "def term(signum, frame):\n"
+        "    count['TERM'] = count.get('TERM', 0) + 1\n"
+        "def usr2(signum, frame):\n"
+        "    count['USR2'] = count.get('USR2', 0) + 1\n"
+        "signal.signal(signal.SIGUSR1, usr1)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "signal.signal(signal.SIGUSR2, usr2)\n"
+        "BOTH = {signal.SIGUSR1, signal.SIGTERM}\n"
+        "for k in range(300):\n"
+        "    count.clear()\n"
+        "    sys.setprofile(cut_hook)\n"
+        "    try:\n"
+        "        with signals.deferred():\n"
+        "            os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            t = time.monotonic() + 5\n"
+        "            while not BOTH <= set(signals._HELD) and time.monotonic() < t:\n"
+        "                time.sleep(0.001)\n"
+        "    except Cut:\n"
+        "        pass\n"
+        "    finally:\n"
+        "        sys.setprofile(None)\n"
+        "    held = BOTH <= set(signals._HELD)\n"
+        "    at.update(k=k, n=0, where=None)\n"
+        "    got = []\n"
+        "    for step in range(6):  # (then idle: a handler still due runs here, at once;\n"
+        "        try:  # two raising handlers, the second at the first's except: nested)\n"
+        "            try:\n"
+        "                if step == 0:\n"
+        "                    sys.settrace(tracer)\n"
+        "                    signal.raise_signal(signal.SIGUSR2)  # (its stand-in gives back)\n"
+        "                else:\n"
+        "                    time.sleep(0.01)\n"
+        "            except (KeyboardInterrupt, Handled) as e:\n"
+        "                got.append(type(e).__name__)\n"
+        "            finally:\n"
+        "                sys.settrace(None)\n"
+        "                at['k'] = -1\n"
+        "        except (KeyboardInterrupt, Handled) as e:\n"
+        "            got.append(type(e).__name__)\n"
+        "    got = '+'.join(got) or '-'\n"
+        "    ok = (signal.getsignal(signal.SIGUSR1) is usr1\n"
+        "          and signal.getsignal(signal.SIGTERM) is term\n"
+        "          and signal.getsignal(signal.SIGUSR2) is usr2\n"
+        "          and all(signal.getsignal(s) is not signals._stand_in for s in signals._FEW))\n"
+        "    left = ','.join(str(int(s)) for s in sorted(set(signals._HELD) | signal.sigpending()))\n"
+        "    have = f\"{count.get('USR1', 0)}{count.get('TERM', 0)}{count.get('USR2', 0)}\"\n"
+        "    verdict = 'OK' if (held and have == '111' and ok and not left) else 'BAD'\n"
+        "    print(f\"{verdict}|{at['where']}|{got}|{have}|handlers-{ok}|left-{left}\")\n"
+        "    try:  # (whatever was left, delivered before the next run)\n"
+        "        with signals.deferred():\n"
+        "            pass\n"
+        "        time.sleep(0.01)\n"
+        "    except Handled:\n"
+        "        pass\n"
+        "    if at['where'] is None:\n"
+        "        break\n"))
+    assert out[-1].startswith("OK|None|") and len(out) >= 3, out
+    assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
