@@ -44,6 +44,7 @@ and holds these to account.
 """
 from __future__ import annotations
 
+import _signal
 import os
 import signal
 import sys
@@ -229,7 +230,7 @@ def _stand_in(signum: int, frame) -> None:
         # its give-back's first line: they stayed in place, and this signal was noted and
         # delivered only when some later section ended, a Ctrl-C of the idle program lost
         # meanwhile): given back now, this signal raised again with any the section noted
-        _give_back_handlers(_DEFERRED.saved)
+        _give_back_blocked(_DEFERRED.saved)
         return
     # in place outside any section, never to be given back (a program read it with
     # ``signal.getsignal`` inside a section and put it back after it): the handler it
@@ -284,8 +285,8 @@ def _hold_handlers(saved: list) -> None:
 
 def _give_back_handlers(saved: list) -> None:
     """The section ended: the original handlers back, then each signal the stand-in took
-    raised again in this thread (from a section's end, its signals still blocked: pending
-    in the kernel, delivered as the mask comes off; from a stand-in, at once).  A
+    raised again in this thread (its signals still blocked, by a section's end or by
+    ``_give_back_blocked``: pending in the kernel, delivered as the mask comes off).  A
     handler that raises (a Ctrl-C's KeyboardInterrupt: one taken in the section, or one
     landing here, the handlers being back) stops neither: every handler still comes back
     and every signal taken still reaches its handler, then the last exception is raised
@@ -319,6 +320,38 @@ def _give_back_handlers(saved: list) -> None:
                 # end or the next signal a stand-in takes)
     if raised is not None:
         raise raised
+
+
+def _give_back_blocked(saved: list) -> None:
+    """A stand-in's give-back, outside any section: as at a section's end, with the
+    signals blocked, so the noted ones go back to the kernel, pending, and come in
+    together as the mask comes off.  (With the mask off, a held handler raised in the
+    give-back, then a Ctrl-C at its loop's back edge -- SIGINT's handler back by then --
+    left the rest in ``_HELD``, every handler back: never delivered to the idle
+    program.)  A mask buffer of its own: the one buffer may be a section's, still to be
+    restored (a stand-in taking a signal in a section's ``__exit__`` or ``__enter__``)."""
+    if _LIBC is not None:
+        fn, block, _ = _LIBC
+        old = type(block)()
+        try:  # (no point a handler runs at between here and the call's return)
+            fn(0, block, old)  # SIG_BLOCK
+            _give_back_handlers(saved)
+        finally:
+            fn(2, old, None)  # SIG_SETMASK (the noted signals come in here)
+    elif _CAN_BLOCK:  # (the C calls: ``signal.pthread_sigmask`` is a Python function,
+        # whose call raised RecursionError where a stand-in took a signal a few frames
+        # short of the limit -- the mask's restore never made: blocked for good)
+        old = None
+        try:
+            old = _signal.pthread_sigmask(signal.SIG_BLOCK, _FEW)
+            _give_back_handlers(saved)
+        finally:  # (``old`` None: a pending handler raised in the block's call)
+            if old is not None:
+                _signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            else:
+                _signal.pthread_sigmask(signal.SIG_UNBLOCK, _FEW)
+    else:
+        _give_back_handlers(saved)
 
 
 def _give_back_one(sig: int) -> None:
