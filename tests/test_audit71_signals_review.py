@@ -12,12 +12,17 @@ still raised the held signals with the mask off, one handler at a time.
   raised, and a Ctrl-C at the give-back's outer back edge left SIGTERM in ``_HELD``,
   the handlers back -- never delivered to the idle program
   (``test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted``).
+  The give-back with the signals blocked, where ctypes is not, takes ``_signal``'s C call
+  (``test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_is_delivered_with_the_stdlib_masks``).
 
 Each runs in a process of its own (``_run``: another thread running, so the section puts
 its stand-ins in place).
 """
 from __future__ import annotations
 
+import pytest
+
+import test_audit70_review_signals
 from test_audit69_signals import _run
 from test_audit70_signals import CUT
 from test_audit71_signals import BACK_EDGES
@@ -32,7 +37,14 @@ CTRL_C_AT_BACK_EDGES = BACK_EDGES.replace(
            "            return local\n")
 
 
-def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted():
+# the masks set by the stdlib's call (``signal.pthread_sigmask``, as where ctypes is not):
+# the few signals programs install handlers for
+STDLIB = "signals._LIBC = None\nsignals._CHECK_SIGNALS = None\n"
+
+
+@pytest.mark.parametrize("masks", ["ctypes", "stdlib"])
+def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted(
+        masks):
     """A section holds SIGUSR1 (its handler raises) and SIGTERM (its handler counts);
     its give-back is cut at its first line, so both stay held and the stand-ins stay.
     The idle program then takes SIGUSR2, whose stand-in gives the handlers back and
@@ -41,7 +53,7 @@ def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edg
     handler ran exactly once, no stand-in is left, nothing held or pending.  Before the
     fix, at the give-back's outer back edge after SIGUSR1's handler raised: ``10``,
     SIGTERM left in ``_HELD``."""
-    out = _run(CUT + CTRL_C_AT_BACK_EDGES + (
+    out = _run((STDLIB if masks == "stdlib" else "") + CUT + CTRL_C_AT_BACK_EDGES + (
         "class Handled(Exception):\n"
         "    pass\n"
         "count = {}\n"
@@ -107,3 +119,15 @@ def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edg
         "        break\n"))
     assert out[-1].startswith("OK|None|") and len(out) >= 3, out
     assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
+
+
+def test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_is_delivered_with_the_stdlib_masks(
+        monkeypatch):
+    """test_audit70_review_signals's deep-recursion sweep with the stdlib's mask calls
+    (where ctypes is not): a stand-in gives the handlers back, with the signals blocked,
+    a few frames short of the recursion limit.  (``signal.pthread_sigmask`` is a Python
+    function: its call raised RecursionError there -- the restore never made, the mask
+    left blocked and every later Ctrl-C with it: ``none``.  Seen with a first version of
+    the fix, never landed.)"""
+    monkeypatch.setattr(test_audit70_review_signals, "_run", lambda code: _run(STDLIB + code))
+    test_audit70_review_signals.test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_does_not_hang()
