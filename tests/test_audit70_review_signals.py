@@ -27,13 +27,12 @@ from test_audit70_signals import CUT
 
 
 def test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered():
-    """A SIGUSR1 pending as a section ends, and another handler raises at the first
-    point of a stand-in's frame walk; then, after a section cut short (stand-ins left),
-    one taken by the stand-in of the idle program, cut the same way.  Each is delivered
-    once (at the section's end, or by the next signal).  Before the fix: ``0`` both
-    times (the signal dropped before it was noted).  Since audit 71 a section's end
-    gives the handlers back before the mask comes off: the first SIGUSR1 goes to the
-    program's handler, no stand-in takes it and no walk is cut (no first ``CUT``)."""
+    """A SIGUSR1 taken by its stand-in as a section ends (let in by the mask's restore,
+    the stand-ins still in place), and another handler raises at the first point of the
+    stand-in's frame walk; then, after a section cut short (stand-ins left), one taken
+    by the stand-in of the idle program, cut the same way.  Each is delivered once (at
+    the section's end, or by the next signal).  Before the fix: ``0`` both times (the
+    signal dropped before it was noted)."""
     out = _run(CUT + (
         "count = [0]\n"
         "def mine(signum, frame):\n"
@@ -69,7 +68,7 @@ def test_a_signal_whose_stand_in_is_cut_at_its_walk_is_still_delivered():
         "ok = (signal.getsignal(signal.SIGUSR1) is mine and not signals._HELD\n"
         "      and signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
         "print('BACK', ok)\n"))
-    assert out == ["END", "1", "CUT", "CUT", "IDLE", "1", "BACK", "True"], out
+    assert out == ["CUT", "END", "1", "CUT", "CUT", "IDLE", "1", "BACK", "True"], out
 
 
 def test_a_child_interrupted_in_its_fork_hook_takes_its_ctrl_c_not_the_parents_signal():

@@ -14,6 +14,12 @@ still raised the held signals with the mask off, one handler at a time.
   (``test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edge_is_interrupted``).
   The give-back with the signals blocked, where ctypes is not, takes ``_signal``'s C call
   (``test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_is_delivered_with_the_stdlib_masks``).
+- 9a96c1f kept the mask on through a section's give-back: a signal sent to the process
+  inside the section was taken meanwhile by another thread, and its handler ran in the
+  main thread only at its next GIL switch -- after the section, at some later point of
+  the program (``test_a_ctrl_c_inside_a_section_is_raised_as_it_ends_not_after``).  The
+  mask now comes off first, as before 9a96c1f, and the give-back blocks the signals again
+  around itself (``_give_back_blocked``).
 
 Each runs in a process of its own (``_run``: another thread running, so the section puts
 its stand-ins in place).
@@ -131,3 +137,38 @@ def test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_is_delivered_with_the_
     the fix, never landed.)"""
     monkeypatch.setattr(test_audit70_review_signals, "_run", lambda code: _run(STDLIB + code))
     test_audit70_review_signals.test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_does_not_hang()
+
+
+def test_a_ctrl_c_inside_a_section_is_raised_as_it_ends_not_after():
+    """With another thread waiting in a read (as an xdist worker's I/O thread), the
+    process sends itself SIGINT inside a section, 150 times: its KeyboardInterrupt must
+    come out of the ``with`` statement -- "the interrupt arrives just after the
+    section" -- not at some later point of the code after it (at most 2 late: a trip
+    the other thread took inside the section).  9a96c1f kept the mask on while the
+    section's end gave the handlers back: the other thread, not blocking SIGINT, took
+    the signal meanwhile, and CPython runs a handler whose signal another thread took
+    only at the main thread's next GIL switch or explicit check -- here at a later
+    ``time.sleep``: 0 to 15 late of 150 here, load permitting -- the test fails 2 runs
+    in 3 on 9a96c1f (177 of 1,000 in a probe, 0 to 2 before it and after the fix);
+    test_audit69_review_signals's pin test, run in a process with an I/O thread, failed
+    1 time in 5 that way, and crashed an xdist worker with the late KeyboardInterrupt."""
+    out = _run(
+        "r, w = os.pipe()  # (a thread waiting in a read, as an xdist worker's I/O thread)\n"
+        "threading.Thread(target=os.read, args=(r, 1), daemon=True).start()\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "late = 0\n"
+        "for i in range(150):\n"
+        "    try:\n"
+        "        try:\n"
+        "            with signals.deferred():\n"
+        "                os.kill(os.getpid(), signal.SIGINT)\n"
+        "            at_end = False\n"
+        "        except KeyboardInterrupt:\n"
+        "            at_end = True\n"
+        "        for _ in range(200):  # (a trip still due lands here)\n"
+        "            time.sleep(0.0001)\n"
+        "    except KeyboardInterrupt:\n"
+        "        at_end = False\n"
+        "    late += not at_end\n"
+        "print('LATE', late)\n")
+    assert out[0] == "LATE" and int(out[1]) <= 2, out
