@@ -17,11 +17,12 @@ SIGILL, SIGABRT, SIGTRAP, SIGSYS) are never blocked.  The mask is the main threa
 signal it blocks goes to another thread if one runs that does not block it, and CPython
 then runs the main thread's handler anyway — so while such threads run
 (``_other_threads``) the section also puts a stand-in in place of the Python handlers,
-which notes the signal; the section's end gives the handlers back and raises the noted
-signals again while the mask still blocks them, so the kernel holds them pending and
-they come in with the mask, together: a handler that raises leaves the others to CPython,
-which runs them at its next check, not to a list of ours a second exception could cut
-short.
+which notes the signal; the section's end lets the signals in (one sent to the process
+inside it comes in there, to this thread, not later through another), then gives the
+handlers back and raises the noted signals with the signals blocked again, so the kernel
+holds them pending and they come in with the mask, together: a handler that raises
+leaves the others to CPython, which runs them at its next check, not to a list of ours a
+second exception could cut short.
 
 The same exception can land between a lock's acquisition and the ``with`` block that
 would release it, when the lock is taken through a Python ``__enter__``: a
@@ -248,10 +249,10 @@ def _stand_in(signum: int, frame) -> None:
 def _ending(frame) -> bool:
     """Is ``frame`` (where a stand-in's signal landed) inside a section's give-back?
     Asked only by a stand-in outside any section with handlers to give back (never by
-    the commit path).  ``__exit__`` alone is not: it gives back before the mask comes
-    off, so a stand-in that takes a signal there found its give-back cut short (taken
-    for an end still to give back, it noted the signal and returned: the signal and the
-    stand-ins stayed)."""
+    the commit path).  ``__exit__`` alone is not: a stand-in that takes a signal there
+    (at the mask's restore, or as a give-back cut short lets the signals in) gives back
+    itself -- taken for an end still to give back, it noted the signal and returned
+    after a give-back cut short: the signal and the stand-ins stayed."""
     while frame is not None:
         if frame.f_code is _END:
             return True
@@ -323,13 +324,14 @@ def _give_back_handlers(saved: list) -> None:
 
 
 def _give_back_blocked(saved: list) -> None:
-    """A stand-in's give-back, outside any section: as at a section's end, with the
-    signals blocked, so the noted ones go back to the kernel, pending, and come in
-    together as the mask comes off.  (With the mask off, a held handler raised in the
-    give-back, then a Ctrl-C at its loop's back edge -- SIGINT's handler back by then --
-    left the rest in ``_HELD``, every handler back: never delivered to the idle
-    program.)  A mask buffer of its own: the one buffer may be a section's, still to be
-    restored (a stand-in taking a signal in a section's ``__exit__`` or ``__enter__``)."""
+    """A give-back (a section's end, once its mask is off; a stand-in's, outside any
+    section) with the signals blocked, so the noted ones go back to the kernel, pending,
+    and come in together as the mask comes off.  (With the mask off, a held handler
+    raised in the give-back, then a Ctrl-C at its loop's back edge -- SIGINT's handler
+    back by then -- left the rest in ``_HELD``, every handler back: never delivered to
+    the idle program.)  A mask buffer of its own: the one buffer may be a section's,
+    still to be restored (a stand-in taking a signal in a section's ``__enter__``), and a
+    handler running in the give-back may begin and end a section (a commit)."""
     if _LIBC is not None:
         fn, block, _ = _LIBC
         old = type(block)()
@@ -415,30 +417,23 @@ class _Deferred:
         self.depth -= 1
         if not self.depth:
             old, self.old = self.old, None
-            try:  # (given back while the signals are still blocked: the noted ones go
-                # back to the kernel, pending, and all come in with the mask below.  After
-                # the mask, a handler raising at the give-back loop's back edge -- a second
-                # Ctrl-C -- left the rest in the list, their handlers back: a SIGTERM the
-                # idle program never got.  Emptied as it is given back: what a handler cut
-                # short before its call is given back at the next section's end, or by the
-                # next signal a stand-in takes)
-                if self.saved or _HELD:
-                    if _LIBC is not None and old is not None:  # (its own copy of the one
-                        # buffer: a handler running in the give-back, the mask still on,
-                        # whose section -- a commit -- began and ended wrote the blocked
-                        # mask into it, restored below: every signal blocked for good)
-                        self.depth = 1  # (a handler at the copy's calls nests: no write)
-                        try:
-                            old = type(old).from_buffer_copy(old)
-                        finally:
-                            self.depth = 0
-                    _give_back_handlers(self.saved)
-            finally:  # (the mask always comes off, whatever a handler raised above)
+            try:
                 if old is not None:
                     if _LIBC is not None:
                         _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
                     else:
                         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            finally:  # (a handler no stand-in replaced -- a SIGWINCH's -- raising as the
+                # signals came in lost the list: the stand-ins stayed for good, a Ctrl-C
+                # noted and never delivered.  Emptied as it is given back: what a handler
+                # cut short before its call is given back at the next section's end.
+                # With the signals blocked again, not kept blocked through it: the mask
+                # comes off at once, so a signal sent to the process in the section comes
+                # in here, to this thread -- kept on through the give-back, another
+                # thread took it meanwhile and its handler ran after the section, at
+                # some later point of the program, 1 time in 5 with an I/O thread)
+                if self.saved or _HELD:
+                    _give_back_blocked(self.saved)
 
 
 _DEFERRED = _Deferred()
