@@ -1169,6 +1169,7 @@ class Transaction:
             self._check_decision_in_doubt()
             try:
                 lsn = self._hooks.commit_prepared(self.gid)
+                self._finish(COMMITTED)  # (inside: an interrupt at its call left it "active")
             except CommitOutcomeUnknown:
                 # the COMMIT's fsync failed: as a plain commit's, the outcome is for the
                 # next open to decide (it stayed "active", and a rollback then said
@@ -1183,7 +1184,11 @@ class Transaction:
                     raise
                 raise UnknownGid(f"prepared transaction {self.gid!r} was already decided "
                                  f"by another caller: it is {self.state}", self.gid) from e
-            self._finish(COMMITTED)
+            except BaseException:  # (an interrupt once its COMMIT was appended -- at the
+                # applier's wake-up -- left it "active", decided "commit": an atomic
+                # group's coordinator open beside its committed participants)
+                self._finish_as_decided()
+                raise
             self.lsn = LSN(lsn)
             return self.lsn
         if self._request is not None and self._committed_request() is not None:
