@@ -53,6 +53,24 @@ CUT = (
     "    sys.setprofile(None)\n")
 
 
+
+def give_back_hook(action: str) -> str:
+    """A child's profile hook: at the k-th "call" or "c_return" of the give-back
+    (``GIVE_BACK``), once, ``action`` (indented lines: what a handler does there); where
+    it acted in ``at['where']``."""
+    return ("at = {'k': -1, 'n': 0, 'where': None}\n"
+            "def hook(frame, event, arg):\n"
+            "    if at['k'] < 0 or frame.f_code is not GIVE_BACK:\n"
+            "        return\n"
+            "    if event not in ('call', 'c_return'):\n"
+            "        return\n"
+            "    if at['n'] == at['k']:\n"
+            "        at['where'] = event + ':' + getattr(arg, '__name__', '-')\n"
+            "        at['k'] = -1\n"
+            + action +
+            "    at['n'] += 1\n")
+
+
 def test_a_ctrl_c_after_a_cut_short_section_end_is_delivered_at_once():
     """An exception lands at the first line of the section end's give-back (the profile
     hook raises at its "call"): the stand-ins stay.  A Ctrl-C after it must raise
@@ -92,17 +110,7 @@ def test_a_noted_signal_is_delivered_once_wherever_a_handler_cuts_the_end_short(
         "def mine(signum, frame):\n"
         "    count[0] += 1\n"
         "signal.signal(signal.SIGUSR1, mine)\n"
-        "at = {'k': -1, 'n': 0, 'where': None}\n"
-        "def hook(frame, event, arg):\n"
-        "    if at['k'] < 0 or frame.f_code is not GIVE_BACK:\n"
-        "        return\n"
-        "    if event not in ('call', 'c_return'):\n"
-        "        return\n"
-        "    if at['n'] == at['k']:\n"
-        "        at['where'] = event + ':' + getattr(arg, '__name__', '-')\n"
-        "        at['k'] = -1\n"
-        "        raise Cut\n"
-        "    at['n'] += 1\n"
+        + give_back_hook("        raise Cut\n") +
         "main = threading.main_thread().ident\n"
         "for k in range(200):\n"
         "    count[0] = 0\n"

@@ -12,12 +12,14 @@ raising while the first's exception is in flight.
   stayed in the Python list, its handler back in place, and was delivered only when some
   later section ended -- never, for an idle program (a SIGTERM held while a Ctrl-C came)
   (``test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted``).
-  Fixed by giving the handlers back and raising the held signals while the mask still
-  blocks them: the kernel keeps them pending, all come in with the mask, and CPython
-  itself runs the rest when one handler raises.
-- With that order, a stand-in taking a signal in ``__exit__`` (the give-back cut short
-  before the mask came off) took it for an end still to give back, and returned: the
-  signal noted, never delivered, stand-ins left
+  Fixed by giving the handlers back and raising the held signals with the signals
+  blocked (``_give_back_blocked``: the section's own mask comes off first, then the
+  give-back blocks them again): the kernel keeps them pending, all come in as the mask
+  comes off, and CPython itself runs the rest when one handler raises.  (A first version
+  kept the section's mask on through the give-back: a signal sent inside the section
+  was then taken by another thread and ran late -- tests/test_audit71_signals_review.py.)
+- A stand-in taking a signal in ``__exit__`` (a give-back cut short) took it for an end
+  still to give back, and returned: the signal noted, never delivered, stand-ins left
   (``test_a_signal_coming_in_after_a_cut_short_give_back_is_delivered_at_once``; the
   same before the fix, the stand-in taking it at the mask's restore) -- and a handler
   ending a section of its own in the give-back wrote the blocked mask into the one
@@ -40,7 +42,7 @@ import pytest
 import walstore
 
 from test_audit69_signals import _run
-from test_audit70_signals import CUT
+from test_audit70_signals import give_back_hook, CUT
 
 BACK_EDGES = (
     "import dis\n"
@@ -77,6 +79,37 @@ BACK_EDGES = (
     "    return local\n")
 
 
+
+# a back-edge sweep child's handlers: SIGUSR1's counts and raises, SIGTERM's counts
+COUNTING_HANDLERS = (
+    "class Handled(Exception):\n"
+    "    pass\n"
+    "count = {}\n"
+    "def usr1(signum, frame):\n"
+    "    count['USR1'] = count.get('USR1', 0) + 1\n"
+    "    raise Handled\n"
+    "def term(signum, frame):\n"
+    "    count['TERM'] = count.get('TERM', 0) + 1\n")
+
+# the end of each run of a back-edge sweep's child (its verdict line, whatever was left
+# delivered before the next run, the sweep's end once a run visited every point)
+NEXT_RUN = (
+    "    print(f\"{verdict}|{at['where']}|{got}|{have}|handlers-{ok}|left-{left}\")\n"
+    "    try:  # (whatever was left, delivered before the next run)\n"
+    "        with signals.deferred():\n"
+    "            pass\n"
+    "        time.sleep(0.01)\n"
+    "    except Handled:\n"
+    "        pass\n"
+    "    if at['where'] is None:\n"
+    "        break\n")
+
+
+def assert_every_run_ok(out: list) -> None:
+    assert out[-1].startswith("OK|None|") and len(out) >= 3, out
+    assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
+
+
 def test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted():
     """Inside a section (stand-ins in place) the process takes SIGUSR1, whose handler
     raises, and SIGTERM, whose handler counts: both held.  A KeyboardInterrupt is raised
@@ -87,14 +120,7 @@ def test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted(
     give-back's outer back edge after SIGUSR1's handler raised: SIGTERM's handler never
     ran (``10``), SIGTERM left in ``_HELD`` until a later section's end."""
     out = _run(BACK_EDGES + (
-        "class Handled(Exception):\n"
-        "    pass\n"
-        "count = {}\n"
-        "def usr1(signum, frame):\n"
-        "    count['USR1'] = count.get('USR1', 0) + 1\n"
-        "    raise Handled\n"
-        "def term(signum, frame):\n"
-        "    count['TERM'] = count.get('TERM', 0) + 1\n"
+        COUNTING_HANDLERS +
         "signal.signal(signal.SIGUSR1, usr1)\n"
         "signal.signal(signal.SIGTERM, term)\n"
         "BOTH = {signal.SIGUSR1, signal.SIGTERM}\n"
@@ -131,17 +157,8 @@ def test_a_held_signal_is_delivered_at_once_wherever_a_back_edge_is_interrupted(
         "    want = '11' if sent else '00'\n"
         "    have = f\"{count.get('USR1', 0)}{count.get('TERM', 0)}\"\n"
         "    verdict = 'OK' if (have == want and ok and not left) else 'BAD'\n"
-        "    print(f\"{verdict}|{at['where']}|{got}|{have}|handlers-{ok}|left-{left}\")\n"
-        "    try:  # (whatever was left, delivered before the next run)\n"
-        "        with signals.deferred():\n"
-        "            pass\n"
-        "        time.sleep(0.01)\n"
-        "    except Handled:\n"
-        "        pass\n"
-        "    if at['where'] is None:\n"
-        "        break\n"))
-    assert out[-1].startswith("OK|None|") and len(out) >= 3, out
-    assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
+        + NEXT_RUN))
+    assert_every_run_ok(out)
 
 
 def test_a_signal_coming_in_after_a_cut_short_give_back_is_delivered_at_once():
@@ -189,18 +206,9 @@ def test_the_mask_comes_off_when_a_handler_runs_a_section_during_the_give_back()
     out = _run(
         "signal.signal(signal.SIGUSR1, lambda s, f: None)\n"
         "GIVE_BACK = signals._give_back_handlers.__code__\n"
-        "at = {'k': -1, 'n': 0, 'where': None}\n"
-        "def hook(frame, event, arg):  # (a handler that opens and ends a section)\n"
-        "    if at['k'] < 0 or frame.f_code is not GIVE_BACK:\n"
-        "        return\n"
-        "    if event not in ('call', 'c_return'):\n"
-        "        return\n"
-        "    if at['n'] == at['k']:\n"
-        "        at['where'] = event + ':' + getattr(arg, '__name__', '-')\n"
-        "        at['k'] = -1\n"
-        "        with signals.deferred():\n"
-        "            pass\n"
-        "    at['n'] += 1\n"
+        + give_back_hook("        with signals.deferred():  # (a handler that opens and "
+                         "ends a section)\n"
+                         "            pass\n") +
         "before = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
         "main = threading.main_thread().ident\n"
         "for k in range(200):\n"

@@ -31,7 +31,7 @@ import pytest
 import test_audit70_review_signals
 from test_audit69_signals import _run
 from test_audit70_signals import CUT
-from test_audit71_signals import BACK_EDGES
+from test_audit71_signals import BACK_EDGES, COUNTING_HANDLERS, NEXT_RUN, assert_every_run_ok
 
 # the helper's sweep with a Ctrl-C's effect at the back edge: whatever SIGINT's handler
 # is then runs (its stand-in, still in place, notes it -- a KeyboardInterrupt raised
@@ -60,14 +60,7 @@ def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edg
     fix, at the give-back's outer back edge after SIGUSR1's handler raised: ``10``,
     SIGTERM left in ``_HELD``."""
     out = _run((STDLIB if masks == "stdlib" else "") + CUT + CTRL_C_AT_BACK_EDGES + (
-        "class Handled(Exception):\n"
-        "    pass\n"
-        "count = {}\n"
-        "def usr1(signum, frame):\n"
-        "    count['USR1'] = count.get('USR1', 0) + 1\n"
-        "    raise Handled\n"
-        "def term(signum, frame):\n"
-        "    count['TERM'] = count.get('TERM', 0) + 1\n"
+        COUNTING_HANDLERS +
         "def usr2(signum, frame):\n"
         "    count['USR2'] = count.get('USR2', 0) + 1\n"
         "signal.signal(signal.SIGUSR1, usr1)\n"
@@ -114,17 +107,8 @@ def test_a_held_signal_given_back_by_a_stand_in_is_delivered_wherever_a_back_edg
         "    left = ','.join(str(int(s)) for s in sorted(set(signals._HELD) | signal.sigpending()))\n"
         "    have = f\"{count.get('USR1', 0)}{count.get('TERM', 0)}{count.get('USR2', 0)}\"\n"
         "    verdict = 'OK' if (held and have == '111' and ok and not left) else 'BAD'\n"
-        "    print(f\"{verdict}|{at['where']}|{got}|{have}|handlers-{ok}|left-{left}\")\n"
-        "    try:  # (whatever was left, delivered before the next run)\n"
-        "        with signals.deferred():\n"
-        "            pass\n"
-        "        time.sleep(0.01)\n"
-        "    except Handled:\n"
-        "        pass\n"
-        "    if at['where'] is None:\n"
-        "        break\n"))
-    assert out[-1].startswith("OK|None|") and len(out) >= 3, out
-    assert all(line.startswith("OK|") for line in out), [p for p in out if "BAD" in p]
+        + NEXT_RUN))
+    assert_every_run_ok(out)
 
 
 def test_a_ctrl_c_in_deep_recursion_after_a_cut_short_end_is_delivered_with_the_stdlib_masks(
