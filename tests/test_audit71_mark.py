@@ -1,0 +1,69 @@
+"""Audit 71: the writer's shared mark (``<store>/VISIBLE``) and a read-only process's log
+read agree: a reader raises CorruptionError only where the log really stops short of what
+the writer published (walstore/engine/follower.py, ``_short_of_mark``).
+
+A rotation whose new segment was made and named, and then could not be opened (EMFILE,
+ENFILE), removes it again (``WriteAheadLog._withdraw``) and the writer goes on in the old
+segment, where that segment's SEAL would have been.  A reader that read in between had
+already moved to the new segment's start (an unsealed segment followed by one starting
+SEAL_RECORD_SIZE later is a rotation cut short: ``LogFollower._next_starts_at``): it then
+sat in the removed file, past the records the writer appended in the old segment."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import walstore
+from tools.faults import FaultBackend, installed
+
+KiB = 1024
+
+
+def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
+    """Seen before the fix: the reader opened before the failed rotation raised
+    CorruptionError ("zeros ...; the writer published the log past it") on every read
+    from the writer's next commits on, while the log was sound (a fresh open read it
+    all); before audit 71 it showed none of those commits, for good."""
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb), walstore.open(path, durability="full",
+                                      segment_size=256 * KiB) as w:
+        with w.transaction() as tx:
+            tx.put("first", 1)
+        r = walstore.open(path, readonly=True)
+        try:
+            assert r.get("first") == 1
+            wal = w._engine.wal
+            i = 0
+            while wal.writer.room() > 8 * KiB:  # near the segment's end
+                with w.transaction() as tx:
+                    tx.put(f"fill{i}", "v" * 2000)
+                i += 1
+            read_between = []
+
+            def emfile():  # the new segment is named now: a reader reads, then it fails
+                read_between.append(r.get("first"))
+                return OSError(errno.EMFILE, "Too many open files")
+
+            rotations = wal.rotations
+            fb.fail("open", path="*[0-9].wal", raises=emfile)
+            with pytest.raises(walstore.WalstoreError):
+                with w.transaction() as tx:
+                    tx.put("big", "b" * (16 * KiB))  # needs the next segment
+            assert read_between == [1] and wal.rotations == rotations
+            for j in range(5):  # small: they fit in the old segment, where its SEAL was due
+                with w.transaction() as tx:
+                    tx.put(f"after{j}", j)
+            assert [r.get(f"after{j}") for j in range(5)] == list(range(5))
+            with walstore.open(path, readonly=True) as fresh:
+                assert fresh.get("after4") == 4
+            # the next rotation (made this time) is followed too
+            with w.transaction() as tx:
+                tx.put("big", "b" * (16 * KiB))
+            assert wal.rotations == rotations + 1
+            with w.transaction() as tx:
+                tx.put("last", 1)
+            assert r.get("big") == "b" * (16 * KiB) and r.get("last") == 1
+        finally:
+            r.close()
