@@ -679,6 +679,10 @@ class LogFollower:
         # offset, LSN); None when the poll found no segment to read
         self.blocked: tuple[str, str, str, int, int] | None = None
         self._sealed = False  # the last record read is its segment's SEAL
+        # (the LSN where a segment ended unsealed, the start of the successor read from
+        # since): while nothing is read there, the successor may be a rotation the writer
+        # withdrew (see ``_withdrawn``)
+        self._jumped: tuple[int, int] | None = None
 
     def poll(self, applied: int) -> Iterator[Record]:
         """Yield every whole, valid record past the current position."""
@@ -735,6 +739,8 @@ class LogFollower:
             h, reason, buf, i = check_at(src, self._offset, reader.salt, lsn,
                                           reader.file_size, reader.path)
             if reason is not None:
+                if self._jumped is not None and self._withdrawn(lsn):
+                    return True
                 moved = self._next_starts_at(lsn)
                 if not moved:
                     self.blocked = (
@@ -758,11 +764,33 @@ class LogFollower:
         if later and later[0] in (lsn, lsn + SEAL_RECORD_SIZE):
             self.close()  # (sealed, or a rotation cut short before its SEAL: a crash
             self.position = later[0]  # image; the log goes on where the SEAL would end)
+            self._jumped = None if later[0] == lsn else (lsn, later[0])
             return True
         if later and not os.path.exists(self._reader.path):
             self.close()  # our segment was trimmed under us
             return True
         return False
+
+    def _withdrawn(self, lsn: int) -> bool:
+        """At ``lsn``, no record: is this segment, reached from its predecessor's unsealed
+        end and read nothing from, one the writer withdrew (made and named, then it could
+        not open it: ``WriteAheadLog._withdraw`` removed it, and the writer goes on in the
+        old segment where its SEAL was due)?  Then the read goes back there.  (It sat in
+        the removed file, past every record appended after: it showed none of them, and
+        raised CorruptionError once the writer's mark passed its position — audit 71.)
+        One fstat, only while nothing was read past such a jump."""
+        back, to = self._jumped
+        if lsn != to or self._seg != to:  # (a record read here: the rotation was made)
+            self._jumped = None
+            return False
+        try:
+            if os.fstat(self._fd).st_nlink:
+                return False
+        except OSError:
+            return False
+        self.close()
+        self.position, self._jumped = back, None
+        return True
 
     def close(self) -> None:
         if self._fd is not None:
