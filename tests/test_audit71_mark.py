@@ -67,3 +67,66 @@ def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
             assert r.get("big") == "b" * (16 * KiB) and r.get("last") == 1
         finally:
             r.close()
+
+
+def test_a_record_whose_fsync_failed_is_shown_by_no_reader_after_a_close(tmp_path):
+    """A restore point made by a thread that passed its writable check before another
+    thread's close() began is appended after the close's checkpoint synced the log; its
+    fsync fails (the caller is told CommitOutcomeUnknown: "whether it was made is
+    unknown").  Seen before the fix: the close then shared ``max(written_lsn,
+    published)`` as its mark — past that record — and a reader opened before the close
+    listed the restore point as made, while the writer had hid it (visible.py: nothing
+    whose fsync failed is shown before the next writer's recovery decides)."""
+    import threading
+
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    w = walstore.open(path, durability="full")
+    eng = w._engine
+    with w.transaction() as tx:
+        tx.put("k", 1)
+    r = walstore.open(path, readonly=True)
+    try:
+        assert r.get("k") == 1 and r.restore_points() == {}
+        in_gap, go = threading.Event(), threading.Event()
+        room = eng.wait_for_room
+
+        def paused():  # (log_event: checked writable, then room, then the append)
+            in_gap.set()
+            assert go.wait(5)
+            room()
+
+        eng.wait_for_room = paused
+        told = []
+
+        def make_point():
+            try:
+                w.restore_point("p")
+                told.append("made")
+            except walstore.WalstoreError as e:
+                told.append(type(e).__name__)
+
+        t = threading.Thread(target=make_point)
+        t.start()
+        assert in_gap.wait(5)
+        fired = []
+
+        def at_final_sync(_path):  # the close's last LMDB sync, right before its mark
+            if fired or not (eng.closed and eng.wal.bytes_since_checkpoint == 0):
+                return
+            fired.append(1)
+            fb.fail("fdatasync", path="*[0-9].wal")  # the point's own fsync fails
+            go.set()
+            t.join(5)
+
+        rule = fb.fail_lmdb("sync", times=None)
+        rule.effect = at_final_sync
+        with installed(fb):
+            w.close()
+        t.join(5)
+        assert fired and told == ["CommitOutcomeUnknown"], (fired, told)
+        assert r.restore_points() == {}
+        assert r.get("k") == 1
+    finally:
+        r.close()
+        w.close()
