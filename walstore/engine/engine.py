@@ -1286,7 +1286,11 @@ class Engine:
                 self.applier.set_meta(b"open", 0, txid_reserved=next(self._txids))
                 self.state.sync()
                 if self.shared_mark is not None:  # everything logged is decided: all shown
-                    self.shared_mark.set(max(self.wal.written_lsn, self.memtable.published))
+                    # (up to what the checkpoint synced: a record another thread appended
+                    # since — one that passed its writable check before this close began —
+                    # is shown once its own fsync returns, never when it failed; the log's
+                    # written end showed it to readers then, audit 71)
+                    self.shared_mark.set(max(self.wal.synced_lsn, self.memtable.published))
             elif not self.readonly and self.wal is not None and self.wal.failed is None:
                 # stopped by an error not the log's (LMDB, a background error): the log
                 # is sound, and the flusher is stopped above.  Without this fsync the

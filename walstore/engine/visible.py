@@ -27,7 +27,8 @@ Lifecycle (the writer, :class:`SharedMark`): created or taken over right after t
 recovery positioned the log, before anything is appended (a crashed writer's mark may lie
 past the end of a log a power loss cut, so it is reset first, with a new generation); then
 set on every publication (``MemTable.publish``, one call: two word stores); set to the
-log's end at a clean close.  A killed writer leaves its last mark: what it never
+log's end as the clean close's checkpoint synced it (never past a synced record: one
+appended meanwhile is shown once its own fsync returns).  A killed writer leaves its last mark: what it never
 published stays hidden until the next writer's recovery decides it — in the boot it ran
 in.  A reader opened with no writer alive judges the log first (a strict dry-run
 recovery); a torn pair then counts as its stored mark word (the writer died between its
