@@ -220,8 +220,7 @@ class Follower:
             restart = self.state.applied_lsn()
             if mt.events:
                 restart = max(restart, mt.events[-1].end)
-        self.log.close()
-        self.log.position = restart
+        self.log.restart(restart)
         self._assembler = records.CommitAssembler()
         self._held = False
 

@@ -696,6 +696,13 @@ class LogFollower:
 
     def _open(self, applied: int) -> bool:
         segs = list_segments(self.wal_dir)
+        if self._jumped is not None and self.position == self._jumped[1] \
+                and all(s != self.position for s, _p in segs):
+            # the successor moved to is gone before it was opened: withdrawn (see
+            # ``_withdrawn``; trimmed, the segments after it are reached from either).
+            # Read at its start, the old segment was read inside the records the writer
+            # went on appending there: CorruptionError on a sound log (audit 71 review)
+            self.position, self._jumped = self._jumped[0], None
         for i, (start, path) in enumerate(segs):
             nxt = segs[i + 1][0] if i + 1 < len(segs) else None
             if nxt is not None and nxt <= self.position:
@@ -714,6 +721,9 @@ class LogFollower:
                 reader = SegmentReader(path, self.store_id, start)
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
+                if self._jumped is not None and start == self._jumped[1]:
+                    self.position, self._jumped = self._jumped[0], None  # (removed
+                    return self._open(applied)  # since listed: as above, once)
                 continue
             if reader.header_error or reader.file_size <= SEGMENT_HEADER_SIZE:
                 os.close(fd)
@@ -791,6 +801,11 @@ class LogFollower:
         self.close()
         self.position, self._jumped = back, None
         return True
+
+    def restart(self, lsn: int) -> None:
+        """Read again from ``lsn`` (a new writer generation: ``Follower._restart``)."""
+        self.close()
+        self.position, self._jumped = lsn, None
 
     def close(self) -> None:
         if self._fd is not None:
