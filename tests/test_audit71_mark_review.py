@@ -130,12 +130,13 @@ def test_a_reader_opened_before_a_clean_close_shows_every_commit(tmp_path, durab
 @pytest.mark.parametrize("durability", ["none", "full"])
 def test_a_commit_acknowledged_beside_a_clean_close_is_shown_by_readers(tmp_path,
                                                                        durability):
-    """A commit of another thread, past its writable check before close() began, is
-    appended and acknowledged while the close shares its final mark.  Seen before the
+    """A restore point made by another thread, past its writable check before close()
+    began, is appended and acknowledged while the close shares its final mark.  Seen before the
     fix: the close stored the mark it had computed before that commit published (the
     synced end, or the written end before audit 71's change: the same race), over the
     commit's own publication — the shared mark moved back, and a reader opened before
-    the close never showed the acknowledged commit (nor anything past the old mark)."""
+    the close never listed the acknowledged restore point (nor showed anything past the
+    old mark)."""
     path = str(tmp_path / "s")
     w = walstore.open(path, durability=durability)
     eng = w._engine
@@ -165,21 +166,33 @@ def test_a_commit_acknowledged_beside_a_clean_close_is_shown_by_readers(tmp_path
         t = threading.Thread(target=racing)
         t.start()
         assert in_gap.wait(5)
-        mark = eng.shared_mark
-        real_set = mark.set
+        closing, armed, fired = threading.current_thread(), [], []
 
-        def close_sets(value):  # the close's own store, its value computed: the racing
-            go.set()            # commit runs to its acknowledgement in between
-            t.join(5)
-            real_set(value)
+        def at_final_sync(_path):  # the close's last LMDB sync, right before its mark
+            if not armed and eng.closed and eng.wal.bytes_since_checkpoint == 0:
+                armed.append(1)
 
-        mark.set = close_sets  # (the commit publishes through MemTable.share, unhooked)
-        w.close()
+        def racing_commit_runs():  # the close's mark computed, not yet stored: the
+            if armed and not fired and threading.current_thread() is closing:  # racing
+                fired.append(1)  # commit runs to its acknowledgement in between
+                go.set()
+                t.join(5)
+
+        mark, journal = eng.shared_mark, eng.journal
+        real_set, real_publish = mark.set, journal.publish
+        # (the racing commit publishes through MemTable.share and the WAL's after_sync,
+        # bound before: unhooked; the close's own store goes through either)
+        mark.set = lambda v: (racing_commit_runs(), real_set(v))
+        journal.publish = lambda v: (racing_commit_runs(), real_publish(v))
+        fb = FaultBackend()
+        rule = fb.fail_lmdb("sync", times=None)
+        rule.effect = at_final_sync
+        with installed(fb):
+            w.close()
         go.set()
         t.join(5)
-        assert len(told) == 1, told
-        if told == ["made"]:
-            assert list(r.restore_points()) == ["p"]
+        assert fired and told == ["made"], (fired, told)
+        assert list(r.restore_points()) == ["p"]
         assert r.get("k") == 1
     finally:
         r.close()
