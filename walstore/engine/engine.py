@@ -1289,8 +1289,11 @@ class Engine:
                     # (up to what the checkpoint synced: a record another thread appended
                     # since — one that passed its writable check before this close began —
                     # is shown once its own fsync returns, never when it failed; the log's
-                    # written end showed it to readers then, audit 71)
-                    self.shared_mark.set(max(self.wal.synced_lsn, self.memtable.published))
+                    # written end showed it to readers then, audit 71.  Published, not
+                    # stored: under the publication lock, never down — a value computed
+                    # before such a record's own publication, stored after it, moved the
+                    # shared mark back and hid that acknowledged record for good)
+                    self.journal.publish(self.wal.synced_lsn)
             elif not self.readonly and self.wal is not None and self.wal.failed is None:
                 # stopped by an error not the log's (LMDB, a background error): the log
                 # is sound, and the flusher is stopped above.  Without this fsync the
