@@ -3,7 +3,9 @@ bytes (an erasure's proof), one key of a copy read through a read-only open, and
 CLI run as a real process of this checkout (tests/test_purge.py,
 test_replication_pitr.py, test_replication_follow_*.py), or as a process the store's mode
 bits deny writes (the read-only opens); a commit recording its outcome
-and a background thread run beside worker threads (the concurrency tests); a real
+and a background thread run beside worker threads (the concurrency tests); a writer's
+segment filled to its end, and a restore point held racing close() (the shared mark's
+tests); a real
 writer process killed -9 at the line it prints, and its store reopened shipping on (the
 crash tests of a replica)."""
 from __future__ import annotations
@@ -97,6 +99,49 @@ def commit_recording_outcome(s, key, value, outcome: dict) -> None:
         outcome[key] = "ok"
     except BaseException as e:  # noqa: BLE001 - the test sorts them out
         outcome[key] = e
+
+
+def fill_to_the_segment_end(w, room: int = 8 << 10) -> None:
+    """Commit 2 KB values into writer ``w`` until its WAL segment has less than ``room``
+    bytes left (the next bigger commit rotates)."""
+    wal = w._engine.wal
+    i = 0
+    while wal.writer.room() > room:
+        with w.transaction() as tx:
+            tx.put(f"fill{i}", "v" * 2000)
+        i += 1
+
+
+def restore_point_racing_close(w, name: str = "p"):
+    """A thread making restore point ``name`` in writer ``w``, held past its writable
+    check, before its append (``log_event`` waits for room there, always), as a thread
+    that began before another one's close() is.  Returns (thread, go, told) once it is
+    held: ``go.set()`` lets it on; ``told`` gets "made" or the error's type name."""
+    import threading
+
+    eng = w._engine
+    held, go = threading.Event(), threading.Event()
+    room = eng.wait_for_room
+
+    def paused():
+        held.set()
+        assert go.wait(5)
+        room()
+
+    eng.wait_for_room = paused
+    told: list = []
+
+    def make_point():
+        try:
+            w.restore_point(name)
+            told.append("made")
+        except walstore.WalstoreError as e:
+            told.append(type(e).__name__)
+
+    t = threading.Thread(target=make_point)
+    t.start()
+    assert held.wait(5)
+    return t, go, told
 
 
 def run_beside(workers: list, background, stop) -> None:

@@ -15,6 +15,7 @@ import errno
 import pytest
 
 import walstore
+from store_support import fill_to_the_segment_end, restore_point_racing_close
 from tools.faults import FaultBackend, installed
 
 KiB = 1024
@@ -35,11 +36,7 @@ def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
         try:
             assert r.get("first") == 1
             wal = w._engine.wal
-            i = 0
-            while wal.writer.room() > 8 * KiB:  # near the segment's end
-                with w.transaction() as tx:
-                    tx.put(f"fill{i}", "v" * 2000)
-                i += 1
+            fill_to_the_segment_end(w)
             read_between = []
 
             def emfile():  # the new segment is named now: a reader reads, then it fails
@@ -77,8 +74,6 @@ def test_a_record_whose_fsync_failed_is_shown_by_no_reader_after_a_close(tmp_pat
     published)`` as its mark — past that record — and a reader opened before the close
     listed the restore point as made, while the writer had hid it (visible.py: nothing
     whose fsync failed is shown before the next writer's recovery decides)."""
-    import threading
-
     path = str(tmp_path / "s")
     fb = FaultBackend()
     w = walstore.open(path, durability="full")
@@ -88,27 +83,7 @@ def test_a_record_whose_fsync_failed_is_shown_by_no_reader_after_a_close(tmp_pat
     r = walstore.open(path, readonly=True)
     try:
         assert r.get("k") == 1 and r.restore_points() == {}
-        in_gap, go = threading.Event(), threading.Event()
-        room = eng.wait_for_room
-
-        def paused():  # (log_event: checked writable, then room, then the append)
-            in_gap.set()
-            assert go.wait(5)
-            room()
-
-        eng.wait_for_room = paused
-        told = []
-
-        def make_point():
-            try:
-                w.restore_point("p")
-                told.append("made")
-            except walstore.WalstoreError as e:
-                told.append(type(e).__name__)
-
-        t = threading.Thread(target=make_point)
-        t.start()
-        assert in_gap.wait(5)
+        t, go, told = restore_point_racing_close(w)
         fired = []
 
         def at_final_sync(_path):  # the close's last LMDB sync, right before its mark

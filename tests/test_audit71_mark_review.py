@@ -14,18 +14,10 @@ import pytest
 
 import walstore
 from walstore.log import reader as log_reader
+from store_support import fill_to_the_segment_end, restore_point_racing_close
 from tools.faults import FaultBackend, installed
 
 KiB = 1024
-
-
-def _fill_to_the_segment_end(w) -> None:
-    wal = w._engine.wal
-    i = 0
-    while wal.writer.room() > 8 * KiB:
-        with w.transaction() as tx:
-            tx.put(f"fill{i}", "v" * 2000)
-        i += 1
 
 
 def test_a_reader_follows_a_withdrawn_rotation_it_saw_named_but_found_gone(
@@ -45,7 +37,7 @@ def test_a_reader_follows_a_withdrawn_rotation_it_saw_named_but_found_gone(
         r = walstore.open(path, readonly=True)
         try:
             assert r.get("first") == 1
-            _fill_to_the_segment_end(w)
+            fill_to_the_segment_end(w)
             before = {p for _s, p in log_reader.list_segments(w._engine.wal.dir)}
             named, listed = threading.Event(), threading.Event()
 
@@ -180,10 +172,10 @@ def test_a_reader_opened_before_a_clean_close_shows_every_commit(tmp_path, durab
 def test_a_commit_acknowledged_beside_a_clean_close_is_shown_by_readers(tmp_path,
                                                                        durability):
     """A restore point made by another thread, past its writable check before close()
-    began, is appended and acknowledged while the close shares its final mark.  Seen before the
-    fix: the close stored the mark it had computed before that commit published (the
-    synced end, or the written end before audit 71's change: the same race), over the
-    commit's own publication — the shared mark moved back, and a reader opened before
+    began, is appended and acknowledged while the close shares its final mark.  Seen
+    before the fix: the close stored the mark it had computed before that point was
+    published (the synced end, or the written end before audit 71's change: the same
+    race), over the point's own publication — the shared mark moved back, and a reader opened before
     the close never listed the acknowledged restore point (nor showed anything past the
     old mark)."""
     path = str(tmp_path / "s")
@@ -194,27 +186,7 @@ def test_a_commit_acknowledged_beside_a_clean_close_is_shown_by_readers(tmp_path
     r = walstore.open(path, readonly=True)
     try:
         assert r.get("k") == 1 and r.restore_points() == {}
-        in_gap, go = threading.Event(), threading.Event()
-        room = eng.wait_for_room
-
-        def paused():  # (past its writable check, before its append)
-            in_gap.set()
-            assert go.wait(5)
-            room()
-
-        eng.wait_for_room = paused
-        told = []
-
-        def racing():  # (a restore point: its log_event waits for room unconditionally)
-            try:
-                w.restore_point("p")
-                told.append("made")
-            except walstore.WalstoreError as e:
-                told.append(type(e).__name__)
-
-        t = threading.Thread(target=racing)
-        t.start()
-        assert in_gap.wait(5)
+        t, go, told = restore_point_racing_close(w)
         closing, armed, fired = threading.current_thread(), [], []
 
         def at_final_sync(_path):  # the close's last LMDB sync, right before its mark
