@@ -97,8 +97,8 @@ def test_a_reader_polling_beside_withdrawn_rotations_shows_every_commit(tmp_path
     """Rotations withdrawn twice in a row (the same segment named, removed, named again,
     removed), others made, checkpoints trimming, while a reader thread reads without
     pause.  Seen before the fix: CorruptionError ("bad record magic; the writer published
-    the log past it") in most runs (3 of 4 at bd076cf) — the reader moved to a new segment between the
-    writer naming and removing it."""
+    the log past it") in most runs (3 of 4 at bd076cf) — the reader moved to a new
+    segment between the writer naming and removing it."""
     path = str(tmp_path / "s")
     fb = FaultBackend()
     errors, stop = [], threading.Event()
@@ -175,9 +175,9 @@ def test_a_commit_acknowledged_beside_a_clean_close_is_shown_by_readers(tmp_path
     began, is appended and acknowledged while the close shares its final mark.  Seen
     before the fix: the close stored the mark it had computed before that point was
     published (the synced end, or the written end before audit 71's change: the same
-    race), over the point's own publication — the shared mark moved back, and a reader opened before
-    the close never listed the acknowledged restore point (nor showed anything past the
-    old mark)."""
+    race), over the point's own publication — the shared mark moved back, and a reader
+    opened before the close never listed the acknowledged restore point (nor showed
+    anything past the old mark)."""
     path = str(tmp_path / "s")
     w = walstore.open(path, durability=durability)
     eng = w._engine
