@@ -30,8 +30,8 @@ set on every publication (``MemTable.publish``, one call: two word stores); at a
 close, published up to the log's end as its checkpoint synced it (never past a synced
 record: one appended meanwhile is shown once its own fsync returns; never down).  A killed
 writer leaves its last mark: what it never published stays hidden until the next writer's
-recovery decides it — in the boot it ran in.  A reader opened with no writer alive judges the log first (a strict dry-run
-recovery); a torn pair then counts as its stored mark word (the writer died between its
+recovery decides it — in the boot it ran in.  A reader opened with no writer alive
+judges the log first (a strict dry-run recovery); a torn pair then counts as its stored mark word (the writer died between its
 two stores), and a file made before this boot (``made_in_an_earlier_boot``) bounds
 nothing: every record in the log is on disk, the mark is what a power loss left
 (``Follower``: its dead generation).  The generation tells readers
