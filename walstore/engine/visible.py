@@ -30,13 +30,13 @@ set on every publication (``MemTable.publish``, one call: two word stores); at a
 close, published up to the log's end as its checkpoint synced it (never past a synced
 record: one appended meanwhile is shown once its own fsync returns; never down).  A killed
 writer leaves its last mark: what it never published stays hidden until the next writer's
-recovery decides it — in the boot it ran in.  A reader opened with no writer alive
-judges the log first (a strict dry-run recovery); a torn pair then counts as its stored mark word (the writer died between its
-two stores), and a file made before this boot (``made_in_an_earlier_boot``) bounds
-nothing: every record in the log is on disk, the mark is what a power loss left
-(``Follower``: its dead generation).  The generation tells readers
-that a new writer began: the records past their own mark that they read before may be a
-tail that recovery cut and the new writer overwrote, so they read them again.
+recovery decides it — in the boot it ran in.  A reader opened with no writer alive judges
+the log first (a strict dry-run recovery); a torn pair then counts as its stored mark word
+(the writer died between its two stores), and a file made before this boot
+(``made_in_an_earlier_boot``) bounds nothing: every record in the log is on disk, the mark
+is what a power loss left (``Follower``: its dead generation).  The generation tells
+readers that a new writer began: the records past their own mark that they read before may
+be a tail that recovery cut and the new writer overwrote, so they read them again.
 
 No file (a store whose writers predate it, a copy, a backup): readers show every whole
 record, as before.  A file that is not 32 bytes starting with MAGIC counts as none.
