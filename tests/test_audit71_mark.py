@@ -10,6 +10,8 @@ SEAL_RECORD_SIZE later is a rotation cut short: ``LogFollower._next_starts_at``)
 sat in the removed file, past the records the writer appended in the old segment."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import errno
 
 import pytest
@@ -21,12 +23,12 @@ from tools.faults import FaultBackend, installed
 KiB = 1024
 
 
-def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
-    """Seen before the fix: the reader opened before the failed rotation raised
-    CorruptionError ("zeros ...; the writer published the log past it") on every read
-    from the writer's next commits on, while the log was sound (a fresh open read it
-    all); before audit 71 it showed none of those commits, for good."""
-    path = str(tmp_path / "s")
+@contextmanager
+def writer_and_reader_at_a_segment_end(path: str):
+    """A durability="full" writer (256 KiB segments) under a FaultBackend, one commit
+    (``first`` = 1), a read-only store opened beside it that read it, then the writer's
+    segment filled to its end (the next big commit rotates): yields (backend, writer,
+    reader); the reader is closed, then the writer."""
     fb = FaultBackend()
     with installed(fb), walstore.open(path, durability="full",
                                       segment_size=256 * KiB) as w:
@@ -35,35 +37,45 @@ def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
         r = walstore.open(path, readonly=True)
         try:
             assert r.get("first") == 1
-            wal = w._engine.wal
             fill_to_the_segment_end(w)
-            read_between = []
-
-            def emfile():  # the new segment is named now: a reader reads, then it fails
-                read_between.append(r.get("first"))
-                return OSError(errno.EMFILE, "Too many open files")
-
-            rotations = wal.rotations
-            fb.fail("open", path="*[0-9].wal", raises=emfile)
-            with pytest.raises(walstore.WalstoreError):
-                with w.transaction() as tx:
-                    tx.put("big", "b" * (16 * KiB))  # needs the next segment
-            assert read_between == [1] and wal.rotations == rotations
-            for j in range(5):  # small: they fit in the old segment, where its SEAL was due
-                with w.transaction() as tx:
-                    tx.put(f"after{j}", j)
-            assert [r.get(f"after{j}") for j in range(5)] == list(range(5))
-            with walstore.open(path, readonly=True) as fresh:
-                assert fresh.get("after4") == 4
-            # the next rotation (made this time) is followed too
-            with w.transaction() as tx:
-                tx.put("big", "b" * (16 * KiB))
-            assert wal.rotations == rotations + 1
-            with w.transaction() as tx:
-                tx.put("last", 1)
-            assert r.get("big") == "b" * (16 * KiB) and r.get("last") == 1
+            yield fb, w, r
         finally:
             r.close()
+
+
+def test_a_reader_follows_a_rotation_the_writer_withdrew(tmp_path):
+    """Seen before the fix: the reader opened before the failed rotation raised
+    CorruptionError ("zeros ...; the writer published the log past it") on every read
+    from the writer's next commits on, while the log was sound (a fresh open read it
+    all); before audit 71 it showed none of those commits, for good."""
+    path = str(tmp_path / "s")
+    with writer_and_reader_at_a_segment_end(path) as (fb, w, r):
+        wal = w._engine.wal
+        read_between = []
+
+        def emfile():  # the new segment is named now: a reader reads, then it fails
+            read_between.append(r.get("first"))
+            return OSError(errno.EMFILE, "Too many open files")
+
+        rotations = wal.rotations
+        fb.fail("open", path="*[0-9].wal", raises=emfile)
+        with pytest.raises(walstore.WalstoreError):
+            with w.transaction() as tx:
+                tx.put("big", "b" * (16 * KiB))  # needs the next segment
+        assert read_between == [1] and wal.rotations == rotations
+        for j in range(5):  # small: they fit in the old segment, where its SEAL was due
+            with w.transaction() as tx:
+                tx.put(f"after{j}", j)
+        assert [r.get(f"after{j}") for j in range(5)] == list(range(5))
+        with walstore.open(path, readonly=True) as fresh:
+            assert fresh.get("after4") == 4
+        # the next rotation (made this time) is followed too
+        with w.transaction() as tx:
+            tx.put("big", "b" * (16 * KiB))
+        assert wal.rotations == rotations + 1
+        with w.transaction() as tx:
+            tx.put("last", 1)
+        assert r.get("big") == "b" * (16 * KiB) and r.get("last") == 1
 
 
 def test_a_record_whose_fsync_failed_is_shown_by_no_reader_after_a_close(tmp_path):

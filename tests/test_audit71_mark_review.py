@@ -14,7 +14,8 @@ import pytest
 
 import walstore
 from walstore.log import reader as log_reader
-from store_support import fill_to_the_segment_end, restore_point_racing_close
+from store_support import restore_point_racing_close
+from test_audit71_mark import writer_and_reader_at_a_segment_end
 from tools.faults import FaultBackend, installed
 
 KiB = 1024
@@ -29,68 +30,58 @@ def test_a_reader_follows_a_withdrawn_rotation_it_saw_named_but_found_gone(
     the writer went on appending there — and raised CorruptionError ("bad record magic;
     the writer published the log past it") on a sound log, at every read."""
     path = str(tmp_path / "s")
-    fb = FaultBackend()
-    with installed(fb), walstore.open(path, durability="full",
-                                      segment_size=256 * KiB) as w:
-        with w.transaction() as tx:
-            tx.put("first", 1)
-        r = walstore.open(path, readonly=True)
-        try:
-            assert r.get("first") == 1
-            fill_to_the_segment_end(w)
-            before = {p for _s, p in log_reader.list_segments(w._engine.wal.dir)}
-            named, listed = threading.Event(), threading.Event()
+    with writer_and_reader_at_a_segment_end(path) as (fb, w, r):
+        before = {p for _s, p in log_reader.list_segments(w._engine.wal.dir)}
+        named, listed = threading.Event(), threading.Event()
 
-            def emfile():  # the new segment is named: wait for the reader's listing
-                named.set()
-                assert listed.wait(5)
-                return OSError(errno.EMFILE, "Too many open files")
+        def emfile():  # the new segment is named: wait for the reader's listing
+            named.set()
+            assert listed.wait(5)
+            return OSError(errno.EMFILE, "Too many open files")
 
-            real = log_reader.list_segments
-            seen = []
+        real = log_reader.list_segments
+        seen = []
 
-            def listing(wal_dir):  # the reader's: the second listing naming the new
-                out = real(wal_dir)  # segment (the open after the move) returns only
-                new = [p for _s, p in out if p not in before]  # once it was removed
-                if new:
-                    seen.append(new[0])
-                    if len(seen) == 2:
-                        listed.set()
-                        deadline = time.monotonic() + 5
-                        while os.path.exists(new[0]) and time.monotonic() < deadline:
-                            time.sleep(0.001)
-                return out
+        def listing(wal_dir):  # the reader's: the second listing naming the new
+            out = real(wal_dir)  # segment (the open after the move) returns only
+            new = [p for _s, p in out if p not in before]  # once it was removed
+            if new:
+                seen.append(new[0])
+                if len(seen) == 2:
+                    listed.set()
+                    deadline = time.monotonic() + 5
+                    while os.path.exists(new[0]) and time.monotonic() < deadline:
+                        time.sleep(0.001)
+            return out
 
-            fb.fail("open", path="*[0-9].wal", raises=emfile)
-            told = []
+        fb.fail("open", path="*[0-9].wal", raises=emfile)
+        told = []
 
-            def big():
-                try:
-                    with w.transaction() as tx:
-                        tx.put("big", "b" * (16 * KiB))  # needs the next segment
-                    told.append("made")
-                except walstore.WalstoreError as e:
-                    told.append(type(e).__name__)
-
-            t = threading.Thread(target=big)
-            t.start()
-            assert named.wait(5)
-            monkeypatch.setattr(log_reader, "list_segments", listing)
-            assert r.get("first") == 1
-            monkeypatch.setattr(log_reader, "list_segments", real)
-            t.join(5)
-            assert len(seen) >= 2 and told == ["WalWriteError"], (seen, told)
-            for j in range(5):  # small: in the old segment, where its SEAL was due
+        def big():
+            try:
                 with w.transaction() as tx:
-                    tx.put(f"after{j}", j)
-            assert [r.get(f"after{j}") for j in range(5)] == list(range(5))
+                    tx.put("big", "b" * (16 * KiB))  # needs the next segment
+                told.append("made")
+            except walstore.WalstoreError as e:
+                told.append(type(e).__name__)
+
+        t = threading.Thread(target=big)
+        t.start()
+        assert named.wait(5)
+        monkeypatch.setattr(log_reader, "list_segments", listing)
+        assert r.get("first") == 1
+        monkeypatch.setattr(log_reader, "list_segments", real)
+        t.join(5)
+        assert len(seen) >= 2 and told == ["WalWriteError"], (seen, told)
+        for j in range(5):  # small: in the old segment, where its SEAL was due
             with w.transaction() as tx:
-                tx.put("big", "b" * (16 * KiB))  # the rotation made this time
-            with w.transaction() as tx:
-                tx.put("last", 1)
-            assert r.get("last") == 1 and r.get("big") == "b" * (16 * KiB)
-        finally:
-            r.close()
+                tx.put(f"after{j}", j)
+        assert [r.get(f"after{j}") for j in range(5)] == list(range(5))
+        with w.transaction() as tx:
+            tx.put("big", "b" * (16 * KiB))  # the rotation made this time
+        with w.transaction() as tx:
+            tx.put("last", 1)
+        assert r.get("last") == 1 and r.get("big") == "b" * (16 * KiB)
 
 
 def test_a_reader_polling_beside_withdrawn_rotations_shows_every_commit(tmp_path):
