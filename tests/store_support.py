@@ -112,6 +112,20 @@ def fill_to_the_segment_end(w, room: int = 8 << 10) -> None:
         i += 1
 
 
+def writer_and_reader(path: str, durability: str):
+    """A writer at ``path`` (one commit: ``k`` = 1) and a read-only store opened beside
+    it that read that commit and lists no restore point: (writer, reader); the caller
+    closes both."""
+    import walstore
+
+    w = walstore.open(path, durability=durability)
+    with w.transaction() as tx:
+        tx.put("k", 1)
+    r = walstore.open(path, readonly=True)
+    assert r.get("k") == 1 and r.restore_points() == {}
+    return w, r
+
+
 def restore_point_racing_close(w, name: str = "p"):
     """A thread making restore point ``name`` in writer ``w``, held past its writable
     check, before its append (``log_event`` waits for room there, always), as a thread
