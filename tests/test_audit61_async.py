@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import operator
 import sys
 import threading
@@ -28,10 +29,12 @@ class _HeldFsync(fileio.OSBackend):
         self.armed = False
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.holder: threading.Thread | None = None
 
     def _hold(self) -> None:
         if self.armed:
             self.armed = False
+            self.holder = threading.current_thread()
             self.entered.set()
             self.release.wait(30)
 
@@ -94,9 +97,14 @@ def test_a_mutation_cancelled_by_a_cancel_all_shutdown_has_finished_when_the_cal
             commits_before = len(store.log())
 
             async def main() -> int:
+                # (a store an earlier test dropped, closed by its __del__ when the
+                # collector runs on this loop's thread, would take the held fsync there:
+                # the loop stood still until the hold timed out, 30 s, seen in CI)
+                gc.collect()
                 backend.armed = True
                 task = asyncio.create_task(call())
-                await asyncio.to_thread(backend.entered.wait, 30)
+                assert await asyncio.to_thread(backend.entered.wait, 30)
+                assert backend.holder is not threading.current_thread()
                 asyncio.get_running_loop().call_later(0.05, backend.release.set)
                 await _cancel_everything_else()
                 assert task.cancelled()
