@@ -48,6 +48,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,6 +62,11 @@ def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-c", CLI, *map(str, args)],
                           capture_output=True, text=True, env={**cli_env(), **env},
                           timeout=timeout)
+
+
+# (a CLI process's sleeps cut to 10 ms at most: retries against a server that is not there)
+_SHORT_SLEEPS = ("import time\n_sleep = time.sleep\n"
+                 "time.sleep = lambda s: _sleep(min(s, 0.01))\n")
 
 
 def test_a_replica_url_with_a_fragment_is_refused_not_cut_short(s3_endpoint, tmp_path):  # noqa: F811,E501
@@ -175,7 +181,7 @@ def test_a_blob_found_uploaded_already_is_compared_in_bounded_memory(s3_endpoint
 
 
 def test_a_server_that_cannot_be_reached_or_does_not_answer_is_named(s3_endpoint,  # noqa: F811
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch):
     import socket
     from urllib.parse import urlsplit
     from test_replication_support import Proxy
@@ -189,13 +195,25 @@ def test_a_server_that_cannot_be_reached_or_does_not_answer_is_named(s3_endpoint
     sock.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()  # (nothing listens there now)
-    r = cli("replicas", replica.url, AWS_ENDPOINT_URL=dead)  # (the endpoint from the env)
+    # (the endpoint from the env; the CLI's retries of a refused connection, walstore's
+    # 5 x botocore's 3 with their backoff, slept 10-13 s before the one line: this child
+    # sleeps at most 10 ms at a time, every attempt still made and refused)
+    r = subprocess.run([sys.executable, "-c", _SHORT_SLEEPS + CLI, "replicas", replica.url],
+                       capture_output=True, text=True, timeout=60,
+                       env={**cli_env(), "AWS_ENDPOINT_URL": dead})
     assert r.returncode == 1, r.stderr
     assert f"cannot reach the server at {dead}" in r.stderr, r.stderr
     u = urlsplit(s3_endpoint)
     proxy = Proxy((u.hostname, u.port))
     try:
         proxy.pause()  # (connections taken, never answered)
+        # (restore's 5 attempts of the manifest, each timed out, 10 ms apart, not 0.2-1.6 s)
+        import types
+        restore_module = sys.modules["walstore.replication.restore"]
+        short = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
+                                         if not k.startswith("__")})
+        short.sleep = lambda s: time.sleep(min(s, 0.01))
+        monkeypatch.setattr(restore_module, "time", short)
         with pytest.raises(walstore.ReplicationError) as e:
             walstore.restore(replica.url, str(tmp_path / "d"), None,
                              replica.opts(endpoint_url=proxy.url, read_timeout=0.3,
