@@ -253,11 +253,11 @@ def test_failed_rounds_are_not_retried_sooner_than_interval(s3_endpoint, tmp_pat
             tx.put("b", 2)
         time.sleep(0.5)
         n0 = len(proxy.requests)
-        time.sleep(3.0)
+        time.sleep(1.5)  # (the busy loop made hundreds a second)
         n = len(proxy.requests) - n0
         assert s.replication().last_error, s.replication()
         # at most one failed round (one request: the first fails) per 0.5 s, with slack
-        assert n <= 12, f"{n} requests in 3 s against a failing server"
+        assert n <= 8, f"{n} requests in 1.5 s against a failing server"
         proxy.rule = None
         s.sync_replica(timeout=60)
     finally:
@@ -296,9 +296,9 @@ def test_a_follower_does_not_poll_a_failing_server_sooner_than_interval(s3_endpo
     try:
         assert ready.wait(120)
         proxy.rule = lambda label: "500"
-        time.sleep(3.5)
+        time.sleep(2.0)  # (the busy loop made hundreds a second)
         n = len(errors)
-        assert 1 <= n <= 12, f"{n} failed rounds in 3.5 s"
+        assert 1 <= n <= 8, f"{n} failed rounds in 2 s"
     finally:
         stop.set()
         t.join(60)
