@@ -146,12 +146,14 @@ def test_a_dropped_transaction_is_not_kept_alive_and_the_next_open_undoes_it(tmp
     assert (root / "a").read_text() == "old"
 
 
-def test_a_transaction_of_another_running_thread_is_left_to_recovery(tmp_path):
+def test_a_transaction_of_another_running_thread_is_left_to_recovery(tmp_path, monkeypatch):
     """close() rolled back a transaction another thread was still inside (its action's
     body running, or its commit past the point of no return): the refund ran, then the
     charge — or the commit — landed.  A transaction begun by a thread still running is
     left as a crash leaves it; a thread that ended leaves its transactions to the close."""
     import threading
+    import walstore.store as store_module
+    monkeypatch.setattr(store_module, "ACTION_BODY_WAIT_S", 0.5)  # (the body outlasts it)
     s, ws, root = _store_with_workspace(tmp_path)
     ledger = []
     s.compensator("refund")(lambda a: ledger.append("refund"))
