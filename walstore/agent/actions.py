@@ -251,8 +251,12 @@ class ActionScope:
                     # first (Action.blocks_rollback)
                     self.action._body = (threading.get_ident(), sys._getframe(1))
             finally:
-                if counted:
-                    self._saga.end_entering()
+                if counted:  # (taken off by a C call, no Python call before it: an
+                    # interrupt at the start of the method that took it off, or inside
+                    # its ``deferred()``, left the count for good, and close() waited
+                    # 5 s for an entry that had ended, then warned of actions "still
+                    # running in other threads")
+                    self._saga._entering.remove(counted)
         except BaseException:  # (an interrupt held off to the count's end: the body
             self.action._body = None  # never runs, and the rollback must not wait for it)
             raise
@@ -483,7 +487,7 @@ class Saga:
         # body's start are counted (``_entering``), and close() waits for them and for
         # the bodies (their results must be logged before the log closes)
         self._closing_thread: int | None = None
-        self._entering = 0
+        self._entering: list = []  # (one ``counted`` list per entry under way)
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
         if not isinstance(name, str) or not name:
@@ -541,23 +545,19 @@ class Saga:
         """How many actions are being entered now (their intent logged or being logged,
         their body about to run)."""
         with self._running_lock:
-            return self._entering
+            return len(self._entering)
 
     def begin_entering(self, action: Action, counted: list) -> None:
         """An action is being entered: refused once close() began in another thread, else
-        counted (noted in ``counted``) until ``end_entering``."""
+        counted (noted in ``counted``) until the entry takes ``counted`` off the list."""
         with deferred(), self._running_lock:
             closer = self._closing_thread
             if closer is not None and closer != threading.get_ident():
                 raise StoreClosed(f"store {self.engine.path} is closing: action "
                                   f"{action.name!r} was not begun (its body did not run, "
                                   f"nothing was logged)")
-            self._entering += 1
+            self._entering.append(counted)
             counted.append(True)
-
-    def end_entering(self) -> None:
-        with deferred(), self._running_lock:
-            self._entering -= 1
 
     # ---- logging ------------------------------------------------------------------------
     def new_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
