@@ -7,6 +7,11 @@ from it at the k-th one, for k = 0, 1, 2, ... until a transaction runs through w
 one, walks an interrupt over every such point of a transaction's path (keys, actions,
 savepoints, reverts, and files in a workspace) — except where the
 main thread's signals are blocked (``walstore.signals.deferred``), where no handler runs.
+In CI each sweep visits a deterministic sample: every distinct site of the path (a
+"call" or "c_return" at one file:line, at its first point from where the last
+interrupt landed), and at least every 9th point between (GAP); every point with
+WALSTORE_SLOW=1 (the sweeps took 3-4 times as long; a revert's path has ~1,100 points at
+~420 sites).
 
 After each interrupt: the store still commits (a lock left held hangs it: the child's
 watchdog then prints every thread's stack), the signal mask is clean, and the state and
@@ -48,23 +53,33 @@ import faulthandler, os, signal, sys, threading, walstore.signals as S
 faulthandler.dump_traceback_later(900 if os.environ.get("WALSTORE_SLOW") == "1" else 150,
                                   exit=True)
 MAIN = threading.get_ident()
-at = {"k": -1, "n": 0, "where": None, "in_compensator": False}
+at = {"k": -1, "n": 0, "where": None, "in_compensator": False, "landed": -1}
+# which points are interrupted: GAP 0, every one (WALSTORE_SLOW=1); else (CI) from the
+# k-th point on, the first whose site ("call"/"c_return", file:line) no earlier run was
+# interrupted at, or the GAP-th after k, whichever comes first -- every distinct site of
+# the path (as it is reached: a path that changes from run to run is followed), its first
+# point, and points at most GAP+1 apart everywhere else
+GAP, SEEN = 0, set()
 
 def hook(frame, event, arg):
     if at["k"] < 0 or at["where"] or threading.get_ident() != MAIN or S._DEFERRED.depth:
         return
     if event not in ("call", "c_return") or signal.pthread_sigmask(signal.SIG_BLOCK, []):
         return  # (a handler runs at neither other events nor while signals are blocked)
-    if at["n"] == at["k"]:
-        at["where"] = f"{event} {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-        at["in_compensator"] = frame.f_code.co_name == "refund"
-        raise KeyboardInterrupt(at["where"])
+    if at["n"] >= at["k"]:
+        where = f"{event} {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+        if not GAP or where not in SEEN or at["n"] - at["k"] >= GAP:
+            SEEN.add(where)
+            at["where"], at["landed"] = where, at["n"]
+            at["in_compensator"] = frame.f_code.co_name == "refund"
+            raise KeyboardInterrupt(where)
     at["n"] += 1
 
 def interrupted(k, fn, *args):
-    """Run fn(*args) with an interrupt at its k-th point; where it landed (None: fn ran
-    through, every point was visited)."""
-    at.update(k=k, n=0, where=None, in_compensator=False)
+    """Run fn(*args) with an interrupt at its k-th point (GAP: at the first chosen one
+    from its k-th on, ``at["landed"]``); where it landed (None: fn ran through, every
+    point from the k-th on was passed)."""
+    at.update(k=k, n=0, where=None, in_compensator=False, landed=-1)
     sys.setprofile(hook)
     try:
         fn(*args)
@@ -79,7 +94,7 @@ def interrupted(k, fn, *args):
 SWEEP = HOOK + r'''
 import time, walstore
 path, mode, durability = sys.argv[1], sys.argv[2], sys.argv[3]
-stride = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # (every stride-th point)
+GAP = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # (0: every point)
 refunds, charges = [], []
 
 def opener():
@@ -178,8 +193,9 @@ def step(k):
         tx.put("v", b"x%d" % k)
         tx.rollback()
 
-bad, k = [], 0
+bad, k, runs = [], 0, 0
 while True:
+    runs += 1
     setup(k)
     TX[0] = None
     seen = len(refunds)
@@ -246,7 +262,7 @@ while True:
     with s.transaction() as tx:  # the store goes on
         tx.put("alive", k)
     time.sleep(0.002)  # (the applier's wake-up flag resets)
-    k += stride
+    last, k = k, at["landed"] + 1
 import warnings
 with warnings.catch_warnings(record=True) as closing:
     warnings.simplefilter("always")
@@ -256,15 +272,17 @@ for w in closing:  # (nothing is left running: an entry's count left behind by a
     # "still running in other threads")
     bad.append(("close", "warned", str(w.message)[:200]))
 s = opener()
-assert s.get("alive") == k - stride, s.get("alive")
+assert s.get("alive") == last, s.get("alive")
 s.close()
-print(k, len(bad))
+print(k, len(bad), runs)
 for b in bad[:20]:
     print(*b)
 '''
 
 
-STRIDED = {"file-rollback-prepared"}
+# In CI a sweep interrupts every distinct site of the path and at least every GAP+1-th
+# point (HOOK's GAP); every point with WALSTORE_SLOW=1
+GAP = "0" if os.environ.get("WALSTORE_SLOW") == "1" else "8"
 
 
 @pytest.mark.parametrize("mode,durability", [
@@ -278,31 +296,30 @@ STRIDED = {"file-rollback-prepared"}
     ("file-rollback-prepared", "none"),
     pytest.param("file-rollback-prepared", "full", marks=pytest.mark.slow)])
 def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
-    # (file-rollback-prepared: every third point in CI; every one with WALSTORE_SLOW=1)
-    stride = "3" if mode in STRIDED and os.environ.get("WALSTORE_SLOW") != "1" else "1"
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(SWEEP),
-                            str(tmp_path / "s"), mode, durability, stride],
+                            str(tmp_path / "s"), mode, durability, GAP],
                            capture_output=True, text=True, timeout=240 + SLOW_EXTRA_S)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the sweep hung: {e.stdout!r} {e.stderr!r}") from None
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     first, *problems = r.stdout.strip().splitlines()
-    points, nbad = map(int, first.split())
+    points, nbad, runs = map(int, first.split())
     assert points > 20, points  # (the hook did walk the path)
     assert nbad == 0, problems
 
 
 CLOSE_SWEEP = HOOK + r'''
 import walstore
-base, mode, stride = sys.argv[1], sys.argv[2], int(sys.argv[3])
+base, mode, GAP = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 refunds = []
 def refund(a):
     refunds.append(a.args["k"])
 
-bad, k = [], 0
+bad, k, runs = [], 0, 0
 while True:
+    runs += 1
     path = f"{base}/{k}"
     s = walstore.open(path, compensators={"refund": refund})
     with s.transaction() as tx:
@@ -320,7 +337,7 @@ while True:
         s = walstore.open(path, compensators={"refund": refund})
     except Exception as e:
         bad.append((k, where, "close again, reopen", repr(e)))
-        k += stride
+        k = at["landed"] + 1
         continue
     if s.get("a") != 1:
         bad.append((k, where, "lost a commit"))
@@ -333,8 +350,8 @@ while True:
             bad.append((k, where, "paid", s.get("paid"), "refunds", n,
                         len(s.pending_compensations())))
     s.close()
-    k += stride
-print(k, len(bad))
+    k = at["landed"] + 1
+print(k, len(bad), runs)
 for b in bad[:20]:
     print(*b)
 '''
@@ -347,17 +364,17 @@ def test_an_interrupt_at_any_point_of_close(tmp_path, mode):
     LMDB and the process lock: an interrupt in between left the store locked by this
     process, and a second ``close()`` found nothing left to do (StoreLocked on reopen,
     for 42 of 299 points); a compensation that returned just as the interrupt came was
-    not recorded and ran again at the next open."""
+    not recorded and ran again at the next open.  (In CI: every distinct site of close's
+    path and every 9th point, see the module's docstring; every point with
+    WALSTORE_SLOW=1.)"""
     try:
-        # (every point with WALSTORE_SLOW=1; in CI every second one: each opens a store)
-        stride = "1" if os.environ.get("WALSTORE_SLOW") == "1" else "2"
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(CLOSE_SWEEP),
-                            str(tmp_path), mode, stride], capture_output=True, text=True,
+                            str(tmp_path), mode, GAP], capture_output=True, text=True,
                            timeout=240 + SLOW_EXTRA_S)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the sweep hung: {e.stdout!r} {e.stderr!r}") from None
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     first, *problems = r.stdout.strip().splitlines()
-    points, nbad = map(int, first.split())
+    points, nbad, runs = map(int, first.split())
     assert points > 100, points
     assert nbad == 0, problems
