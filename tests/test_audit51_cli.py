@@ -48,11 +48,13 @@ def one_line(p: subprocess.CompletedProcess) -> str:
 def interrupted_with_a_slow_reader(argv: list, env: dict, wait: float = 1.5
                                    ) -> tuple[int, str, str]:
     """Run ``walstore *argv``, read one byte (it has begun its document), stop reading
-    for ``wait`` seconds (it blocks on the full pipe, even on a loaded machine), then send
-    SIGINT, as an operator's Ctrl-C on ``walstore ... | slow-consumer`` would; (exit code,
-    all of stdout, stderr).  The child gets SIGINT's default disposition: a parent that
-    ignores it, as a test runner's worker may, passes SIG_IGN on, and Python then
-    installs no KeyboardInterrupt handler (in CI a dump ran to its end, exit 0)."""
+    until it blocks on the full pipe (its kernel wait channel says so: ``pipe_write``;
+    where /proc does not tell, for ``wait`` seconds, which it blocks within even on a
+    loaded machine), then send SIGINT, as an operator's Ctrl-C on ``walstore ... |
+    slow-consumer`` would; (exit code, all of stdout, stderr).  The child gets SIGINT's
+    default disposition: a parent that ignores it, as a test runner's worker may, passes
+    SIG_IGN on, and Python then installs no KeyboardInterrupt handler (in CI a dump ran
+    to its end, exit 0)."""
     import signal
     import time
     p = subprocess.Popen([sys.executable, "-m", "walstore", *argv], stdout=subprocess.PIPE,
@@ -60,12 +62,24 @@ def interrupted_with_a_slow_reader(argv: list, env: dict, wait: float = 1.5
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = os.read(p.stdout.fileno(), 1)
-        time.sleep(wait)
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not _blocked_writing_a_pipe(p.pid):
+            time.sleep(0.01)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
     return p.returncode, (first + out).decode(), err.decode()
+
+
+def _blocked_writing_a_pipe(pid: int) -> bool:
+    """Is process ``pid`` blocked writing to a pipe now (a full one: its reader stopped)?
+    False where /proc does not say (no wait channel shown)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().endswith("pipe_write")
+    except OSError:
+        return False
 
 
 def _no_constants(name: str):
