@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from test_replication_support import make_s3_replica, rows, s3_endpoint  # noqa: F401
 
@@ -46,11 +47,13 @@ s.sync_replica(timeout=60)  # (rounds run only when a sync asks: interval 3600)
 print("synced", flush=True)
 sys.stdin.readline()  # the test now refuses manifest writes
 commit(600, 40)  # ~330 KB of log: five segments
-try:  # one round: its WAL objects go up, its manifest write is refused
-    s.sync_replica(timeout=8)
+try:  # a round asked for: its WAL objects go up, its manifest write is refused
+    s.sync_replica(timeout=0.01)
     print("unexpected: synced", flush=True)
 except walstore.ReplicationError:
     pass
+print("asked", flush=True)
+sys.stdin.readline()  # (the test saw the round's manifest write refused: the WAL went up)
 if checkpoint:
     s.checkpoint()  # trims below the pin
 commit(100, 640)
@@ -70,6 +73,19 @@ def _run(endpoint, tmp_path, checkpoint):
     try:
         assert p.stdout.readline().strip() == "synced"
         proxy.rule = lambda label: "503" if label.startswith("PUT manifest") else None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "asked"
+        # (the round's WAL objects are up, its position moved in memory, when it writes its
+        # manifest: waited for, not a sync's 8 s timeout)
+        deadline = time.monotonic() + 120
+        while True:
+            with proxy.lock:
+                if any(r.label.startswith("PUT manifest") and r.fault
+                       for r in proxy.requests):
+                    break
+            assert time.monotonic() < deadline, "no manifest write came"
+            time.sleep(0.02)
         p.stdin.write("go\n")
         p.stdin.flush()
         assert p.stdout.readline().strip() == "done"

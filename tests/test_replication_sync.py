@@ -32,7 +32,8 @@ def test_a_waiting_sync_does_not_defeat_the_backoff(tmp_path):
     ``sync_replica`` raised correctly, but the shipper made thousands of PUT attempts in
     those 2 s (each failure woke the sync, which woke the shipper out of its backoff).
     A sync asks for one prompt attempt; retries keep their backoff, also under a caller
-    that syncs again and again.  Repaired, the next sync ships promptly."""
+    that syncs again and again.  Repaired, the next sync ships promptly.  (1 s of each
+    here: the bug made ~1,500 PUTs a second, the bound is 50.)"""
     rep = str(tmp_path / "replica")
     os.makedirs(rep)
     s = walstore.open(str(tmp_path / "s"), replicate_to="file://" + rep,
@@ -48,12 +49,12 @@ def test_a_waiting_sync_does_not_defeat_the_backoff(tmp_path):
             tx.put("b", 2)
         before = puts(s)
         with pytest.raises(walstore.ReplicationError, match="short of LSN"):
-            s.sync_replica(timeout=2)
+            s.sync_replica(timeout=1)
         assert s.replication().last_error is not None
         assert s.replication().state == "running"
         assert puts(s) - before < 50, puts(s) - before  # (was 3,000 and more)
         before = puts(s)
-        t_end = time.monotonic() + 2
+        t_end = time.monotonic() + 1
         while time.monotonic() < t_end:  # a caller syncing in a loop
             with pytest.raises(walstore.ReplicationError):
                 s.sync_replica(timeout=0.05)
@@ -174,14 +175,18 @@ def test_replicas_verify_shows_progress_on_stderr_only(tmp_path):
 
 
 def test_a_sync_against_a_server_that_never_answers_names_the_request(s3_endpoint,  # noqa: F811
-                                                                        tmp_path):
+                                                                        tmp_path,
+                                                                        monkeypatch):
     """A server that takes the connection and never answers (a proxy that stopped
     forwarding): the sync's error names the request waiting and how long, and so does
     ``replication().last_error`` once it has waited ``STALL_REPORTED`` seconds (it said
-    only "shipping is still in progress", and last_error was None: probe-repl2)."""
+    only "shipping is still in progress", and last_error was None: probe-repl2).
+    (STALL_REPORTED is 2 s here, 10 s in the code: twice the sync's timeout of 1 s, so
+    the sync still fails before the status reports the stall.)"""
     from test_replication_support import behind_proxy
     from walstore.replication import shipper
-    stall_reported = getattr(shipper, "STALL_REPORTED", 10.0)
+    monkeypatch.setattr(shipper, "STALL_REPORTED", 2.0)
+    stall_reported = shipper.STALL_REPORTED
     proxy, rep, s = behind_proxy(s3_endpoint, str(tmp_path / "s"))
     try:
         proxy.pause()
