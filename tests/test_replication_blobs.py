@@ -82,7 +82,7 @@ def test_a_round_failing_for_good_says_so(tmp_path):
         with s.transaction() as tx:
             tx.files(ws).write("f.txt", content)
         with pytest.raises(walstore.ReplicationError, match="not a transient error"):
-            s.sync_replica(5)
+            s.sync_replica(2)  # (rounds every 0.05-0.2 s: several fail within it)
         st = s.replication()
         assert "exists with other content" in st.last_error
         assert "nothing ships past LSN" in st.last_error and st.lag_bytes > 0
@@ -444,11 +444,19 @@ def test_a_hung_blob_upload_is_reported_while_others_finish(tmp_path, monkeypatc
                 hung.set()
                 release.wait(60)
         return put(self, key, body, **kw)
-    store_with_files(tmp_path, 12)
-    monkeypatch.setattr(targets.FileTarget, "put", put_hanging_one)
+    # (the twelve files written by one transaction after the shipper's first round: the
+    # next round uploads their blobs, 8 at once.  Written before the open, the hung upload
+    # was in the first round, and open() waited out the 5 s it gives that round)
+    (tmp_path / "ws").mkdir()
     s = walstore.open(str(tmp_path / "src"), replicate_to=f"file://{tmp_path / 'replica'}",
                       replicate_options={"interval": 0.05, "blob_uploads": 8})
     try:
+        s.sync_replica(30)
+        monkeypatch.setattr(targets.FileTarget, "put", put_hanging_one)
+        ws = s.workspace(str(tmp_path / "ws"))
+        with s.transaction() as tx:
+            for i in range(12):
+                tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
         assert hung.wait(30)
         waited = None
         for _ in range(200):  # (the other eleven end meanwhile)
