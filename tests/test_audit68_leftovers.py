@@ -343,8 +343,9 @@ def test_a_writer_cannot_start_under_a_lock_free_reader(shared_dir):
         without_root_privilege() + [sys.executable, "-c",
          "import sys, time, walstore\n"
          "with walstore.open(sys.argv[1], readonly=True) as s:\n"
-         "    print(s.get('a'), flush=True); time.sleep(3)\n", path],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+         "    print(s.get('a'), flush=True); sys.stdin.readline()\n", path],
+        env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd="/")  # (it reads until told to close: not a 3 s sleep waited out)
     try:
         assert reader.stdout.readline().strip() == "VALUE-A", reader.stderr.read()
         t0 = time.monotonic()
@@ -352,6 +353,7 @@ def test_a_writer_cannot_start_under_a_lock_free_reader(shared_dir):
             walstore.open(path)
         assert time.monotonic() - t0 < 2.5  # (refused while the reader still reads)
     finally:
+        reader.stdin.close()  # (the reader closes the store now)
         reader.wait(timeout=30)
         _modes(path, 0o600, 0o700)
     with walstore.open(path) as s:  # (and once it has closed, the writer opens)
