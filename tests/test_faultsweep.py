@@ -6,8 +6,10 @@ with a transaction in flight and the recovery that compensates it) once per faul
 and EIO at every file call, ``lmdb.Error`` at every LMDB commit and sync, a RuntimeError
 and an OSError at every hit of every fault point.  After each, the store is reopened
 with the compensator registered and every promise is checked (see the tool's docstring).
-CI takes every LMDB call and fault-point hit, and every second file call (odd call
-numbers); ``WALSTORE_FAULT_STRIDE=1`` runs the full sweep of the README's table (or
+CI takes every LMDB call and fault-point hit, and every fourth file call (1, 5, 9, ...)
+plus each file call kind's last call and its first on each kind of file (a segment, the
+spare, the marker, each directory: ``sweep(every_file=True)``);
+``WALSTORE_FAULT_STRIDE=1`` runs the full sweep of the README's table (or
 ``python tools/faultsweep.py``).
 
 Cases the sweep reports broken because of a known bug in the core would be tolerated here
@@ -32,7 +34,7 @@ from tools.faults import LMDB_OPS, OPS, FaultBackend, installed  # noqa: E402
 from tools.faultsweep import sweep, ws_ledger  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
-FILE_STRIDE = int(os.environ.get("WALSTORE_FAULT_STRIDE", "2"))
+FILE_STRIDE = int(os.environ.get("WALSTORE_FAULT_STRIDE", "4"))
 
 # Broken-case messages explained by a known core bug (named after the test reproducing
 # it), and whether that bug loses acknowledged commits.
@@ -41,7 +43,8 @@ KNOWN: dict = {}  # (every bug the sweep found is fixed; its reproduction below 
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    return sweep(str(tmp_path_factory.mktemp("sweep")), stride={"file": FILE_STRIDE})
+    return sweep(str(tmp_path_factory.mktemp("sweep")), stride={"file": FILE_STRIDE},
+                 every_file=True)
 
 
 def unexplained(summary: dict, sites=None) -> list:

@@ -51,6 +51,7 @@ import concurrent.futures
 import errno
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -391,8 +392,11 @@ def _spare_made(store) -> None:
             pass
 
 
-def count_calls(root: str, make: type[Workload] = Workload) -> dict[str, int]:
-    """Calls of each kind the fault-free workload makes (fault points as ``point:<name>``)."""
+def count_calls(root: str, make: type[Workload] = Workload,
+                files: dict | None = None) -> dict[str, int]:
+    """Calls of each kind the fault-free workload makes (fault points as ``point:<name>``).
+    ``files``, when given, gets for each file call kind the file each call was on, as a
+    class ("store/wal/#.wal": its path in the run's directory, digits as "#")."""
     fb = make.backend()
     path = run_dir(root, "count")
     w = make(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
@@ -404,6 +408,10 @@ def count_calls(root: str, make: type[Workload] = Workload) -> dict[str, int]:
         raise AssertionError(f"the fault-free workload itself fails its checks: {res}")
     shutil.rmtree(path, ignore_errors=True)
     counts = {op: len(fb.calls_to(op)) for op in OPS + LMDB_OPS}
+    if files is not None:
+        for op in OPS:
+            files[op] = [re.sub(r"\d+", "#", os.path.relpath(c.path, path)) if c.path
+                         else "" for c in fb.calls_to(op)]
     for name, n in sorted(fb.point_hits().items()):
         counts[f"point:{name}"] = n
     return counts
@@ -647,15 +655,26 @@ def _one_fault_task(args: tuple) -> dict:
 
 
 def sweep(root: str, stride: int | dict = 1, sites=None, progress=None,
-          make: type[Workload] = Workload, jobs: int = 1) -> dict:
+          make: type[Workload] = Workload, jobs: int = 1, every_file: bool = False) -> dict:
     """Every fault kind at every ``stride``-th call of each site (all sites, or those named
     in ``sites``: "pwrite", "lmdb_sync", "point:commit.after_durable", "point:*" ...);
     ``stride`` may be a dict by family ("file", "lmdb", "point"; missing: 1).  ``make``:
-    the workload (its class); ``jobs``: runs at once (processes).  Returns the totals and
-    every broken case."""
+    the workload (its class); ``jobs``: runs at once (processes).  ``every_file``: a
+    file call kind's last call too, and its first call on each kind of file (a segment,
+    the spare, the store's directory ...; see ``count_calls``), whatever the stride.
+    Returns the totals and every broken case."""
     strides = stride if isinstance(stride, dict) else {}
     default = 1 if isinstance(stride, dict) else stride
-    counts = count_calls(root, make)
+    files: dict = {}
+    counts = count_calls(root, make, files if every_file else None)
+
+    def nths(site: str) -> list[int]:
+        chosen = set(range(1, counts[site] + 1, strides.get(family(site), default)))
+        if every_file and site in files and counts[site]:
+            chosen.add(counts[site])
+            chosen.update(files[site].index(c) + 1 for c in set(files[site]))
+        return sorted(chosen)
+
     chosen = [s for s in counts if sites is None or any(
         s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
     summary = {"calls": counts, "faults": 0, "fired": 0, "acks": 0, "lost": 0, "pending": 0,
@@ -663,7 +682,7 @@ def sweep(root: str, stride: int | dict = 1, sites=None, progress=None,
                "seconds": 0.0}
     t0 = time.monotonic()
     tasks = [(root, site, nth, kind, None, make) for site in chosen
-             for nth in range(1, counts[site] + 1, strides.get(family(site), default))
+             for nth in nths(site)
              for kind, _kw in kinds_for(site)]
     pool = concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else None
     try:
