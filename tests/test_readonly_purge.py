@@ -167,7 +167,7 @@ def test_a_reader_reopening_between_the_swaps_two_renames_follows_the_new_lock_f
         ro = walstore.open(path, readonly=True)
         try:
             assert ro.get("acct/07") == 7
-            w("pause_swap", "3")
+            w("pause_swap", "60")  # (until the cue is removed below)
             w.proc.stdin.write("purge user/\n")  # answered once the purge returned
             w.proc.stdin.flush()
             cue = Path(path + ".midswap")
@@ -176,6 +176,7 @@ def test_a_reader_reopening_between_the_swaps_two_renames_follows_the_new_lock_f
                 assert time.monotonic() < deadline, "the writer never reached its swap"
                 time.sleep(0.01)
             assert ro.get("acct/07") == 7  # reopens: the new data file, the old lock file
+            cue.unlink()  # (the writer renames its lock file in now)
             assert "lsn" in json.loads(w.proc.stdout.readline())
             for i in range(50, 60):
                 w.put(f"acct/{i:02d}", i)

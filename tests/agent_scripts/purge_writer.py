@@ -9,9 +9,10 @@ and serves one command per line on stdin, answering one JSON line each:
 ``put KEY JSON``     one transaction putting the value: ``{"lsn": ...}``
 ``checkpoint``       ``{"applied": ...}`` (LMDB's applied LSN after it)
 ``purge PREFIX``     ``store.purge(PREFIX)``: ``{"lsn": ...}`` once it returned
-``pause_swap S``     the next compaction sleeps S seconds between renaming its data file
-                     in and renaming its lock file in, after creating ``STORE.midswap``
-                     (the test's cue): ``{}``
+``pause_swap S``     the next compaction waits between renaming its data file in and
+                     renaming its lock file in, after creating ``STORE.midswap`` (the
+                     test's cue), until the test removes that file (at most S seconds):
+                     ``{}``
 ``quit``             close the store and exit
 """
 from __future__ import annotations
@@ -36,8 +37,11 @@ _rename = fileio.rename
 def rename(src: str, dst: str) -> None:
     _rename(src, dst)
     if pause["s"] and dst.endswith("data.mdb") and ".compact" in src:
-        Path(store_path + ".midswap").write_text("data.mdb renamed in")
-        time.sleep(pause["s"])
+        cue = Path(store_path + ".midswap")
+        cue.write_text("data.mdb renamed in")
+        end = time.monotonic() + pause["s"]
+        while cue.exists() and time.monotonic() < end:
+            time.sleep(0.01)
         pause["s"] = 0.0
 
 
