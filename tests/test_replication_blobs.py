@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -81,8 +82,12 @@ def test_a_round_failing_for_good_says_so(tmp_path):
             t.close()
         with s.transaction() as tx:
             tx.files(ws).write("f.txt", content)
+        deadline = time.monotonic() + 60  # (a round failed on it: waited for, then a
+        while "not a transient" not in (s.replication().last_error or ""):  # short sync,
+            assert time.monotonic() < deadline, s.replication()  # which every round
+            time.sleep(0.02)  # failing is waited out: 0.5 s, not 5)
         with pytest.raises(walstore.ReplicationError, match="not a transient error"):
-            s.sync_replica(2)  # (rounds every 0.05-0.2 s: several fail within it)
+            s.sync_replica(0.5)
         st = s.replication()
         assert "exists with other content" in st.last_error
         assert "nothing ships past LSN" in st.last_error and st.lag_bytes > 0
