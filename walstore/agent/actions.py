@@ -268,10 +268,16 @@ class ActionScope:
             if exc_type is not None:
                 return False  # (the child's exception passes as it is)
             self._saga.engine.check_not_forked()
-        self.action._body = None
-        if exc_type is not None:
-            self.action.error = error_text(exc)
-        self._saga.log_result(self._tx, self.action)
+        # (the body counts as running until its result is logged: a close() in another
+        # thread that found it ended between the two rolled the transaction back, and the
+        # action's row said result=None, the result the body had lost — audit 60's close
+        # under an agent loop, 5 rounds in 288 on a loaded machine)
+        try:
+            if exc_type is not None:
+                self.action.error = error_text(exc)
+            self._saga.log_result(self._tx, self.action)
+        finally:
+            self.action._body = None
         return False
 
 
