@@ -13,7 +13,9 @@ pass and the store must take a new commit and a new file write.
 
 CI takes every LMDB call and fault-point hit and every ``WALSTORE_FILES_FAULT_STRIDE``-th
 file call (default 25; 1 is the full sweep, or ``python tools/faultsweep_files.py --jobs 2``),
-two runs at a time.  Nothing broken is tolerated.  Each defect the sweep found (five, all
+two runs at a time; the runs' syncs are logged and failed but never wait for the disk
+(``FilesFaultBackend.real_syncs``: the crash is a killed process's, the page cache
+stays).  Nothing broken is tolerated.  Each defect the sweep found (five, all
 fixed) keeps a deterministic reproduction below, failing on the code before its fix.
 """
 from __future__ import annotations
