@@ -46,6 +46,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
@@ -59,6 +60,23 @@ AGENTS = st.sampled_from(["a/", "b/"])
 KEYS = st.sampled_from(["a/x", "a/y", "b/x", "b/y"])
 SAVEPOINTS = st.sampled_from(["s1", "s2"])
 STANDING = ("committed", "needs-redo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_disk_waits():
+    """The models' syncs (walstore's fsync, fdatasync, directory fsync, syncfs) return
+    without waiting for the disk: every crash here is a killed process's
+    (``_drop_like_a_crash``), whose page cache survives, so what each step leaves and
+    every check are the same; the thousands of real syncs of a run (one in every open,
+    close and checkpoint, each commit under FaultModel's durability="full") were half of
+    its time or more on a busy disk.  Patched on ``OSBackend`` itself, so walstore's path
+    stays that of no test backend installed; FaultModel's ``FaultBackend`` still sees,
+    counts and fails every sync call as before."""
+    from walstore.fileio import OSBackend
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("fsync", "fdatasync", "fsync_dir", "syncfs"):
+            mp.setattr(OSBackend, name, lambda self, target: None)
+        yield
 
 
 def _settings(examples: int, steps: int) -> settings:
