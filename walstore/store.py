@@ -396,13 +396,16 @@ class Store:
         while True:
             entering = self._saga.entering_elsewhere()
             bodies = self._hooks.action_bodies_elsewhere()
+            leaving = self._saga.leaving_elsewhere()
             files = self._files.busy_elsewhere()
-            if not (bodies or entering or files) or time.monotonic() >= deadline:
+            if not (bodies or entering or leaving or files) or \
+                    time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
-        if bodies or entering:
+        if bodies or entering or leaving:
             what = (f"the bodies of action(s) {bodies}" if bodies else
-                    f"{entering} action(s) being entered")
+                    f"{entering} action(s) being entered" if entering else
+                    f"{leaving} action(s) logging their results")
             warnings.warn(f"closing {self.path}: after {ACTION_BODY_WAIT_S:g} s, {what} "
                           f"are still running in other threads; their "
                           f"results cannot be logged now, so the next open compensates "

@@ -268,16 +268,24 @@ class ActionScope:
             if exc_type is not None:
                 return False  # (the child's exception passes as it is)
             self._saga.engine.check_not_forked()
-        # (the body counts as running until its result is logged: a close() in another
-        # thread that found it ended between the two rolled the transaction back, and the
+        # (counted as leaving from before the body is marked ended until its result is
+        # logged, by C calls on a list: a close() in another thread that found the body
+        # ended and the result not yet logged rolled the transaction back, and the
         # action's row said result=None, the result the body had lost — audit 60's close
-        # under an agent loop, 5 rounds in 288 on a loaded machine)
+        # under an agent loop, 5 rounds in 288 on a loaded machine.  Not by keeping
+        # ``_body`` set: each check of a running body walks this thread's frames, and on
+        # CPython 3.11 a walk racing frames being pushed and popped crashed the process)
+        token = object()
+        leaving = self._saga._leaving
         try:
+            leaving.append(token)
+            self.action._body = None
             if exc_type is not None:
                 self.action.error = error_text(exc)
             self._saga.log_result(self._tx, self.action)
         finally:
-            self.action._body = None
+            if token in leaving:
+                leaving.remove(token)
         return False
 
 
@@ -494,6 +502,9 @@ class Saga:
         # the bodies (their results must be logged before the log closes)
         self._closing_thread: int | None = None
         self._entering: list = []  # (one ``counted`` list per entry under way)
+        # actions whose body has ended and whose result is being logged (one token each):
+        # close() waits for them too
+        self._leaving: list = []
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
         if not isinstance(name, str) or not name:
@@ -552,6 +563,10 @@ class Saga:
         their body about to run)."""
         with self._running_lock:
             return len(self._entering)
+
+    def leaving_elsewhere(self) -> int:
+        """How many actions' bodies have ended with their results not yet logged."""
+        return len(self._leaving)
 
     def begin_entering(self, action: Action, counted: list) -> None:
         """An action is being entered: refused once close() began in another thread, else
