@@ -275,7 +275,7 @@ class ActionScope:
         # under an agent loop, 5 rounds in 288 on a loaded machine.  Not by keeping
         # ``_body`` set: each check of a running body walks this thread's frames, and on
         # CPython 3.11 a walk racing frames being pushed and popped crashed the process)
-        token = object()
+        token = threading.get_ident()
         leaving = self._saga._leaving
         try:
             leaving.append(token)
@@ -502,8 +502,8 @@ class Saga:
         # the bodies (their results must be logged before the log closes)
         self._closing_thread: int | None = None
         self._entering: list = []  # (one ``counted`` list per entry under way)
-        # actions whose body has ended and whose result is being logged (one token each):
-        # close() waits for them too
+        # actions whose body has ended and whose result is being logged (their threads'
+        # idents): close() waits for those of other threads too
         self._leaving: list = []
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
@@ -565,8 +565,10 @@ class Saga:
             return len(self._entering)
 
     def leaving_elsewhere(self) -> int:
-        """How many actions' bodies have ended with their results not yet logged."""
-        return len(self._leaving)
+        """How many actions' bodies other threads ran have ended with their results not
+        yet logged (a close() run from inside this thread's own does not wait for it)."""
+        me = threading.get_ident()
+        return sum(1 for ident in list(self._leaving) if ident != me)
 
     def begin_entering(self, action: Action, counted: list) -> None:
         """An action is being entered: refused once close() began in another thread, else
