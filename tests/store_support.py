@@ -11,6 +11,7 @@ crash tests of a replica)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -194,3 +195,19 @@ def shipping_on_after_the_kill(path: str, url: str):
         s.sync_replica(30)
         assert s.replication().last_error is None, s.replication().last_error
         yield s
+
+
+def current_frame_of(ident: int):
+    """Thread ``ident``'s current frame (None: no such thread), read with the garbage
+    collector held off: CPython 3.11's ``sys._current_frames()`` holds the runtime's lock
+    of thread states while it builds its dict, and a collection that allocation starts
+    finalizes objects that take that lock again -- the process deadlocked (CPython
+    gh-106883, fixed in 3.12).  (Tests only: walstore itself never reads another
+    thread's frames.)"""
+    enabled = gc.isenabled()
+    try:
+        gc.disable()
+        return sys._current_frames().get(ident)
+    finally:
+        if enabled:
+            gc.enable()

@@ -34,7 +34,6 @@ import threading
 import pytest
 
 import walstore
-from walstore.agent.actions import _current_frame_of
 from walstore.engine.engine import Engine
 from walstore.engine.pipeline import CommitPipeline
 from walstore.log.writer import WriteAheadLog
@@ -42,7 +41,7 @@ from walstore.log.writer import WriteAheadLog
 from test_audit58_races import _line_of
 from test_audit64_groupcommit import Stop
 from test_perf63_groupcommit import HeldWrites, _start, _wait_for
-from store_support import commit_recording_outcome
+from store_support import commit_recording_outcome, current_frame_of
 from tools.faults import installed
 
 
@@ -83,7 +82,7 @@ APPLIED_UP_TO_THE_END = Engine._applied_up_to_the_end.__code__
 
 def _inside(thread: threading.Thread, code, line: int | None = None) -> bool:
     """Whether ``thread`` is running ``code`` now (anywhere in its stack; at ``line``)."""
-    frame = _current_frame_of(thread.ident)  # (the collector held off: gh-106883)
+    frame = current_frame_of(thread.ident)  # (the collector held off: gh-106883)
     while frame is not None:
         if frame.f_code is code:
             return line is None or frame.f_lineno == line

@@ -1,21 +1,27 @@
-"""Audit 69: a close() beside an action body in another thread deadlocked the process.
+"""Audit 69 and stop 73: asking whether an action body runs in another thread must never
+hang or crash the process, and must answer right.
 
-``close()`` waits for action bodies running in other threads, and asks whether a body's
-frame is still on its thread's stack through ``sys._current_frames()``.  On CPython 3.11
-that call holds the runtime's lock of thread states while it builds its dict; a garbage
-collection started by that allocation finalizes objects that take the same lock (a
-``threading.local`` in a cycle, say) and the process deadlocks with every thread asleep
-(CPython gh-106883, fixed in 3.12).  Seen in a CI-like run: the worker running
-``test_audit60_saga``'s close-beside-a-body test hung, the closing thread inside
-``gc_collect_main`` under ``_PyThread_CurrentFrames``.  walstore now reads the frames
-with the collector held off.
+``close()``, a commit and a rollback ask whether a ``with tx.action(...)`` body is still
+running.  That used to be read off the body's thread's stack: ``sys._current_frames()``
+and a walk through ``f_back``.  On CPython 3.11 the first deadlocked the process under a
+garbage collection (gh-106883: a collection started inside ``_PyThread_CurrentFrames``
+finalized a ``threading.local`` that takes the same lock; seen in a CI-like run), and the
+walk, which lets the GIL go between its steps, raced the other thread pushing and popping
+frames and once crashed a test worker with a segmentation fault (stop 72).  walstore now
+asks the body's frame alone, in one C call (``frame.clear()`` refuses an executing frame
+and empties a finished one: ``actions._frame_executing``).
 """
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 
 import pytest
+
+import walstore
+from walstore.agent import actions
 
 from store_support import cli_env
 
@@ -23,20 +29,26 @@ CYCLES_WITH_THREAD_LOCALS = """
 import gc, sys, threading
 from walstore.agent import actions
 stop = threading.Event()
-t = threading.Thread(target=stop.wait)
+box = []
+def run():
+    box.append(sys._getframe())
+    stop.wait()
+t = threading.Thread(target=run)
 t.start()
+while not box:
+    pass
 enabled = gc.isenabled()
 gc.set_threshold(1, 1, 1)  # (a collection at nearly every allocation)
+answers = set()
 for i in range(3000):
     a = [threading.local()]  # (a cycle whose collection finalizes a thread-local)
     a.append(a)
     del a
-    actions._frame_on_stack(t.ident, None)
-print("DONE", gc.isenabled() == enabled)
-gc.disable()  # (left as the program had it: not turned on behind its back)
-actions._frame_on_stack(t.ident, None)
-print("STILL-OFF", not gc.isenabled())
+    answers.add(actions._body_running((t.ident, box[0])))
+print("DONE", gc.isenabled() == enabled, answers == {True})
 stop.set()
+t.join()
+print("ENDED", actions._body_running((t.ident, box[0])))
 """
 
 
@@ -47,4 +59,106 @@ def test_asking_whether_an_action_body_runs_never_deadlocks_the_process():
     except subprocess.TimeoutExpired:
         pytest.fail("the process deadlocked (60 s)")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["DONE", "True", "STILL-OFF", "True"], (r.stdout, r.stderr)
+    assert r.stdout.split() == ["DONE", "True", "True", "ENDED", "False"], (r.stdout,
+                                                                            r.stderr)
+
+
+CHURNING_STACKS = """
+import sys, threading
+import walstore
+from walstore.agent import actions
+s = walstore.open(sys.argv[1])
+tx = s.transaction()
+stop = threading.Event()
+inside = threading.Event()
+def deep(n):  # frames pushed and popped all the time under the body
+    return 0 if n == 0 else 1 + deep(n - 1)
+def agent():
+    with tx.action("charge", compensate=None) as act:
+        inside.set()
+        while not stop.is_set():
+            deep(40)
+            sum(deep(i % 7) for i in range(20))
+t = threading.Thread(target=agent)
+t.start()
+inside.wait()
+act = tx.effects[0]
+running = set()
+for i in range(100000):
+    running.add(act.blocks_commit is not None)
+stop.set()
+t.join()
+tx.commit()
+print("RUNNING", running == {True}, "AFTER", act.blocks_commit is None, tx.state)
+s.close()
+"""
+
+
+def test_a_body_running_in_another_thread_is_asked_about_safely(tmp_path):
+    """100,000 questions from one thread while another runs the body, pushing and popping
+    frames without pause: every answer says "running", none crashes the process; once
+    the block is left, nothing blocks the commit."""
+    r = subprocess.run([sys.executable, "-c", CHURNING_STACKS, str(tmp_path / "s")],
+                       env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["RUNNING", "True", "AFTER", "True", "committed"], (
+        r.stdout, r.stderr[-2000:])
+
+
+def test_a_body_whose_exit_was_cut_short_blocks_nothing(tmp_path):
+    """A block whose exit never ran (an interrupt cut it short: ``_body`` left set) no
+    longer refuses the commit once its frame has finished, in this thread or another;
+    while its frame still executes it does."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        tx = s.transaction()
+        scope = tx.action("charge", compensate=None)
+
+        def enter_and_skip_the_exit():
+            act = scope.__enter__()  # (the with statement's entry, its exit never run)
+            assert act.blocks_commit is not None  # (this frame executes: running)
+            return act
+
+        act = enter_and_skip_the_exit()
+        assert act._body is not None  # (left set, as an interrupt in the exit leaves it)
+        assert act.blocks_commit is None and act.blocks_rollback is None
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(act.blocks_commit))
+        t.start()
+        t.join()
+        assert out == [None]
+        tx.commit()
+        assert tx.state == "committed"
+    finally:
+        s.close()
+
+
+def test_a_body_suspended_in_a_coroutine_still_counts_as_running(tmp_path):
+    """Suspended at an ``await`` the coroutine's frame is on no stack, and its body still
+    runs: the commit waits (asked without touching the coroutine: it goes on after)."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        tx = s.transaction()
+        seen: list = []
+
+        async def body(gate: asyncio.Event):
+            with tx.action("charge", compensate=None) as act:
+                await gate.wait()
+                seen.append("resumed")
+            return act
+
+        async def main():
+            gate = asyncio.Event()
+            task = asyncio.ensure_future(body(gate))
+            await asyncio.sleep(0)
+            act = tx.effects[0]
+            seen.append(act.blocks_commit is not None)
+            gate.set()
+            await task
+            seen.append(act.blocks_commit is None)
+
+        asyncio.run(main())
+        assert seen == [True, "resumed", True]
+        tx.commit()
+    finally:
+        s.close()

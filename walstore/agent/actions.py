@@ -29,7 +29,6 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
-import gc
 import inspect
 import sys
 import threading
@@ -119,9 +118,9 @@ class Action:
         """Why a rollback (or one to a savepoint before it) must wait: its ``with
         tx.action(...)`` body is still running, so its side effect may not have happened
         yet (compensating it first, then the body acting, left the charge standing while
-        the store said "compensated").  Whether the body runs is read off the stack of
-        the thread that entered it — the frame of its ``with`` still there — so an
-        interrupt that cut the block's exit short never leaves the action refusing."""
+        the store said "compensated").  Whether the body runs is read off the frame of
+        its ``with`` (still executing: ``_frame_executing``), so an interrupt that cut
+        the block's exit short never leaves the action refusing."""
         if not _body_running(self._body):
             return None
         return (f"action {self.name!r} ({self.id}) is still running (its side effect may "
@@ -342,22 +341,6 @@ def _error_bytes(error: str | None) -> int:
     return 0 if error is None else len(error.encode("utf-8", "surrogatepass"))
 
 
-def _current_frame_of(ident: int) -> Any:
-    """Thread ``ident``'s current frame (None: no such thread), read with the garbage
-    collector held off: CPython 3.11's ``sys._current_frames()`` holds the runtime's lock
-    of thread states while it builds its dict, and a collection that allocation starts
-    finalizes objects that take that lock again -- the process deadlocked (CPython
-    gh-106883, fixed in 3.12; seen: a close() beside an action body in another thread
-    hung a test run, every thread asleep)."""
-    enabled = gc.isenabled()
-    try:
-        gc.disable()
-        return sys._current_frames().get(ident)
-    finally:
-        if enabled:
-            gc.enable()
-
-
 # code flags of frames that can be suspended (generator, coroutine, async generator): such
 # a frame is on no thread's stack while it waits at an ``await`` / ``yield``
 _SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200
@@ -367,21 +350,30 @@ def _body_running(body: tuple[int, Any] | None) -> bool:
     """Does the ``with tx.action(...)`` block ``body`` (thread ident, frame) still run?  A
     block in a coroutine or generator runs until its exit clears ``_body`` (suspended at an
     ``await``, its frame is on no stack: another task's ``prepare`` was accepted there and
-    the action's result lost: review44); elsewhere, while its frame is on its thread's
-    stack (an interrupt that cut the exit short never leaves the action refusing)."""
+    the action's result lost: review44); elsewhere, while its frame executes (an interrupt
+    that cut the exit short never leaves the action refusing)."""
     if body is None:
         return False
-    ident, frame = body
-    return bool(frame.f_code.co_flags & _SUSPENDABLE) or _frame_on_stack(ident, frame)
+    frame = body[1]
+    return bool(frame.f_code.co_flags & _SUSPENDABLE) or _frame_executing(frame)
 
 
-def _frame_on_stack(ident: int, frame: Any) -> bool:
-    """Is ``frame`` on the stack of thread ``ident`` now?"""
-    f = sys._getframe() if ident == threading.get_ident() else _current_frame_of(ident)
-    while f is not None:
-        if f is frame:
-            return True
-        f = f.f_back
+def _frame_executing(frame: Any) -> bool:
+    """Is ``frame`` (not a generator's or coroutine's) still executing: on its thread's
+    stack, running or a caller of what runs?  Asked in ONE C call, whatever the thread:
+    ``frame.clear()`` refuses an executing frame (RuntimeError, nothing changed) and
+    empties a finished one.  A finished frame is only ever asked about when an interrupt
+    cut its block's exit short (the exit clears ``_body``): its locals are let go here, as
+    ``traceback.clear_frames`` would (a finalizer among them runs now, as at any
+    collection).  It used to walk the thread's stack through ``f_back`` from
+    ``sys._current_frames()``: on CPython 3.11 that deadlocked under a collection
+    (gh-106883: audit 69), and the walk, whose loop lets the GIL go between two steps,
+    raced the other thread pushing and popping frames and once crashed the process
+    (a segmentation fault in a test worker: stop 72)."""
+    try:
+        frame.clear()
+    except RuntimeError:
+        return True
     return False
 
 
