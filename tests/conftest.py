@@ -40,6 +40,20 @@ def pytest_configure(config):
             compileall.compile_dir(folder, quiet=2, workers=1)
         except OSError:
             pass
+    if (config.getoption("numprocesses", None) and not os.environ.get("WALSTORE_SLOW")
+            and WHOLE_RUN_SECONDS):
+        # the controller runs no test: the hook below never arms its watchdog here
+        import faulthandler
+        import sys
+        faulthandler.dump_traceback_later(WHOLE_RUN_SECONDS, exit=True, file=sys.__stderr__)
+
+
+# the controller of a pytest-xdist run (``-n``) still running after this many seconds prints
+# its threads' stacks and ends (exit status 1): at stop 72 a worker lost to a segmentation
+# fault left the controller waiting for ever with every worker idle, which on CI holds the
+# run until CI's own limit (90 minutes) and prints nothing.  The suite runs in 8-15
+# minutes; not with WALSTORE_SLOW=1 (the whole sweeps); WALSTORE_RUN_SECONDS=0: never
+WHOLE_RUN_SECONDS = int(os.environ.get("WALSTORE_RUN_SECONDS", "2700"))
 
 
 def pytest_collection_modifyitems(config, items):
