@@ -7,7 +7,9 @@ with If-Match, and released on a clean stop by writing it expired (If-Match), or
 writer refused after it took it, by writing back the document it replaced (same bytes,
 same etag: the holder renews on).  :meth:`Lease.check` refuses a live holder without
 writing.  A lease that cannot be renewed because another holder wrote it, or deleted it,
-is *lost*: the shipper stops.
+is *lost*: the shipper stops.  The holder's own document under an etag it never saw (a
+renewal whose answer was lost) is still its own, expired or not (expired, it is renewed
+with If-Match on that etag before anything more is shipped: see ``adopt_if_mine``).
 Safety never rests on clocks alone: the manifest is written with If-Match too, so a
 writer whose lease expired while it slept cannot overwrite a successor's manifest.
 When a renewal is due is counted on the elapsed clock (``clock.elapsed``); the expiry
@@ -183,23 +185,59 @@ class Lease:
                                         if_match=self.etag)
             self.renewed = clock.elapsed()
         except PreconditionFailed:
-            try:
-                cur = self.read()
-                gone = "the lease was deleted"
-            except TargetError as e:  # (the bucket went with it: NoSuchBucket)
-                cur, gone = None, f"the lease is gone: {e}"
+            cur, gone = self._read_lost()
             if cur is not None and self.adopt_if_mine(cur):
                 return  # (an earlier renewal landed, its answer lost: still ours)
-            who = describe(cur[0]["holder"]) if cur else f"nobody ({gone})"
-            raise LeaseLost(f"lost the lease of {self.target.url} to {who}; shipping "
-                            f"stopped") from None
+            raise self._lost(cur, gone) from None
+
+    def _read_lost(self) -> tuple[tuple[dict, str] | None, str]:
+        """The lease document after a write of ours on it failed its If-Match, and what
+        to say when there is none."""
+        try:
+            return self.read(), "the lease was deleted"
+        except TargetError as e:  # (the bucket went with it: NoSuchBucket)
+            return None, f"the lease is gone: {e}"
+
+    def _lost(self, cur: tuple[dict, str] | None, gone: str) -> LeaseLost:
+        who = describe(cur[0]["holder"]) if cur else f"nobody ({gone})"
+        return LeaseLost(f"lost the lease of {self.target.url} to {who}; shipping stopped")
 
     def adopt_if_mine(self, cur: tuple[dict, str]) -> bool:
         """True, taking ``cur``'s etag, when the lease document ``cur`` (from ``read``) is
-        this holder's own and not expired: a renewal whose answer was lost (a reset, a
-        read timeout) landed all the same, so the etag it returned was never seen and the
-        next If-Match failed — taken for a lost lease, shipping stopped for good, its pin
-        dropped, and a checkpoint trimmed WAL the replica never got (a hole: replsweep)."""
+        this holder's own: a renewal whose answer was lost (a reset, a read timeout) landed
+        all the same, so the etag it returned was never seen and the next If-Match failed
+        — taken for a lost lease, shipping stopped for good, its pin dropped, and a
+        checkpoint trimmed WAL the replica never got (a hole: replsweep).
+
+        Expired (the writer stalled past the ttl after that renewal), it is still ours:
+        a taker writes its own holder, and none did.  But another writer may be taking it
+        over now, with the etag read here: it is renewed at once, with If-Match on that
+        etag, before this writer ships anything more.  Whichever of the two writes lands
+        first holds the lease; the other fails its If-Match.  Lost that way, LeaseLost
+        naming the taker.  (An expired document of its own was refused: the writer
+        stopped for good, "lease-lost" to itself, while a writer that had seen its etag
+        renewed the same expired lease with If-Match and shipped on.)"""
+        doc, etag = cur
+        if doc["holder"].get("id") != self.holder["id"]:
+            return False
+        if self._adopt_live(cur):
+            return True
+        self.etag = etag
+        self.renewed = clock.elapsed() - self.ttl  # (due, should this renewal fail in transit)
+        try:
+            self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
+                                        if_match=etag)
+        except PreconditionFailed:
+            cur, gone = self._read_lost()
+            if cur is not None and self._adopt_live(cur):
+                return True  # (this renewal landed, its answer lost: a retry met it)
+            raise self._lost(cur, gone) from None
+        self.renewed = clock.elapsed()
+        return True
+
+    def _adopt_live(self, cur: tuple[dict, str]) -> bool:
+        """``adopt_if_mine`` of a document of this holder's that has not expired: its etag
+        taken, and the time it was written as the last renewal."""
         doc, etag = cur
         if doc["holder"].get("id") != self.holder["id"] or \
                 doc.get("expires", 0) <= time.time():
