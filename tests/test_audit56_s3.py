@@ -197,7 +197,8 @@ def test_a_server_that_cannot_be_reached_or_does_not_answer_is_named(s3_endpoint
     sock.close()  # (nothing listens there now)
     # (the endpoint from the env; the CLI's retries of a refused connection, walstore's
     # 5 x botocore's 3 with their backoff, slept 10-13 s before the one line: this child
-    # sleeps at most 10 ms at a time, every attempt still made and refused)
+    # sleeps at most 10 ms at a time.  The one-shot verbs try it once now:
+    # test_s3_one_shot.py)
     r = subprocess.run([sys.executable, "-c", _SHORT_SLEEPS + CLI, "replicas", replica.url],
                        capture_output=True, text=True, timeout=60,
                        env={**cli_env(), "AWS_ENDPOINT_URL": dead})

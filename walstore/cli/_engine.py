@@ -194,10 +194,10 @@ def replication(*names: str) -> tuple:
     """Names from walstore.replication (imported only by the replication commands)."""
     from .. import replication as _replication
     from ..replication.restore import TimeText, check_apply_every
-    from ..replication.targets import check_endpoint, check_url, display_url
+    from ..replication.targets import check_endpoint, check_url, display_url, one_shot_requests
     found = {"display_url": display_url, "check_url": check_url,
              "check_endpoint": check_endpoint, "check_apply_every": check_apply_every,
-             "TimeText": TimeText}
+             "TimeText": TimeText, "one_shot_requests": one_shot_requests}
     return tuple(found[n] if n in found else getattr(_replication, n) for n in names)
 
 

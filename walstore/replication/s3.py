@@ -4,7 +4,9 @@ Owns the boto3 client setup and every S3 call replication makes.  Choices:
 - checksum calculation and validation "when_required": the AWS SDK's default request
   checksums break R2, B2 and other S3-compatible servers;
 - the client's "standard" retry mode (exponential backoff with jitter) for each request,
-  on top of which the shipper retries whole rounds with its own backoff;
+  on top of which the shipper retries whole rounds with its own backoff; made inside
+  ``one_shot_requests`` (an operator's one-shot command), a connection that cannot be made
+  to a server that has never answered is not retried, by either;
 - conditional writes with ``put_object(IfNoneMatch="*")`` / ``IfMatch=etag`` (``upload_file``
   rejects those), and for large bodies a multipart upload completed with the same
   condition, aborted on failure; leftovers of uploads cut short are aborted by
@@ -24,7 +26,7 @@ from botocore.config import Config
 
 from .options import ReplicateOptions
 from .targets import (NOT_MODIFIED, PreconditionFailed, TargetError, _shown, check_endpoint,
-                      display_url, in_replica_layout)
+                      display_url, in_replica_layout, one_shot)
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
@@ -64,6 +66,12 @@ class S3Target:
                               f"{type(e).__name__}" + (f": {why}" if why else ""),  # may
                               False) from None  # be empty: "...custom-process: ")
         self.client.meta.events.register("before-send.s3", self._count)
+        # whether the server has answered a request of this client ([bool]: shared with
+        # the copies ``enclosing`` makes); made for a one-shot command, a connection that
+        # cannot be made before it has is not retried (see targets.one_shot_requests)
+        self._answered = [False]
+        self._one_shot = one_shot()
+        self.client.meta.events.register_first("needs-retry.s3", self._retry_unreached)
         self.read_timeout = opts.read_timeout
         # the server requests go to, for messages (an endpoint from AWS_ENDPOINT_URL or a
         # config file, forgotten there, was never named: "cannot reach the server")
@@ -75,6 +83,22 @@ class S3Target:
         if method == "GET" and "list-type=" in getattr(request, "url", ""):
             method = "LIST"
         self.requests[method] += 1
+
+    def _retry_unreached(self, response=None, caught_exception=None, **_kw) -> None:
+        """The client's hook before it decides on a retry (after every attempt, first of
+        its handlers): notes an answer of the server; in a one-shot command, re-raises a
+        connection that could not be made to a server never answered, ending the request
+        there (the client's standard retry handler is not asked)."""
+        if response is not None:
+            self._answered[0] = True
+        elif self._unreached(caught_exception):
+            raise caught_exception
+
+    def _unreached(self, e: BaseException | None) -> bool:
+        """``e`` is a connection that could not be made (refused, an unknown host) to a
+        server this one-shot client has never had an answer from."""
+        return self._one_shot and not self._answered[0] and \
+            isinstance(e, bexc.EndpointConnectionError)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -107,7 +131,8 @@ class S3Target:
                 why = f"cannot reach the server at {server}"
             else:
                 why = f"the connection to the server at {server} broke off"
-            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}: {why}", True)
+            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}: {why}",
+                               not self._unreached(e))
         if isinstance(e, bexc.NoCredentialsError):
             return TargetError(f"{op} {self.url}/{key}: no AWS credentials found in the "
                                f"standard chain (environment, config files, roles)", False)

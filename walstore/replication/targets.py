@@ -4,8 +4,10 @@ Owns the one small interface the shipper, lease, restore and follower use
 (:class:`ObjectStore`: get / download / put with If-None-Match or If-Match / delete /
 list / cleanup of interrupted uploads / the locations enclosing one; ``WatchedTarget``
 names the request in progress), its errors, URL
-parsing with the bucket-name and endpoint checks (before any request), and the replica's
-layout (``REPLICA_DIRS``: the keys a replica owns under its URL).
+parsing with the bucket-name and endpoint checks (before any request), the replica's
+layout (``REPLICA_DIRS``: the keys a replica owns under its URL), and the one-shot mode
+of an operator's command (:func:`one_shot_requests`: a server never reached is not
+retried).
 
 Invariants:
 - only complete objects are ever visible under their name (S3 does that for a PUT or a
@@ -22,6 +24,8 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -67,6 +71,33 @@ class PreconditionFailed(TargetError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=False)
+
+
+_ONE_SHOT: contextvars.ContextVar[bool] = contextvars.ContextVar("walstore_one_shot",
+                                                                default=False)
+
+
+@contextlib.contextmanager
+def one_shot_requests() -> Iterator[None]:
+    """An operator's one-shot command runs inside it (the CLI's ``replicas``, ``restore``
+    without ``--follow``, ``replicate --once``).  An ``s3://`` target made inside gives up
+    at once on a connection that cannot be made (nothing listening, an unknown host)
+    while the server has never answered it: no retry of the client's, and the error is
+    not transient (walstore's own retries stop too).  Those retries, 5 of walstore's
+    times 3 of the client's with their backoff, took 10-13 s before the one-line error of
+    a mistyped endpoint or a server that is down.  Once the server has answered, a
+    refused connection (it restarts mid-restore) is retried as ever; and outside this
+    (the shipper, a follower, the library's ``restore``) always."""
+    token = _ONE_SHOT.set(True)
+    try:
+        yield
+    finally:
+        _ONE_SHOT.reset(token)
+
+
+def one_shot() -> bool:
+    """Whether this runs inside :func:`one_shot_requests`."""
+    return _ONE_SHOT.get()
 
 
 class ObjectStore(Protocol):

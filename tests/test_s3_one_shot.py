@@ -1,0 +1,105 @@
+"""An operator's one-shot command against an S3 endpoint where nothing listens
+(``walstore/replication/targets.py``'s ``one_shot_requests``): ``replicas``, ``restore``
+and ``replicate --once`` make one connection attempt and fail with the one-line error;
+they made 15 (walstore's 5 attempts times the client's 3, with their backoff: 10-13 s).
+A client outside one-shot use (the shipper, a follower, the library) retries a refused
+connection as before, and so does a one-shot client once the server has answered it (a
+restart mid-restore).  The CLI runs in a subprocess, its connection attempts counted by
+a wrapper of ``socket.connect`` in that process; the S3 server is moto's, over HTTP.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_replication_support import FAKE_ENV, Proxy, make_s3_replica, s3_endpoint  # noqa: F401
+
+import walstore
+from store_support import CLI, cli_env
+from walstore.replication import open_target
+from walstore.replication.options import ReplicateOptions
+from walstore.replication.targets import TargetError, one_shot_requests
+
+# the CLI, its connection attempts to port DEAD_PORT counted into the file COUNT_FILE
+COUNTED_CLI = r"""
+import atexit, os, socket
+_connect, _port, _tried = socket.socket.connect, int(os.environ["DEAD_PORT"]), []
+def connect(self, address, *a):
+    if isinstance(address, tuple) and address[1] == _port:
+        _tried.append(address)
+    return _connect(self, address, *a)
+socket.socket.connect = connect
+atexit.register(lambda: open(os.environ["COUNT_FILE"], "w").write(str(len(_tried))))
+""" + CLI
+
+
+def _dead_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # (nothing listens there now)
+    return port
+
+
+@pytest.mark.parametrize("verb", ["replicas", "restore", "replicate --once"])
+def test_a_one_shot_verb_tries_a_refused_connection_once(verb, tmp_path):
+    port = _dead_port()
+    dead = f"http://127.0.0.1:{port}"
+    url = "s3://walstore-nothing-there/agents/a1"
+    if verb == "replicas":
+        args = ["replicas", url]
+    elif verb == "restore":
+        args = ["restore", url, str(tmp_path / "dest")]
+    else:
+        walstore.open(str(tmp_path / "s")).close()
+        args = ["replicate", str(tmp_path / "s"), url, "--once"]
+    count = tmp_path / "connects"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", COUNTED_CLI, *args, "--endpoint-url", dead],
+                       capture_output=True, text=True, timeout=120,
+                       env={**cli_env(), **FAKE_ENV, "DEAD_PORT": str(port),
+                            "COUNT_FILE": str(count)})
+    print(f"{verb}: {time.monotonic() - t0:.2f} s")  # (shown with -s; never asserted)
+    assert r.returncode == 1, r.stderr
+    key = "lease" if verb.startswith("replicate") else "manifest"
+    assert r.stderr == (f"walstore: GET {url}/{key}: EndpointConnectionError: cannot reach "
+                        f"the server at {dead}\n"), r.stderr
+    assert r.stdout == ""
+    assert count.read_text() == "1"  # (15 for replicas and restore, 3 for replicate --once)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_refused_connection_is_retried_outside_one_shot_use_or_once_answered(
+        s3_endpoint):  # noqa: F811
+    rep = make_s3_replica(s3_endpoint)
+    dead = f"http://127.0.0.1:{_dead_port()}"
+    # the shipper's and a follower's client (and the library's): retried, transient
+    t = open_target(rep.url, ReplicateOptions.from_any(rep.opts(endpoint_url=dead,
+                                                                 max_attempts=2)))
+    try:
+        with pytest.raises(TargetError, match="cannot reach the server") as e:
+            t.get("manifest", 1 << 20)
+        assert e.value.transient and sum(t.requests.values()) == 2, t.requests
+    finally:
+        t.close()
+    # a one-shot client (a `restore` under way) whose server answered, then went away
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    with one_shot_requests():
+        t = open_target(rep.url, ReplicateOptions.from_any(
+            rep.opts(endpoint_url=f"http://127.0.0.1:{proxy.port}", max_attempts=2)))
+    try:
+        assert t.get("manifest", 1 << 20) is None  # (answered: 404)
+        proxy.close()  # (its port refuses connections now)
+        before = sum(t.requests.values())
+        with pytest.raises(TargetError, match="cannot reach the server|broke off") as e:
+            t.get("manifest", 1 << 20)
+        assert e.value.transient and sum(t.requests.values()) - before == 2, t.requests
+    finally:
+        t.close()
+        proxy.close()
