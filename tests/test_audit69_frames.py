@@ -22,6 +22,7 @@ import pytest
 
 import walstore
 from walstore.agent import actions
+from walstore.agent.actions import ActionScope
 
 from store_support import cli_env
 
@@ -160,5 +161,45 @@ def test_a_body_suspended_in_a_coroutine_still_counts_as_running(tmp_path):
         asyncio.run(main())
         assert seen == [True, "resumed", True]
         tx.commit()
+    finally:
+        s.close()
+
+
+def test_a_rollback_in_the_bodys_thread_keeps_the_interrupted_frames_locals(tmp_path):
+    """An interrupt cut the block's exit short; the program catches it and rolls back in
+    the same thread, the interrupt's traceback in hand (a REPL's ``sys.last_traceback``,
+    a post-mortem debugger): asking whether the body still ran emptied that frame's
+    locals (``frame.clear()``)."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        txs: list = []
+
+        def interrupt_the_exit(frame, event, arg):
+            if event == "call" and frame.f_code is ActionScope.__exit__.__code__:
+                sys.setprofile(None)
+                raise KeyboardInterrupt("in the exit")
+
+        def agent_step():
+            tx = s.transaction()
+            txs.append(tx)
+            plan = {"amount": 40}
+            with tx.action("charge", compensate=None) as act:
+                act.result = dict(plan)
+                sys.setprofile(interrupt_the_exit)
+
+        try:
+            agent_step()
+        except KeyboardInterrupt as e:
+            tb = e.__traceback__
+            while tb.tb_frame.f_code is not agent_step.__code__:
+                tb = tb.tb_next
+            frame = tb.tb_frame
+        sys.setprofile(None)
+        tx = txs[0]
+        assert tx.effects[0]._body is not None  # (the exit never ran)
+        tx.rollback()  # (the frame has finished: nothing blocks it)
+        assert tx.state == "rolled back"
+        assert frame.f_locals["plan"] == {"amount": 40}
+        assert frame.f_locals["act"].result == {"amount": 40}
     finally:
         s.close()

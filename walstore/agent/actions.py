@@ -354,22 +354,40 @@ def _body_running(body: tuple[int, Any] | None) -> bool:
     that cut the exit short never leaves the action refusing)."""
     if body is None:
         return False
-    frame = body[1]
-    return bool(frame.f_code.co_flags & _SUSPENDABLE) or _frame_executing(frame)
+    ident, frame = body
+    if frame.f_code.co_flags & _SUSPENDABLE:
+        return True
+    if ident == threading.get_ident():  # (its own thread: this very stack, which nothing
+        # else changes meanwhile; the frame left as it is)
+        return _on_this_stack(frame)
+    return _frame_executing(frame)
+
+
+def _on_this_stack(frame: Any) -> bool:
+    """Is ``frame`` on this thread's stack?"""
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def _frame_executing(frame: Any) -> bool:
-    """Is ``frame`` (not a generator's or coroutine's) still executing: on its thread's
-    stack, running or a caller of what runs?  Asked in ONE C call, whatever the thread:
+    """Is ``frame`` (not a generator's or coroutine's) of another thread still executing:
+    on that thread's stack, running or a caller of what runs?  Asked in ONE C call:
     ``frame.clear()`` refuses an executing frame (RuntimeError, nothing changed) and
-    empties a finished one.  A finished frame is only ever asked about when an interrupt
-    cut its block's exit short (the exit clears ``_body``): its locals are let go here, as
-    ``traceback.clear_frames`` would (a finalizer among them runs now, as at any
-    collection).  It used to walk the thread's stack through ``f_back`` from
+    empties a finished one.  A finished frame is only ever asked about when its block's
+    exit never ran (an interrupt cut it short: the exit clears ``_body``): its locals are
+    let go here, as ``traceback.clear_frames`` would (a finalizer among them runs now, as
+    at any collection; a traceback of that interrupt shows the frame without them).  It
+    used to walk the other thread's stack through ``f_back`` from
     ``sys._current_frames()``: on CPython 3.11 that deadlocked under a collection
     (gh-106883: audit 69), and the walk, whose loop lets the GIL go between two steps,
     raced the other thread pushing and popping frames and once crashed the process
-    (a segmentation fault in a test worker: stop 72)."""
+    (a segmentation fault in a test worker: stop 72).  (The body's own thread walks its
+    own stack: nothing races it there, and the frame keeps its locals — a traceback the
+    program holds, a debugger's post-mortem, still shows them.)"""
     try:
         frame.clear()
     except RuntimeError:
