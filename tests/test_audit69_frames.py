@@ -9,11 +9,15 @@ finalized a ``threading.local`` that takes the same lock; seen in a CI-like run)
 walk, which lets the GIL go between its steps, raced the other thread pushing and popping
 frames and once crashed a test worker with a segmentation fault (stop 72).  walstore now
 asks the body's frame alone, in one C call (``frame.clear()`` refuses an executing frame
-and empties a finished one: ``actions._frame_executing``).
+and empties a finished one: ``actions._frame_executing``); the body's own thread walks its
+own stack (nothing races it there), leaving the frame's locals to a traceback it holds.
+The frame is the one running the block, also when the action is entered through an
+``ExitStack`` or a wrapper's ``__enter__`` (``actions._block_frame``).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -161,6 +165,68 @@ def test_a_body_suspended_in_a_coroutine_still_counts_as_running(tmp_path):
         asyncio.run(main())
         assert seen == [True, "resumed", True]
         tx.commit()
+    finally:
+        s.close()
+
+
+class _Wrapper:
+    """A program's own context manager around an action (its ``__enter__`` returns before
+    the block runs)."""
+
+    def __init__(self, tx) -> None:
+        self.scope = tx.action("charge", compensate=None)
+
+    def __enter__(self):
+        return self.scope.__enter__()
+
+    def __exit__(self, *exc):
+        return self.scope.__exit__(*exc)
+
+
+def test_a_body_entered_through_an_exit_stack_or_a_wrapper_blocks_the_commit(tmp_path):
+    """Entered by ``ExitStack.enter_context`` or a wrapper's ``__enter__``, the body was
+    judged ended at once (the frame that called ``__enter__`` had returned): a commit from
+    inside it, from another thread, or from another task at an ``await`` went through,
+    and the COMMIT said result=None for a charge the body then made."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        for enter in ("exit stack", "wrapper"):
+            tx = s.transaction()
+            with contextlib.ExitStack() as stack:
+                act = (stack.enter_context(tx.action("charge", compensate=None))
+                       if enter == "exit stack" else stack.enter_context(_Wrapper(tx)))
+                with pytest.raises(walstore.WalstoreError, match="still running"):
+                    tx.commit()
+                out: list = []
+                t = threading.Thread(target=lambda: out.append(act.blocks_commit))
+                t.start()
+                t.join()
+                assert out[0] is not None, enter
+                act.result = {"charge": enter}
+            tx.commit()
+            assert [a.result for a in s.actions() if a.txid == tx.id] == [{"charge": enter}]
+
+        async def main():
+            tx = s.transaction()
+            told: list = []
+
+            async def other_task():
+                try:
+                    tx.commit()
+                    told.append("committed")
+                except walstore.WalstoreError as e:
+                    told.append(str(e))
+
+            async with contextlib.AsyncExitStack() as stack:
+                act = stack.enter_context(tx.action("charge", compensate=None))
+                await asyncio.ensure_future(other_task())
+                act.result = {"charge": "async"}
+            assert len(told) == 1 and "still running" in told[0], told
+            tx.commit()
+            return tx.id
+
+        txid = asyncio.run(main())
+        assert [a.result for a in s.actions() if a.txid == txid] == [{"charge": "async"}]
     finally:
         s.close()
 

@@ -29,6 +29,7 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
+import dis
 import inspect
 import sys
 import threading
@@ -248,7 +249,7 @@ class ActionScope:
                     # while the body runs, its side effect may not have happened yet: a
                     # rollback (or one to a savepoint before it) would compensate it
                     # first (Action.blocks_rollback)
-                    self.action._body = (threading.get_ident(), sys._getframe(1))
+                    self.action._body = (threading.get_ident(), _block_frame())
             finally:
                 if counted:  # (taken off by a C call, no Python call before it: an
                     # interrupt at the start of the method that took it off, or inside
@@ -361,6 +362,35 @@ def _body_running(body: tuple[int, Any] | None) -> bool:
         # else changes meanwhile; the frame left as it is)
         return _on_this_stack(frame)
     return _frame_executing(frame)
+
+
+# what may only pass an entry on: a context manager's ``__enter__`` (a wrapper of the
+# action's) and ``contextlib.ExitStack.enter_context``, whose frames end before the block
+_FORWARDERS = frozenset({"__enter__", "enter_context"})
+# the opcode of a ``with`` statement calling ``__enter__`` (3.11: BEFORE_WITH; 3.10:
+# SETUP_WITH)
+_WITH_ENTRY = frozenset(dis.opmap[n] for n in ("BEFORE_WITH", "SETUP_WITH") if n in dis.opmap)
+
+
+def _block_frame() -> Any:
+    """The frame that runs the block of the ``with`` entering an action (called from
+    ``ActionScope.__enter__``): its caller, or, entered through a wrapper's
+    ``__enter__`` or an ``ExitStack.enter_context``, the frame that called those (theirs
+    end before the block runs: the body was judged ended at once, and a commit or a
+    rollback went through under it, its result lost).  A forwarder that is itself
+    entering a ``with`` (``with tx.action(...)`` written inside an ``__enter__``) runs
+    the block: it is the one."""
+    f = sys._getframe(2)
+    while f.f_code.co_name in _FORWARDERS and f.f_back is not None and \
+            not f.f_code.co_flags & _SUSPENDABLE and not _entering_a_with(f):
+        f = f.f_back
+    return f
+
+
+def _entering_a_with(f: Any) -> bool:
+    """Is frame ``f`` (calling something now) at a ``with`` statement's entry?"""
+    code, i = f.f_code.co_code, f.f_lasti
+    return 0 <= i < len(code) and code[i] in _WITH_ENTRY
 
 
 def _on_this_stack(frame: Any) -> bool:
