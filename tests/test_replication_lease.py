@@ -168,3 +168,44 @@ def test_a_taker_that_writes_first_wins_the_expired_lease(s3_endpoint, tmp_path)
         assert _lease_doc(rep)["holder"]["id"] == "b" * 32
     finally:
         t.close()
+
+
+def test_a_lease_read_cut_off_after_a_failed_renewal_fails_the_round_only(
+        s3_endpoint, tmp_path):  # noqa: F811
+    """A renewal's answer lost, the next renewal fails its If-Match (the etag never seen)
+    and the read of the lease that follows is cut off (a reset: a server going down, a
+    flaky link): that was taken for a deleted lease, "lost the lease to nobody", shipping
+    stopped for good and its pin dropped.  It is a failed round: the next one reads the
+    lease, its own, and ships on."""
+    rep = make_s3_replica(s3_endpoint)
+    proxy = _proxy(s3_endpoint, rep)
+    s = walstore.open(str(tmp_path / "s"))
+    sh = Shipper(InProcessSource(s), rep.url, rep.opts(endpoint_url=proxy.url, max_attempts=1,
+                                                        lease_ttl=30, read_timeout=1.0))
+    try:
+        _commit(s, "a")
+        sh.ship_once()
+        sh.lease.renewed -= 11  # (a renewal is due: a third of the ttl has passed)
+        _commit(s, "b")
+        proxy.plan[len(proxy.requests) + 1] = "drop"  # the renewal lands, its answer lost
+        with pytest.raises(TargetError):
+            sh.ship_once()
+        n = len(proxy.requests)
+        proxy.plan[n + 2] = "reset"  # the lease read after the renewal's If-Match failed
+        with pytest.raises(TargetError) as failed:
+            sh.ship_once()
+        assert failed.value.transient, failed.value
+        assert [r.label for r in proxy.requests[n:]] == ["PUT lease if-match", "GET lease"]
+        assert [r.label for r in proxy.fired] == ["PUT lease if-match", "GET lease"]
+        _commit(s, "c")
+        sh.ship_once()  # (its own lease, adopted: ships on)
+        assert sh.status().shipped_lsn >= s.stats()["wal_end_lsn"]
+        assert sh.source.pin is not None
+        assert _lease_doc(rep)["holder"]["id"] == sh.token
+    finally:
+        sh.stop()
+        s.close()
+        proxy.close()
+    walstore.restore(rep.url, str(tmp_path / "copy"), replicate_options=rep.opts())
+    with walstore.open(str(tmp_path / "copy")) as c:
+        assert [c.get(k) for k in "abc"] == ["A", "B", "C"]

@@ -192,10 +192,16 @@ class Lease:
 
     def _read_lost(self) -> tuple[tuple[dict, str] | None, str]:
         """The lease document after a write of ours on it failed its If-Match, and what
-        to say when there is none."""
+        to say when there is none.  A read that failed transiently (a reset, a 5xx, a
+        timeout) raises: the round fails and the next one looks again (it was taken for
+        a deleted lease, "lost to nobody": shipping stopped for good, its pin dropped,
+        though the document was most likely this writer's own, renewed with its answer
+        lost)."""
         try:
             return self.read(), "the lease was deleted"
         except TargetError as e:  # (the bucket went with it: NoSuchBucket)
+            if e.transient:
+                raise
             return None, f"the lease is gone: {e}"
 
     def _lost(self, cur: tuple[dict, str] | None, gone: str) -> LeaseLost:
