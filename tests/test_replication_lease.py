@@ -209,3 +209,28 @@ def test_a_lease_read_cut_off_after_a_failed_renewal_fails_the_round_only(
     walstore.restore(rep.url, str(tmp_path / "copy"), replicate_options=rep.opts())
     with walstore.open(str(tmp_path / "copy")) as c:
         assert [c.get(k) for k in "abc"] == ["A", "B", "C"]
+
+
+def test_a_released_lease_is_never_adopted_again(s3_endpoint, tmp_path):  # noqa: F811
+    """A round still running when its shipper let the lease go (``release``: the
+    document written expired, its own holder id) that then meets a failed If-Match asks
+    whether the lease is still its own (``Shipper._still_holding``): the released
+    document was renewed and held again, for a ttl more, by a stopped writer — another
+    host's writer taking the replica over was refused meanwhile."""
+    rep = make_s3_replica(s3_endpoint)
+    t = rep.target()
+    try:
+        holder = Lease(t, holder_info("a" * 32, str(tmp_path / "a"), b"\1" * 16, "la"), 60)
+        holder.acquire()
+        holder.release()
+        released = holder.read()
+        assert released[0]["holder"]["id"] == "a" * 32 and released[0]["expires"] == 0
+        assert holder.adopt_if_mine(released) is False
+        assert holder.read() == released  # (nothing written)
+        with pytest.raises(LeaseLost, match="released"):
+            holder.renew()
+        taker = Lease(t, holder_info("b" * 32, str(tmp_path / "b"), b"\2" * 16, "lb"), 60)
+        taker.acquire()  # (another writer takes it over at once)
+        assert _lease_doc(rep)["holder"]["id"] == "b" * 32
+    finally:
+        t.close()

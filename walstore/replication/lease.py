@@ -224,8 +224,8 @@ class Lease:
         stopped for good, "lease-lost" to itself, while a writer that had seen its etag
         renewed the same expired lease with If-Match and shipped on.)"""
         doc, etag = cur
-        if doc["holder"].get("id") != self.holder["id"]:
-            return False
+        if doc["holder"].get("id") != self.holder["id"] or self.etag is None:
+            return False  # (None: released, written expired by this holder: never again)
         if self._adopt_live(cur):
             return True
         self.etag = etag
