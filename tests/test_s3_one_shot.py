@@ -103,3 +103,43 @@ def test_a_refused_connection_is_retried_outside_one_shot_use_or_once_answered(
     finally:
         t.close()
         proxy.close()
+
+
+def test_a_client_made_after_the_server_answered_the_command_retries_too(
+        s3_endpoint):  # noqa: F811
+    """A one-shot command makes a second client after the server answered its first (a
+    restore's attempt again, an object it needed dropped meanwhile by the replica's
+    writer: ``restore``'s ``_ObjectGone`` retry opens a new target): the server answered
+    this command, so its restart then is retried.  The new client, never answered
+    itself, gave up at once, and the restore failed on a server restarting."""
+    rep = make_s3_replica(s3_endpoint)
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    opts = ReplicateOptions.from_any(rep.opts(endpoint_url=f"http://127.0.0.1:{proxy.port}",
+                                              max_attempts=2))
+    try:
+        with one_shot_requests():
+            first = open_target(rep.url, opts)
+            try:
+                assert first.get("manifest", 1 << 20) is None  # (answered: 404)
+            finally:
+                first.close()
+            proxy.close()  # (its port refuses connections now: a restart)
+            second = open_target(rep.url, opts)
+            try:
+                with pytest.raises(TargetError, match="cannot reach the server") as e:
+                    second.get("manifest", 1 << 20)
+                assert e.value.transient and sum(second.requests.values()) == 2, \
+                    (e.value.transient, second.requests)
+            finally:
+                second.close()
+        with one_shot_requests():  # (another command: never answered, tried once)
+            third = open_target(rep.url, opts)
+            try:
+                with pytest.raises(TargetError, match="cannot reach the server") as e:
+                    third.get("manifest", 1 << 20)
+                assert not e.value.transient and sum(third.requests.values()) == 1
+            finally:
+                third.close()
+    finally:
+        proxy.close()

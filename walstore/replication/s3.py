@@ -68,9 +68,11 @@ class S3Target:
         self.client.meta.events.register("before-send.s3", self._count)
         # whether the server has answered a request of this client ([bool]: shared with
         # the copies ``enclosing`` makes); made for a one-shot command, a connection that
-        # cannot be made before it has is not retried (see targets.one_shot_requests)
-        self._answered = [False]
-        self._one_shot = one_shot()
+        # cannot be made before it has is not retried (see targets.one_shot_requests),
+        # and the flag is the command's, shared by every client it makes
+        command = one_shot()
+        self._answered = command if command is not None else [False]
+        self._one_shot = command is not None
         self.client.meta.events.register_first("needs-retry.s3", self._retry_unreached)
         self.read_timeout = opts.read_timeout
         # the server requests go to, for messages (an endpoint from AWS_ENDPOINT_URL or a

@@ -73,8 +73,10 @@ class PreconditionFailed(TargetError):
         super().__init__(message, transient=False)
 
 
-_ONE_SHOT: contextvars.ContextVar[bool] = contextvars.ContextVar("walstore_one_shot",
-                                                                default=False)
+# inside one_shot_requests: [whether the server has answered a request of the command]
+# (one list for every client the command makes); None outside
+_ONE_SHOT: contextvars.ContextVar[list | None] = contextvars.ContextVar("walstore_one_shot",
+                                                                       default=None)
 
 
 @contextlib.contextmanager
@@ -82,21 +84,25 @@ def one_shot_requests() -> Iterator[None]:
     """An operator's one-shot command runs inside it (the CLI's ``replicas``, ``restore``
     without ``--follow``, ``replicate --once``).  An ``s3://`` target made inside gives up
     at once on a connection that cannot be made (nothing listening, an unknown host)
-    while the server has never answered it: no retry of the client's, and the error is
-    not transient (walstore's own retries stop too).  Those retries, 5 of walstore's
-    times 3 of the client's with their backoff, took 10-13 s before the one-line error of
-    a mistyped endpoint or a server that is down.  Once the server has answered, a
-    refused connection (it restarts mid-restore) is retried as ever; and outside this
-    (the shipper, a follower, the library's ``restore``) always."""
-    token = _ONE_SHOT.set(True)
+    while the server has never answered the command: no retry of the client's, and the
+    error is not transient (walstore's own retries stop too).  Those retries, 5 of
+    walstore's times 3 of the client's with their backoff, took 10-13 s before the
+    one-line error of a mistyped endpoint or a server that is down.  Once the server has
+    answered any of the command's clients, a refused connection (it restarts
+    mid-restore) is retried as ever, by those made after too (a restore's attempt again,
+    an object dropped meanwhile, makes a new one: never answered itself, it gave up at
+    once); and outside this (the shipper, a follower, the library's ``restore``)
+    always."""
+    token = _ONE_SHOT.set([False])
     try:
         yield
     finally:
         _ONE_SHOT.reset(token)
 
 
-def one_shot() -> bool:
-    """Whether this runs inside :func:`one_shot_requests`."""
+def one_shot() -> list | None:
+    """Inside :func:`one_shot_requests`, the command's answered flag (``[bool]``, shared
+    by its clients); None outside."""
     return _ONE_SHOT.get()
 
 
