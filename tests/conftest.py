@@ -40,20 +40,34 @@ def pytest_configure(config):
             compileall.compile_dir(folder, quiet=2, workers=1)
         except OSError:
             pass
-    if (config.getoption("numprocesses", None) and not os.environ.get("WALSTORE_SLOW")
-            and WHOLE_RUN_SECONDS):
+    seconds = whole_run_seconds()
+    if config.getoption("numprocesses", None) and seconds:
         # the controller runs no test: the hook below never arms its watchdog here
         import faulthandler
         import sys
-        faulthandler.dump_traceback_later(WHOLE_RUN_SECONDS, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
 
 
-# the controller of a pytest-xdist run (``-n``) still running after this many seconds prints
-# its threads' stacks and ends (exit status 1): at stop 72 a worker lost to a segmentation
-# fault left the controller waiting for ever with every worker idle, which on CI holds the
-# run until CI's own limit (90 minutes) and prints nothing.  The suite runs in 8-15
-# minutes; not with WALSTORE_SLOW=1 (the whole sweeps); WALSTORE_RUN_SECONDS=0: never
-WHOLE_RUN_SECONDS = int(os.environ.get("WALSTORE_RUN_SECONDS", "2700"))
+def whole_run_seconds() -> int:
+    """The controller of a pytest-xdist run (``-n``) still running after this many seconds
+    prints its threads' stacks and ends (exit status 1): at stop 72 a worker lost to a
+    segmentation fault left the controller waiting for ever with every worker idle, which
+    on CI holds the run until CI's own limit (90 minutes) and prints nothing.  The suite
+    runs in 8-15 minutes: 2700; not with WALSTORE_SLOW=1 (the whole sweeps: 0, never);
+    WALSTORE_RUN_SECONDS sets it (0: never; unset or empty: 2700).  (WALSTORE_SLOW=0 left
+    it unarmed too, and an empty WALSTORE_RUN_SECONDS ended the session at this file's
+    import, a ValueError's traceback.)"""
+    if os.environ.get("WALSTORE_SLOW") == "1":
+        return 0
+    raw = os.environ.get("WALSTORE_RUN_SECONDS", "").strip() or "2700"
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < 10 ** 7:
+        raise pytest.UsageError(f"WALSTORE_RUN_SECONDS={raw!r}: give the seconds a whole "
+                                f"-n run may take (0: no limit)")
+    return int(seconds)
 
 
 def pytest_collection_modifyitems(config, items):
