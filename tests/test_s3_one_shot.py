@@ -143,3 +143,46 @@ def test_a_client_made_after_the_server_answered_the_command_retries_too(
                 third.close()
     finally:
         proxy.close()
+
+
+def test_a_one_shot_client_gives_up_on_a_connect_timeout_too(monkeypatch):
+    """A host that drops the connection's packets (here: a listener whose accept queue is
+    full, so the kernel ignores further SYNs) times the connection out: a one-shot
+    command tries it once, not 15 times of ``connect_timeout`` each; outside one-shot use
+    it is retried as before."""
+    for name, value in FAKE_ENV.items():
+        monkeypatch.setenv(name, value)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    held = []
+    try:
+        for _ in range(4):  # (fill the accept queue: what the kernel still completes)
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(listener.getsockname())
+            held.append(c)
+        time.sleep(0.2)
+        url = "s3://walstore-nothing-there/agents/a1"
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        opts = ReplicateOptions.from_any({"endpoint_url": endpoint, "connect_timeout": 0.3,
+                                          "max_attempts": 2})
+        with one_shot_requests():
+            t = open_target(url, opts)
+        try:
+            with pytest.raises(TargetError, match="cannot reach the server") as e:
+                t.get("manifest", 1 << 20)
+            assert not e.value.transient and sum(t.requests.values()) == 1, t.requests
+        finally:
+            t.close()
+        t = open_target(url, opts)
+        try:
+            with pytest.raises(TargetError, match="cannot reach the server") as e:
+                t.get("manifest", 1 << 20)
+            assert e.value.transient and sum(t.requests.values()) == 2, t.requests
+        finally:
+            t.close()
+    finally:
+        for c in held:
+            c.close()
+        listener.close()

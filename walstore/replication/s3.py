@@ -97,10 +97,12 @@ class S3Target:
             raise caught_exception
 
     def _unreached(self, e: BaseException | None) -> bool:
-        """``e`` is a connection that could not be made (refused, an unknown host) to a
-        server this one-shot client has never had an answer from."""
+        """``e`` is a connection that could not be made (refused, an unknown host, or not
+        accepted within ``connect_timeout``: a host that drops the connection's packets)
+        to a server this one-shot client has never had an answer from.  (A connect
+        timeout was retried: 15 attempts of 5 s each before the one-line error.)"""
         return self._one_shot and not self._answered[0] and \
-            isinstance(e, bexc.EndpointConnectionError)
+            isinstance(e, (bexc.EndpointConnectionError, bexc.ConnectTimeoutError))
 
     def _key(self, key: str) -> str:
         return self.prefix + key
