@@ -79,14 +79,8 @@ def test_a_refused_connection_is_retried_outside_one_shot_use_or_once_answered(
     rep = make_s3_replica(s3_endpoint)
     dead = f"http://127.0.0.1:{_dead_port()}"
     # the shipper's and a follower's client (and the library's): retried, transient
-    t = open_target(rep.url, ReplicateOptions.from_any(rep.opts(endpoint_url=dead,
-                                                                 max_attempts=2)))
-    try:
-        with pytest.raises(TargetError, match="cannot reach the server") as e:
-            t.get("manifest", 1 << 20)
-        assert e.value.transient and sum(t.requests.values()) == 2, t.requests
-    finally:
-        t.close()
+    _refused(open_target(rep.url, ReplicateOptions.from_any(
+        rep.opts(endpoint_url=dead, max_attempts=2))), attempts=2, transient=True)
     # a one-shot client (a `restore` under way) whose server answered, then went away
     host, port = s3_endpoint.rsplit(":", 1)
     proxy = Proxy((host.split("//")[1], int(port)))
@@ -169,20 +163,21 @@ def test_a_one_shot_client_gives_up_on_a_connect_timeout_too(monkeypatch):
                                           "max_attempts": 2})
         with one_shot_requests():
             t = open_target(url, opts)
-        try:
-            with pytest.raises(TargetError, match="cannot reach the server") as e:
-                t.get("manifest", 1 << 20)
-            assert not e.value.transient and sum(t.requests.values()) == 1, t.requests
-        finally:
-            t.close()
-        t = open_target(url, opts)
-        try:
-            with pytest.raises(TargetError, match="cannot reach the server") as e:
-                t.get("manifest", 1 << 20)
-            assert e.value.transient and sum(t.requests.values()) == 2, t.requests
-        finally:
-            t.close()
+        _refused(t, attempts=1, transient=False)
+        _refused(open_target(url, opts), attempts=2, transient=True)
     finally:
         for c in held:
             c.close()
         listener.close()
+
+
+def _refused(t, attempts: int, transient: bool) -> None:
+    """``t``'s GET of the manifest fails "cannot reach the server" after ``attempts``
+    requests, its error transient (retried by walstore) or not; ``t`` closed."""
+    try:
+        with pytest.raises(TargetError, match="cannot reach the server") as e:
+            t.get("manifest", 1 << 20)
+        assert e.value.transient is transient and sum(t.requests.values()) == attempts, (
+            e.value.transient, t.requests)
+    finally:
+        t.close()
