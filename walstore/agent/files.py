@@ -2483,7 +2483,13 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
         yield True
     finally:
         let_go_flock(fd)
-        os.close(fd)  # (the lock goes with it)
+        try:  # (unlocked, not only closed: a child forked during the gc keeps a copy of
+            # the descriptor until its fork handler closes it, and while it had not run
+            # yet, the lock outlived the gc -- a backup waited, the next gc was skipped)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _specials_at(ws: Workspace, m1: Manifest, changes: list) -> dict:
