@@ -2471,7 +2471,7 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
     (a dead backup's lock goes with its process)."""
     import fcntl
 
-    from ..engine.layout import held_flock, let_go_flock
+    from ..engine.layout import held_flock, unlock_and_close
     fd = fileio.open_file(os.path.join(files_dir, GC_LOCK), os.O_RDWR | os.O_CREAT)
     held_flock(fd)  # (a child forked meanwhile closes its copy: see layout._forked)
     try:
@@ -2482,14 +2482,7 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
             return
         yield True
     finally:
-        let_go_flock(fd)
-        try:  # (unlocked, not only closed: a child forked during the gc keeps a copy of
-            # the descriptor until its fork handler closes it, and while it had not run
-            # yet, the lock outlived the gc -- a backup waited, the next gc was skipped)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        os.close(fd)
+        unlock_and_close(fd)  # (unlocked first: a child forked during the gc kept it)
 
 
 def _specials_at(ws: Workspace, m1: Manifest, changes: list) -> dict:

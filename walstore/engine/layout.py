@@ -475,6 +475,20 @@ def let_go_flock(fd: int) -> None:
     _HELD_FLOCKS.discard(fd)
 
 
+def unlock_and_close(fd: int) -> None:
+    """Let go of the flock ``fd`` held (``held_flock``) and close it, unlocking first: a
+    child forked meanwhile keeps a copy of the descriptor until its fork handler closes
+    it, and closed only, the lock lived on in that copy until then (a child forked during
+    a blob gc, slow to reach its handler on a loaded machine, held ``files/gc.lock`` past
+    the gc's end: a CI-like run, stop 73)."""
+    let_go_flock(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def _forked() -> None:
     """In a forked child: close its copies of the parent's flock'd descriptors, without
     unlocking.  The writer locks: the ones of stores another parent thread was still

@@ -384,9 +384,8 @@ def _let_go(held: tuple[int, int] | None) -> None:
     number may name another file by now."""
     if held is None or held[1] != os.getpid():
         return
-    from .layout import let_go_flock
-    let_go_flock(held[0])
-    os.close(held[0])
+    from .layout import unlock_and_close
+    unlock_and_close(held[0])
 
 
 def _preallocate_lock(db_dir: str) -> None:

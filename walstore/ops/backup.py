@@ -71,7 +71,7 @@ import msgpack
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
 from ..engine.engine import check_not_inside
-from ..engine.layout import Layout, held_flock, let_go_flock, writer_alive
+from ..engine.layout import Layout, held_flock, let_go_flock, unlock_and_close, writer_alive
 from ..engine.lmdb_state import LmdbState
 from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
@@ -349,9 +349,9 @@ def hold_blob_gc(layout: Layout, create: bool = True, wait: float = GC_WAIT_S) -
 
 
 def let_go_blob_gc(fd: int) -> None:
-    """Close what ``hold_blob_gc`` returned (the writer's blob gc may run again)."""
-    let_go_flock(fd)
-    os.close(fd)
+    """Unlock and close what ``hold_blob_gc`` returned (the writer's blob gc may run again,
+    whatever a child forked meanwhile still holds: ``layout.unlock_and_close``)."""
+    unlock_and_close(fd)
 
 
 def _clear_but_blobs(dest: str) -> None:
