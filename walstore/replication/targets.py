@@ -83,10 +83,9 @@ _ONE_SHOT: contextvars.ContextVar[list | None] = contextvars.ContextVar("walstor
 def one_shot_requests() -> Iterator[None]:
     """An operator's one-shot command runs inside it (the CLI's ``replicas``, ``restore``
     without ``--follow``, ``replicate --once``).  An ``s3://`` target made inside gives up
-    at once on a connection that cannot be made (nothing listening, an unknown host,
-    a connect timeout)
-    while the server has never answered the command: no retry of the client's, and the
-    error is not transient (walstore's own retries stop too).  Those retries, 5 of
+    at once on a connection that cannot be made (nothing listening, an unknown host, a
+    connect timeout) while the server has never answered the command: no retry of the
+    client's, and the error is not transient (walstore's own retries stop too).  Those retries, 5 of
     walstore's times 3 of the client's with their backoff, took 10-13 s before the
     one-line error of a mistyped endpoint or a server that is down.  Once the server has
     answered any of the command's clients, a refused connection (it restarts
