@@ -688,6 +688,53 @@ def test_a_run_that_loses_a_race_on_the_head_has_its_node_transactions_undone(tm
     store.close()
 
 
+def test_two_refusals_of_one_lost_run_both_wait_for_its_undo_and_tell_it(tmp_path):
+    # (CI-like run of stop 73, reproduced 1 in ~300 under load: the loser's put marked its
+    # run lost; LangGraph's background put_writes of the same step, refused as "lost" at
+    # that moment, took the run's node transactions from the registry and reverted them.
+    # The put found the registry empty: its StaleCheckpointError said nothing was undone,
+    # and reached the caller while the other thread's revert, compensation included, was
+    # still running: a caller looking then saw the booking standing)
+    from walstore.integrations.langgraph import saver as saver_mod
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.key))})
+    try:
+        saver = WalstoreSaver(store)
+        token = "1.0-run"
+        with store.transaction(scope=saver.thread_scope("t")) as tx:  # (as in a node)
+            with tx.action("book", args={}, compensate="cancel") as act:
+                world.append(("book", act.key))
+            tx.put("agent/x", 1)
+            saver._note_step_txn(tx, "t", {saver_mod.RUN_TOKEN: token}, {"": "c1"})
+        reverting, release = threading.Event(), threading.Event()
+        real_revert = store.revert
+
+        def slow_revert(*a, **k):
+            reverting.set()
+            assert release.wait(30)
+            return real_revert(*a, **k)
+        store.revert = slow_revert
+        ns = saver.keys.at("t", "")
+        errors = [StaleCheckpointError(f"refusal {i}", "t", "", "c1", "c2") for i in (1, 2)]
+        first = threading.Thread(target=saver._undo_lost_step, args=(errors[0], ns, token))
+        second = threading.Thread(target=saver._undo_lost_step, args=(errors[1], ns, token))
+        first.start()
+        assert reverting.wait(30)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive(), "the second refusal returned while the undo still ran"
+        release.set()
+        first.join(30)
+        second.join(30)
+        for e in errors:
+            assert f"(txids {tx.id}) were reverted and their actions compensated" in str(e)
+        assert world == [("book", act.key), ("cancel", act.key)]
+        assert store.get("agent/x") is None
+    finally:
+        store.close()
+
+
 def test_rewind_to_a_checkpoint_of_a_deleted_thread_is_unknown_point(tmp_path):
     """``saver.rewind`` of a checkpoint whose thread was deleted raised a bare KeyError,
     no walstore error (probe-langgraph); it is ``walstore.UnknownPoint`` (a KeyError

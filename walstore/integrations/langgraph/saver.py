@@ -328,6 +328,43 @@ _STEP_TXNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDicti
 _STEP_TXNS_MAX = 4096  # (run, checkpoint) entries kept per store: abandoned runs' go first
 
 
+class _LostRunUndo:
+    """What undoing one lost run's node transactions did so far (per store; keyed by
+    thread prefix, namespace and run token).  Several of the run's saves are refused at
+    about the same time (its ``put`` and LangGraph's background ``put_writes`` of the
+    same step): they take turns under ``lock``, and each reports all that was undone,
+    so no refusal reaches its caller while the undo it stands for still runs in another
+    thread (before, the second refusal found the registry emptied by the first and said
+    nothing was undone, with the first's revert still under way: audit 74)."""
+
+    __slots__ = ("lock", "undone", "left")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # (a compensator saving on the same run re-enters)
+        self.undone: list[int] = []     # txids reverted, their actions compensated
+        self.left: list[str] = []       # "txid (why)" of those a revert refused
+
+
+_LOST_RUN_UNDOS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _lost_run_undo(store: Any, key: tuple) -> _LostRunUndo:
+    """The ``_LostRunUndo`` of ``key`` in ``store`` (made on first use); beyond
+    ``_LOST_RUNS_MAX`` runs the least recently used is forgotten (a refusal of that run
+    after then reports only what it undid itself)."""
+    with _REMOVALS_LOCK:
+        runs = _LOST_RUN_UNDOS.get(store)
+        if runs is None:
+            runs = _LOST_RUN_UNDOS[store] = OrderedDict()
+        got = runs.get(key)
+        if got is None:
+            got = runs[key] = _LostRunUndo()
+        runs.move_to_end(key)
+        while len(runs) > _LOST_RUNS_MAX:
+            runs.popitem(last=False)
+        return got
+
+
 def _step_txns(store: Any) -> "OrderedDict[tuple, list[int]]":
     """(thread prefix, ns, checkpoint id, run token) -> txids of the transactions begun
     in graph nodes of that run's step built on that checkpoint (per store object)."""
@@ -1195,30 +1232,35 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         wrote is undone and their actions compensated (``store.revert``).  Each is
         reverted once (the registry forgets it).  The error's message says what was
         undone, and what could not be (a rival changed the same keys since: reverting it
-        would undo the rival's work too)."""
+        would undo the rival's work too).  Refusals of one run at the same time take
+        turns (``_LostRunUndo``): each returns once the undo is done, and tells all of
+        it."""
         registry = _step_txns(self.store)
-        txids: list[int] = []
-        with _REMOVALS_LOCK:
-            for key in [k for k in registry if k[0] == ns.thread_prefix
-                        and k[1] == error.checkpoint_ns and k[3] == token]:
-                txids += registry.pop(key)
-        undone, left = [], []
-        for txid in sorted(set(txids), reverse=True):
-            try:
-                self.store.txn_info(txid)
-            except (KeyError, WalstoreError):
-                continue  # (never committed: its actions, if any, were compensated)
-            try:
-                self.store.revert(txid, scope=ns.thread_prefix,
-                                  meta=self._meta("undo_lost_step",
-                                                  thread_id=error.thread_id,
-                                                  checkpoint_id=error.parent, txid=txid))
-                undone.append(txid)
-            except WalstoreError as e:
-                left.append(f"{txid} ({type_and_message(e)})")
+        run = _lost_run_undo(self.store, (ns.thread_prefix, error.checkpoint_ns, token))
+        with run.lock:
+            txids: list[int] = []
+            with _REMOVALS_LOCK:
+                for key in [k for k in registry if k[0] == ns.thread_prefix
+                            and k[1] == error.checkpoint_ns and k[3] == token]:
+                    txids += registry.pop(key)
+            for txid in sorted(set(txids), reverse=True):
+                try:
+                    self.store.txn_info(txid)
+                except (KeyError, WalstoreError):
+                    continue  # (never committed: its actions, if any, were compensated)
+                try:
+                    self.store.revert(txid, scope=ns.thread_prefix,
+                                      meta=self._meta("undo_lost_step",
+                                                      thread_id=error.thread_id,
+                                                      checkpoint_id=error.parent,
+                                                      txid=txid))
+                    run.undone.append(txid)
+                except WalstoreError as e:
+                    run.left.append(f"{txid} ({type_and_message(e)})")
+            undone, left = sorted(run.undone, reverse=True), list(run.left)
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
-                          f"in that step (txids {', '.join(map(str, undone))}) were "
+                          f"(txids {', '.join(map(str, undone))}) were "
                           f"reverted and their actions compensated",) + error.args[1:]
         if left:
             error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
