@@ -231,6 +231,41 @@ def test_a_body_entered_through_an_exit_stack_or_a_wrapper_blocks_the_commit(tmp
         s.close()
 
 
+def _enter_charge(stack: contextlib.ExitStack, tx):
+    """A program's helper entering an action on a stack it was given (its frame ends
+    before the block runs)."""
+    return stack.enter_context(tx.action("charge", compensate=None))
+
+
+def test_a_body_entered_by_a_helper_on_an_exit_stack_blocks_the_commit(tmp_path):
+    """``return stack.enter_context(tx.action(...))`` in a helper: the helper's frame was
+    taken for the block, ended at once, so a commit inside the stack's ``with`` (this
+    thread or another) went through and the COMMIT said result=None (stop 73, left
+    alone; stop 74).  The block is the ``with`` holding the stack, two calls up too."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        def step(stack, tx):  # (a frame between: the stack passed down twice)
+            return _enter_charge(stack, tx)
+
+        for depth in (1, 2):
+            tx = s.transaction()
+            with contextlib.ExitStack() as stack:
+                act = _enter_charge(stack, tx) if depth == 1 else step(stack, tx)
+                with pytest.raises(walstore.WalstoreError, match="still running"):
+                    tx.commit()
+                out: list = []
+                t = threading.Thread(target=lambda: out.append(act.blocks_commit))
+                t.start()
+                t.join()
+                assert out[0] is not None, depth
+                act.result = {"charge": depth}
+            assert act.blocks_commit is None
+            tx.commit()
+            assert [a.result for a in s.actions() if a.txid == tx.id] == [{"charge": depth}]
+    finally:
+        s.close()
+
+
 def test_a_rollback_in_the_bodys_thread_keeps_the_interrupted_frames_locals(tmp_path):
     """An interrupt cut the block's exit short; the program catches it and rolls back in
     the same thread, the interrupt's traceback in hand (a REPL's ``sys.last_traceback``,

@@ -379,12 +379,33 @@ def _block_frame() -> Any:
     end before the block runs: the body was judged ended at once, and a commit or a
     rollback went through under it, its result lost).  A forwarder that is itself
     entering a ``with`` (``with tx.action(...)`` written inside an ``__enter__``) runs
-    the block: it is the one."""
+    the block: it is the one.  Entered through ``enter_context`` by a helper function,
+    the frame of the ``with`` that holds the stack (the outermost caller holding it in a
+    local); a stack kept elsewhere only (an attribute) is not followed."""
     f = sys._getframe(2)
+    exit_stack = None
     while f.f_code.co_name in _FORWARDERS and f.f_back is not None and \
             not f.f_code.co_flags & _SUSPENDABLE and not _entering_a_with(f):
+        if f.f_code.co_name == "enter_context":
+            exit_stack = f.f_locals.get("self")
         f = f.f_back
+    if exit_stack is not None and not _entering_a_with(f):
+        # entered by a helper of the program (``return stack.enter_context(...)``): the
+        # block is the ``with`` holding the stack, which runs it until the stack closes —
+        # the outermost of the frames up from here that hold the stack in a local (the
+        # helper's own frame ended at once: a commit went through under the body)
+        up = f.f_back
+        while up is not None and _holds(up, exit_stack):
+            f, up = up, up.f_back
     return f
+
+
+def _holds(frame: Any, obj: Any) -> bool:
+    """Does a local variable of ``frame`` (a frame of this thread's stack) hold ``obj``?"""
+    try:
+        return any(v is obj for v in frame.f_locals.values())
+    except Exception:  # (an odd frame's locals: not known to hold it)
+        return False
 
 
 def _entering_a_with(f: Any) -> bool:
