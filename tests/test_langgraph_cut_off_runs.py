@@ -17,6 +17,13 @@ thread before a rewind or delete of it (in this process), or that lost a race, i
 at its next checkpoint, pending writes and node transaction; a node transaction of it
 still open conflicts at commit (``Transaction.undo_fence``; the lost run's key); what
 it committed is undone (by the rewind, or reverted with its compensations).
+
+Found by probe h1 (stop 74), each failing every run on the code before the fix: a run
+refused for a rewind still under way heard "its step was undone" while the rewind was
+compensating the step's booking; a run refused while a rewind or delete ran that then
+failed without committing lost its checkpoint, its booking standing; a run that loaded
+the thread while a rewind of it ran saved as done the step the rewind undid.  Now the
+thread's saves and node transactions wait while a rewind or delete of it runs.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import time
 from typing import Annotated, TypedDict
 
 import pytest
+
+import walstore
 
 pytest.importorskip("langgraph.checkpoint.base")
 
@@ -291,3 +300,173 @@ def test_a_rewind_landing_between_a_saves_mark_check_and_its_transaction_is_seen
     assert sorted(graph.get_state(config).values["booked"]) == standing(world) == [
         "Oslo", "Paris", "Rome"]
     store.close()
+
+
+@pytest.mark.parametrize("rewind_begins", ["before_the_save", "as_the_save_looks"])
+def test_a_run_refused_by_a_rewind_hears_it_once_the_rewinds_compensations_ran(
+        tmp_path, rewind_begins):
+    # (probe h1, stop 74: a run whose checkpoint was refused because a rewind of its
+    # thread was under way heard "its step ... was undone" while the rewind was still
+    # compensating that step's booking -- the caller saw the booking standing.  The
+    # run's save now waits for the rewind's end, compensations included: when it began
+    # before the save, and when it began just as the save looked at the marks.)
+    world: list = []
+    heard: list = []
+    booked, comp_started, run_done = threading.Event(), threading.Event(), threading.Event()
+    looking, looked = threading.Event(), threading.Event()
+
+    def cancel(action) -> None:  # (a slow refund)
+        comp_started.set()
+        looked.set()
+        run_done.wait(1)   # (before the fix the run's caller heard meanwhile)
+        world.append(("cancel", action.args["city"]))
+    store = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"cancel": cancel})
+
+    class Held(WalstoreSaver):
+        def _refuse_cut_off(self, conf, thread_id, ns_name, ns, cid, what, **kw):
+            if (rewind_begins == "as_the_save_looks" and what == "a checkpoint built on"
+                    and not looking.is_set() and standing(world) == ["Rome"]):
+                looking.set()
+                assert looked.wait(30)   # (the rewind began meanwhile)
+            super()._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what, **kw)
+    saver = Held(store)
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        booked.set()
+        if rewind_begins == "before_the_save":
+            assert comp_started.wait(30)  # (the rewind undoes this step's booking now)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": [], "booked": []}, config, durability="sync")
+    head = graph.get_state(config).config
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": ["Rome"]}, config, durability="sync")
+        except Exception as e:  # noqa: BLE001  (the run cut off)
+            heard.append((type(e).__name__, standing(world)))
+        run_done.set()
+    th = threading.Thread(target=run)
+    th.start()
+    assert (looking if rewind_begins == "as_the_save_looks" else booked).wait(30)
+    assert saver.rewind(head) is not None
+    th.join(60)
+    assert heard == [("StaleCheckpointError", [])]   # (before: [... ["Rome"]])
+    assert graph.get_state(config).values["booked"] == standing(world) == []
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["rewind", "delete_thread"])
+def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, how):
+    # (probe h1, stop 74: a rewind or delete_thread marks the thread's runs cut off
+    # before its commit and puts the marks back when it fails without committing (a
+    # full disk); a run whose checkpoint came in between was refused for good: its
+    # step's booking stood, its checkpoint was never saved, and a resume booked again.
+    # The save now waits for the removal's end, and saves when it failed.)
+    import errno
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tools.faults import FaultBackend, installed
+
+    store, world = booking_store(tmp_path)
+
+    class Seen(WalstoreSaver):
+        put_called = threading.Event()
+
+        def put(self, config, checkpoint, metadata, new_versions):
+            if metadata.get("step") == 1:
+                self.put_called.set()
+            return super().put(config, checkpoint, metadata, new_versions)
+    saver = Seen(store)
+    booked, go = threading.Event(), threading.Event()
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        booked.set()
+        assert go.wait(30)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": [], "booked": []}, config, durability="sync")
+    head = graph.get_state(config).config
+    th, errors = _start_run(graph, {"plan": ["Rome"]}, config)
+    assert booked.wait(30)
+    name = "rewind" if how == "rewind" else "purge"
+    real, fb = getattr(store, name), FaultBackend()
+
+    def failing(*args, **kwargs):  # (the run's checkpoint comes while this runs)
+        go.set()
+        assert saver.put_called.wait(30)
+        th.join(1)   # (before the fix: refused at once)
+        with installed(fb):
+            fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=None)
+            return real(*args, **kwargs)
+    store.__dict__[name] = failing
+    with pytest.raises(walstore.WalstoreError):
+        saver.rewind(head) if how == "rewind" else saver.delete_thread("a")
+    del store.__dict__[name]
+    th.join(60)
+    assert errors == []   # (before: StaleCheckpointError, the booking standing unsaved)
+    assert graph.get_state(config).values["booked"] == standing(world) == ["Rome"]
+    store.close()
+
+def test_a_run_that_loads_its_thread_while_a_rewind_of_it_runs_never_saves_what_it_undid(
+        tmp_path):
+    # (probe h1, stop 74: a run that loaded the thread after a rewind of it had begun is
+    # not cut off by the rewind's first marks; its node booked and committed before the
+    # rewind's commit, which undid the booking (compensated), and the run's checkpoint,
+    # saved while the rewind was still compensating -- before it marked the thread's
+    # runs cut off again -- said the step was done: state "booked", world cancelled.
+    # The run's saves and node transactions now wait while a rewind or delete of their
+    # thread runs in another Python thread.)
+    world: list = []
+    node_started, booked, comp_started, run_done = (threading.Event() for _ in range(4))
+
+    def cancel(action) -> None:
+        comp_started.set()
+        run_done.wait(2)   # (before the fix the run saved its checkpoint meanwhile)
+        world.append(("cancel", action.args["city"]))
+    store = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"cancel": cancel})
+    saver = WalstoreSaver(store)
+
+    def book(s: Plan) -> dict:
+        if interrupt("book?") != "yes":
+            return {}
+        node_started.set()
+        book_in(store, world, s["plan"][0])
+        booked.set()
+        comp_started.wait(2)   # (before the fix the rewind compensated the booking now)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    b = StateGraph(Plan)
+    b.add_node("book", book)
+    b.add_edge(START, "book")
+    b.add_edge("book", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Rome"], "booked": []}, config, durability="sync")
+    head = graph.get_state(config)
+    assert head.next == ("book",)
+    real, began = store.rewind, threading.Event()
+
+    def held(*args, **kwargs):   # (the rewind has marked the thread; it commits once
+        began.set()              # the run's node booked, or could not)
+        assert node_started.wait(30)
+        booked.wait(1)
+        return real(*args, **kwargs)
+    store.__dict__["rewind"] = held
+    rewinding = threading.Thread(target=saver.rewind, args=(head.config,))
+    rewinding.start()
+    assert began.wait(30)
+    th, errors = _start_run(graph, Command(resume="yes"), config)
+    th.join(60)
+    run_done.set()
+    rewinding.join(60)
+    del store.__dict__["rewind"]
+    state = graph.get_state(config)
+    assert state.values.get("booked") == standing(world), (errors, world)  # (before:
+    store.close()                                         # ["Rome"] and [])

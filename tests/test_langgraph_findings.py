@@ -1009,13 +1009,14 @@ def test_a_booking_committed_while_a_rewind_of_its_thread_commits_is_compensated
     # rewind had planned and before it committed.  It was in neither the plan nor the
     # rewind's validation (the thread's keys only): the rewind committed, the booking
     # stood, and the resume booked Oslo again — the world held two, the state one.)  Here
-    # the booking lands exactly there, every run.
+    # the booking lands exactly there, every run.  (Its transaction begins before the
+    # rewind: since stop 74 one begun while a rewind of its thread runs waits for it.)
     from tools.faults import FaultBackend, installed
     store, world = booking_store(tmp_path)
     saver = WalstoreSaver(store)
     put_writes = WalstoreSaver.put_writes
     rome_saving, rewound = threading.Event(), threading.Event()
-    planned, oslo_booked = threading.Event(), threading.Event()
+    planned, oslo_booked, oslo_began = threading.Event(), threading.Event(), threading.Event()
 
     def slow_put_writes(self, config, writes, task_id, task_path=""):
         if any(ch == "booked" and v == ["Rome"] for ch, v in writes):
@@ -1026,9 +1027,15 @@ def test_a_booking_committed_while_a_rewind_of_its_thread_commits_is_compensated
 
     def book(s: Plan) -> dict:
         if s["plan"][0] == "Oslo" and not rewound.is_set():
+            tx = store.transaction()
+            oslo_began.set()
             planned.wait(60)  # (the rewind has planned: the booking commits now)
             try:
-                book_in(store, world, "Oslo")
+                with tx:
+                    with tx.action("book", args={"city": "Oslo"},
+                                   compensate="cancel") as act:
+                        world.append(("book", "Oslo"))
+                        act.result = {"ok": True}
             finally:
                 oslo_booked.set()
             rewound.wait(60)
@@ -1047,7 +1054,7 @@ def test_a_booking_committed_while_a_rewind_of_its_thread_commits_is_compensated
             errors.append(e)
     th = threading.Thread(target=run)
     th.start()
-    assert rome_saving.wait(30)
+    assert rome_saving.wait(30) and oslo_began.wait(30)
     target = next(h for h in graph.get_state_history(config)
                   if h.values.get("booked") == ["Paris"])
 

@@ -51,7 +51,10 @@ which thread a transaction begun inside a graph node belongs to.
   commit raise ConflictError (its actions compensated), and one begun after that is
   refused (``StaleCheckpointError``).  It also stamps the transaction's meta with the
   checkpoint its step builds on (``STEP_META``), the durable link a rewind after a crash
-  follows to the work of a step that never got a checkpoint (``_early_work``).
+  follows to the work of a step that never got a checkpoint (``_early_work``).  While a
+  rewind or ``delete_thread`` of a thread runs (``_RemovalUnderway``), the thread's saves
+  and node transactions in other Python threads wait for its end, compensations included
+  (``_await_removal``): a refusal never tells a run its step was undone before it is.
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -256,14 +259,73 @@ _REMOVALS_LOCK = threading.Lock()
 
 
 def _forked() -> None:
-    global _REMOVALS_LOCK
+    global _REMOVALS_LOCK, _UNDERWAY_DONE
     _REMOVALS_LOCK = threading.Lock()  # (one a parent's thread held at the fork stays held)
+    _UNDERWAY_DONE = threading.Condition(threading.Lock())
+    _UNDERWAY.clear()  # (the parent's threads removing are not the child's)
 
 
 os.register_at_fork(after_in_child=_forked)
 
 
 _REWINDS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
+
+# thread prefix -> the Python threads rewinding or deleting it right now (per store
+# object): a run refused for that removal waits for it to end (its compensations too)
+# before the refusal, which says the run's step was undone, reaches its caller
+_UNDERWAY: "weakref.WeakKeyDictionary[Any, dict[bytes, list[int]]]" = \
+    weakref.WeakKeyDictionary()
+_UNDERWAY_DONE = threading.Condition(threading.Lock())
+
+
+class _RemovalUnderway:
+    """``with _RemovalUnderway(store, prefix):`` around a rewind or delete of the thread
+    (marks, commit and compensations): runs of the thread refused meanwhile wait for its
+    end (``_await_removal``)."""
+
+    def __init__(self, store: Any, prefix: bytes) -> None:
+        self.store, self.prefix = store, prefix
+
+    def __enter__(self) -> None:
+        with _UNDERWAY_DONE:
+            _UNDERWAY.setdefault(self.store, {}).setdefault(self.prefix, []).append(
+                threading.get_ident())
+
+    def __exit__(self, *exc: Any) -> None:
+        with _UNDERWAY_DONE:
+            threads = _UNDERWAY.get(self.store, {}).get(self.prefix)
+            if threads is not None:
+                threads.remove(threading.get_ident())
+                if not threads:
+                    del _UNDERWAY[self.store][self.prefix]
+            _UNDERWAY_DONE.notify_all()
+
+
+_REMOVAL_WAIT_S = 120.0  # (then as before: a compensator of the rewind that runs a graph
+#  on the very thread it undoes, in another Python thread, and waits for it, would wait
+#  for ever)
+
+
+def _await_removal(store: Any, prefix: bytes) -> bool:
+    """Wait until no rewind or delete of the thread ``prefix`` runs in another Python
+    thread of this process (not for one this thread runs: a compensator of it saving on
+    the thread; at most ``_REMOVAL_WAIT_S``).  True when it waited: the marks may have
+    changed meanwhile (a removal re-marks the thread once committed, and puts the marks
+    back when it failed without committing)."""
+    me = threading.get_ident()
+    waited = False
+    deadline = None
+    with _UNDERWAY_DONE:
+        while True:
+            threads = _UNDERWAY.get(store, {}).get(prefix)
+            if not threads or me in threads:
+                return waited
+            now = time.monotonic()
+            deadline = deadline or now + _REMOVAL_WAIT_S
+            if now >= deadline:
+                return waited
+            waited = True
+            _UNDERWAY_DONE.wait(deadline - now)
 
 
 def _rewinds(store: Any) -> dict[bytes, float]:
@@ -1087,27 +1149,37 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 step = list(registry.get((ns.thread_prefix, ns_name, parent, token), ()))
             if step:
                 record["s"] = sorted(set(step))
-        self._refuse_cut_off(conf, thread_id, ns_name, ns, parent, "a checkpoint built on")
-        try:
-            self._run(write, scope=ns.thread_prefix,
-                      meta=self._meta("put", thread_id=thread_id,
-                                      checkpoint_ns=ns_name or None, checkpoint_id=cid))
-        except StaleCheckpointError as e:
-            if e.head is None and token is not None and token in _lost_runs(self.store):
-                self._undo_lost_step(e, ns, token)  # (refused inside: lost meanwhile)
-            if e.head is not None and token is not None:  # (a rival's race, not a rewind)
-                lost = _lost_runs(self.store)
-                with _REMOVALS_LOCK:
-                    lost[token] = None
-                    while len(lost) > _LOST_RUNS_MAX:
-                        lost.popitem(last=False)
-                # the run's node transactions still open conflict at commit (each read
-                # this key as it began); then those committed are reverted
-                self._run(lambda tx: tx.delete(ns.lost_run(token)), scope=ns.thread_prefix,
-                          meta=self._meta("lost_run", thread_id=thread_id,
-                                          checkpoint_ns=ns_name or None))
-                self._undo_lost_step(e, ns, token)
-            raise
+        # (while a rewind or delete of the thread runs in another Python thread, it is
+        # waited for: a run that loaded the thread after it began is cut off only once
+        # it committed, and its step's work it undid must not be saved as done)
+        _await_removal(self.store, ns.thread_prefix)
+        while True:
+            try:
+                self._refuse_cut_off(conf, thread_id, ns_name, ns, parent,
+                                     "a checkpoint built on", undo=False)
+                self._run(write, scope=ns.thread_prefix,
+                          meta=self._meta("put", thread_id=thread_id,
+                                          checkpoint_ns=ns_name or None, checkpoint_id=cid))
+                break
+            except StaleCheckpointError as e:
+                if self._removal_failed(e, conf, ns_name, ns):
+                    continue
+                if e.head is None and token is not None and token in _lost_runs(self.store):
+                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                if e.head is not None and token is not None:  # (a rival's race, not a rewind)
+                    lost = _lost_runs(self.store)
+                    with _REMOVALS_LOCK:
+                        lost[token] = None
+                        while len(lost) > _LOST_RUNS_MAX:
+                            lost.popitem(last=False)
+                    # the run's node transactions still open conflict at commit (each read
+                    # this key as it began); then those committed are reverted
+                    self._run(lambda tx: tx.delete(ns.lost_run(token)),
+                              scope=ns.thread_prefix,
+                              meta=self._meta("lost_run", thread_id=thread_id,
+                                              checkpoint_ns=ns_name or None))
+                    self._undo_lost_step(e, ns, token)
+                raise
         if token is not None:  # (the step's transactions now belong to a checkpoint)
             registry = _step_txns(self.store)
             with _REMOVALS_LOCK:
@@ -1406,13 +1478,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 row.append(task_id)
             rows.append((widx, ns.write(cid, task_id, widx), row))
 
-        # a task of a run that loaded the thread before a rewind or delete of it (in this
-        # process) saving its writes late: the rewind undid its step (and compensated what
-        # it did), the checkpoint kept may be the very one the task worked on — refused,
-        # or a resume would take the task for done (after a delete: writes of a checkpoint
-        # made after it, never saved, were left under the erased thread); and a task of a
-        # run that lost a race earlier
-        self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid, "pending writes for")
+        # (below, first) a task of a run that loaded the thread before a rewind or delete
+        # of it (in this process) saving its writes late: the rewind undid its step (and
+        # compensated what it did), the checkpoint kept may be the very one the task
+        # worked on — refused, or a resume would take the task for done (after a delete:
+        # writes of a checkpoint made after it, never saved, were left under the erased
+        # thread); and a task of a run that lost a race earlier
 
         def write(tx):
             self._cut_off_in(tx, _conf(config), thread_id, ns_name, ns, cid,
@@ -1432,14 +1503,34 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 tx.put(key, row)
         token = _conf(config).get(RUN_TOKEN + ns_name) if self.fencing else None
-        try:
-            self._run(write, scope=ns.thread_prefix,
-                      meta=self._meta("put_writes", thread_id=thread_id, checkpoint_id=cid,
-                                      task_id=task_id))
-        except StaleCheckpointError as e:
-            if token is not None and token in _lost_runs(self.store):
-                self._undo_lost_step(e, ns, token)  # (refused inside: lost meanwhile)
-            raise
+        _await_removal(self.store, ns.thread_prefix)  # (as put does)
+        while True:
+            try:
+                self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid,
+                                     "pending writes for", undo=False)
+                self._run(write, scope=ns.thread_prefix,
+                          meta=self._meta("put_writes", thread_id=thread_id,
+                                          checkpoint_id=cid, task_id=task_id))
+                return
+            except StaleCheckpointError as e:
+                if self._removal_failed(e, _conf(config), ns_name, ns):
+                    continue
+                if token is not None and token in _lost_runs(self.store):
+                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                raise
+
+    def _removal_failed(self, error: StaleCheckpointError, conf: Mapping, ns_name: str,
+                        ns: Namespace) -> bool:
+        """A save refused (``error``) for a rewind or ``delete_thread`` of its thread
+        under way in another Python thread waits for its end, compensations included, so
+        the refusal (it says the run's step was undone) never reaches its caller before
+        that undo is done.  True when that removal failed without committing (its marks
+        put back, the checkpoint there): the run was not cut off, and the save is tried
+        again (else its step's bookings stood with no checkpoint saying so, and a resume
+        booked again)."""
+        if error.head is not None or not _await_removal(self.store, ns.thread_prefix):
+            return False
+        return self._cut_off(conf, ns_name, ns) is None
 
     # ---- deleting, copying, pruning ----------------------------------------------------
     def delete_thread(self, thread_id: str) -> None:
@@ -1456,6 +1547,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                              f"thread's own run, which would go on writing into the "
                              f"thread it erases; nothing was deleted: delete it after the "
                              f"run returns (or from another thread's run)")
+        # (a run of the thread refused meanwhile waits for the end: _await_removal)
+        with _RemovalUnderway(self.store, prefix):
+            self._delete_thread(prefix)
+
+    def _delete_thread(self, prefix: bytes) -> None:
         removals, rewinds = _removals(self.store), _rewinds(self.store)
         removed_before, rewound_before = removals.get(prefix), rewinds.get(prefix)
         self._removing(prefix)
@@ -2183,6 +2279,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the rewind kept (``_refuse_cut_off``).
         """
         thread_id, _ns, _cid = _rewind_where(config)
+        if dry_run:
+            return self._rewind(config, thread_id, True, meta)
+        # (a run of the thread refused meanwhile waits for the end, compensations too,
+        # before it hears that its step was undone: _await_removal)
+        with _RemovalUnderway(self.store, self.thread_scope(thread_id)):
+            return self._rewind(config, thread_id, False, meta)
+
+    def _rewind(self, config: RunnableConfig, thread_id: str, dry_run: bool,
+                meta: Any) -> Any:
         to, keep, first = self._rewind_plan(config)
         scope = self.thread_scope(thread_id)
         removals = _removals(self.store)
@@ -2327,8 +2432,26 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
             # a rewind of the thread (or its delete) committed after this began makes its
             # commit conflict, whatever it read (its snapshot is taken now): a booking of
             # a step the rewind undid, begun before it, stood beside the rewound thread
-            tx.undo_fence = saver.thread_scope(str(thread_id))
-            saver._fence_step(tx, str(thread_id), checkpoint_map, conf)
+            prefix = saver.thread_scope(str(thread_id))
+            tx.undo_fence = prefix
+            # (a rewind or delete of the thread running in another Python thread is
+            # waited for, before the transaction reads: one of a run that loaded the
+            # thread after the rewind began, committed before it, was undone by it,
+            # and the run's next checkpoint, saved before the rewind marked its runs
+            # cut off once committed, said the step was done)
+            _await_removal(store, prefix)
+            while True:
+                try:
+                    saver._fence_step(tx, str(thread_id), checkpoint_map, conf)
+                    break
+                except StaleCheckpointError as e:
+                    # (refused for a rewind or delete of the thread still under way: told
+                    # once it ended; begun again when it failed without committing)
+                    if e.head is not None or not _await_removal(store, prefix) or any(
+                            saver._cut_off(conf, ns_name, saver.keys.at(str(thread_id),
+                                                                        ns_name))
+                            for ns_name in checkpoint_map if isinstance(ns_name, str)):
+                        raise
             saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
 
 
