@@ -271,8 +271,8 @@ os.register_at_fork(after_in_child=_forked)
 _REWINDS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
 
 # thread prefix -> the Python threads rewinding or deleting it right now (per store
-# object): a run refused for that removal waits for it to end (its compensations too)
-# before the refusal, which says the run's step was undone, reaches its caller
+# object): the thread's saves and node transactions wait for its end (its compensations
+# too), so a refusal that says the run's step was undone never comes before the undo
 _UNDERWAY: "weakref.WeakKeyDictionary[Any, dict[bytes, list[int]]]" = \
     weakref.WeakKeyDictionary()
 _UNDERWAY_DONE = threading.Condition(threading.Lock())
@@ -280,8 +280,8 @@ _UNDERWAY_DONE = threading.Condition(threading.Lock())
 
 class _RemovalUnderway:
     """``with _RemovalUnderway(store, prefix):`` around a rewind or delete of the thread
-    (marks, commit and compensations): runs of the thread refused meanwhile wait for its
-    end (``_await_removal``)."""
+    (marks, commit and compensations): the thread's saves and node transactions in other
+    Python threads wait for its end meanwhile (``_await_removal``)."""
 
     def __init__(self, store: Any, prefix: bytes) -> None:
         self.store, self.prefix = store, prefix
@@ -309,9 +309,9 @@ _REMOVAL_WAIT_S = 120.0  # (then as before: a compensator of the rewind that run
 def _await_removal(store: Any, prefix: bytes) -> bool:
     """Wait until no rewind or delete of the thread ``prefix`` runs in another Python
     thread of this process (not for one this thread runs: a compensator of it saving on
-    the thread; at most ``_REMOVAL_WAIT_S``).  True when it waited: the marks may have
-    changed meanwhile (a removal re-marks the thread once committed, and puts the marks
-    back when it failed without committing)."""
+    the thread; at most ``_REMOVAL_WAIT_S``).  True when it waited for one that ended:
+    the marks may have changed meanwhile (a removal re-marks the thread once committed,
+    and puts the marks back when it failed without committing)."""
     me = threading.get_ident()
     waited = False
     deadline = None
@@ -323,7 +323,7 @@ def _await_removal(store: Any, prefix: bytes) -> bool:
             now = time.monotonic()
             deadline = deadline or now + _REMOVAL_WAIT_S
             if now >= deadline:
-                return waited
+                return False   # (still running)
             waited = True
             _UNDERWAY_DONE.wait(deadline - now)
 
