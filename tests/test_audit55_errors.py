@@ -160,8 +160,11 @@ def test_a_failed_lmdb_write_of_the_replicas_pin_stops_the_store(tmp_path, fault
         with s.transaction() as tx:
             tx.put("b", 2)
         s.sync_replica(timeout=30)
-        deadline = time.monotonic() + 30  # (the round writes the pin as it ends)
-        while not rule.fired and time.monotonic() < deadline:
+        # (the round writes the pin as it ends, in the shipper's thread, which then stops
+        # the store: waiting for the fault alone and reading ``readonly`` at once raced that
+        # thread, between the failed write and ``Engine.fail`` -- a CI-like run, stop 74)
+        deadline = time.monotonic() + 30
+        while not (rule.fired and s.readonly) and time.monotonic() < deadline:
             time.sleep(0.005)
         assert rule.fired == 1
         failed = rule.failed_calls[0]
