@@ -167,6 +167,9 @@ def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content
         tx.files(ws).write("made.txt", "made by the transaction rolled back\n")
         tx.files(ws).write("big.bin", new)
         tx.put("decided", "new")
+        # (the open's 1 MiB WAL spare first: made by its thread while the disk was filled,
+        # it took the room fill_to had measured, whose fallocate failed ENOSPC -- stop 74)
+        s._engine.wal._await_spare(timeout=30)
         fill_to(mnt, 100_000)
         try:
             tx.rollback()
