@@ -139,6 +139,39 @@ def test_a_failed_lmdb_write_reserving_transaction_ids_stops_the_store(tmp_path,
         assert [t.txid for t in s.log()].count(first) == 1
 
 
+@pytest.mark.parametrize("failing", ["commit", "sync"])
+def test_after_a_failed_lmdb_write_no_other_thread_writes_or_syncs_lmdb(tmp_path, faults,
+                                                                         failing):
+    """Between an LMDB write or sync failing in one thread (the shipper's pin, the
+    applier) and the engine stopping the store, another thread's LMDB write could still
+    commit — LMDB is opened sync=True, so that commit fdatasyncs after a failed one (h2,
+    stop 74: a window the test above raced).  The handle itself now refuses every later
+    write and sync once one failed, under its write lock: the write below stands for that
+    other thread, before ``Engine.fail``."""
+    from walstore.engine.lmdb_state import StateWriteError
+    s = walstore.open(str(tmp_path / "s"), apply_interval=3600)
+    try:
+        state = s._engine.state
+        rule = faults.fail_lmdb(failing)
+        with pytest.raises(StateWriteError):
+            if failing == "commit":
+                state.write(lambda txn: txn.put(b"probe", b"1", db=state.meta))
+            else:
+                state.sync()
+        failed = rule.failed_calls[0]
+        for again in (lambda: state.write(lambda txn: txn.put(b"probe", b"2",
+                                                              db=state.meta)),
+                      state.sync):
+            with pytest.raises(StateWriteError, match="earlier LMDB write or sync"):
+                again()
+        assert faults.calls_to(LMDB_WRITES, after=failed.seq) == [], \
+            "LMDB was written or synced again after a failed write or sync"
+    finally:
+        faults.clear()
+        s._engine.fail(RuntimeError("the test's failed LMDB write"))
+        s.close()
+
+
 def test_a_failed_lmdb_write_of_the_replicas_pin_stops_the_store(tmp_path, faults):
     """A shipping round ends by recording the replica's position in LMDB (the trim pin the
     next open keeps).  That write failing was swallowed ("replication never fails the

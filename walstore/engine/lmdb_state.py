@@ -47,7 +47,9 @@ Invariants:
   not with the map) and doubles when full, which the user never sees (smaller steps when
   the process may not map that much; none possible: a StateWriteError, the old map kept);
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
-  file, writes a ``StateWriteError`` (the caller turns the store read-only); a u64 row
+  file, writes a ``StateWriteError`` (the caller turns the store read-only, and this
+  handle refuses every later write and sync itself, under the write lock: no other
+  thread's commit fdatasyncs LMDB after a failed one); a u64 row
   whose key or value is not 8 bytes (``from_u64``, every caller naming the row) is a
   CorruptionError naming the table, the key and the file (``tables.u64_damaged``);
 - py-lmdb releases the GIL around every call (each a microsecond or less); beside a busy
@@ -472,6 +474,9 @@ class LmdbState:
         self._lock_file = os.path.join(self.path, "lock.mdb")
         self.readonly = readonly
         self._shared: dict = {}
+        # the first LMDB write or sync of this handle that failed: every later one is
+        # refused (see ``write``)
+        self.write_failed: BaseException | None = None
         shared = None
         try:
             with LmdbState._registry_lock:
@@ -1134,10 +1139,18 @@ class LmdbState:
 
     # ---- writes: only walstore.engine.apply calls these --------------------------------
     def write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
-        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full.
+
+        Once a write's commit or a ``sync`` of this handle failed, every later write is
+        refused (StateWriteError) without touching LMDB, decided under the write lock: the
+        engine stops the store after such a failure, but another thread's write (the
+        applier beside a shipper whose write failed) could otherwise commit, and so
+        fdatasync, in between — an fsync retried after a failed one, whose success says
+        nothing of the pages the failed one lost (stop 74)."""
         if self.readonly:
             raise ReadOnlyError("LMDB state is open read-only")
         with self._write_lock:
+            self._refuse_after_failure()
             while True:
                 try:
                     txn = self.env.begin(write=True)
@@ -1163,11 +1176,20 @@ class LmdbState:
                     self._abort_write(txn)
                     self._grow()
                 except lmdb.Error as e:
+                    self.write_failed = self.write_failed or e
                     self._abort_write(txn)
                     raise StateWriteError(f"writing LMDB failed: {e}") from e
                 except BaseException:
                     self._abort_write(txn)
                     raise
+
+    def _refuse_after_failure(self) -> None:
+        """StateWriteError when an earlier LMDB write or sync of this handle failed."""
+        if self.write_failed is not None:
+            raise StateWriteError(f"writing LMDB refused: an earlier LMDB write or sync of "
+                                  f"{self.path} failed ({self.write_failed}); nothing is "
+                                  f"written until the store is reopened") \
+                from self.write_failed
 
     def _abort_write(self, txn: lmdb.Transaction) -> None:
         """Abort a write transaction while no reader of this process is inside LMDB.
@@ -1232,11 +1254,14 @@ class LmdbState:
 
     def sync(self) -> None:
         """Force data and meta pages to stable storage (the checkpoint barrier)."""
-        try:  # py-lmdb fails (EINVAL) an env call that starts while the map is being
-            # resized: none does, through the gate
-            self.gate.call(self._sync)
-        except lmdb.Error as e:
-            raise StateWriteError(f"syncing LMDB failed: {e}") from e
+        with self._write_lock:  # (no write commits beside it, nor after it failed)
+            self._refuse_after_failure()
+            try:  # py-lmdb fails (EINVAL) an env call that starts while the map is being
+                # resized: none does, through the gate
+                self.gate.call(self._sync)
+            except lmdb.Error as e:
+                self.write_failed = self.write_failed or e
+                raise StateWriteError(f"syncing LMDB failed: {e}") from e
 
     def _sync(self) -> None:
         fileio.lmdb_io("sync", self.path)
