@@ -470,3 +470,136 @@ def test_a_run_that_loads_its_thread_while_a_rewind_of_it_runs_never_saves_what_
     state = graph.get_state(config)
     assert state.values.get("booked") == standing(world), (errors, world)  # (before:
     store.close()                                         # ["Rome"] and [])
+
+
+def test_an_async_nodes_transaction_never_blocks_the_event_loop_while_a_rewind_runs(
+        tmp_path, monkeypatch):
+    # (probe h3, stop 74: an async node's walstore transaction, begun on the event loop
+    # while a rewind of its thread ran in a worker thread (``arewind``), waited for the
+    # rewind's end on the loop: every task of the loop stood still for the whole rewind,
+    # compensations included, and a compensator that needs the loop (an async app's HTTP
+    # client, reached with run_coroutine_threadsafe) waited _REMOVAL_WAIT_S twice: 240 s.
+    # On the loop's thread it is now refused at once; the run's saves, in worker threads,
+    # still wait, so the run's caller hears once the rewind's compensations ran.)
+    import asyncio
+
+    from walstore.integrations.langgraph import saver as saver_mod
+    monkeypatch.setattr(saver_mod, "_REMOVAL_WAIT_S", 60.0)
+    world: list = []
+    comp_started, caller_heard, node_begins = (threading.Event() for _ in range(3))
+    loop_reached: list = []
+    heard_early: list = []
+    loops: list = []
+    in_node: list = []
+
+    def cancel(action) -> None:   # (a refund through the app's async client)
+        comp_started.set()
+        assert node_begins.wait(30)   # (the loop runs nothing else until it began)
+        fut = asyncio.run_coroutine_threadsafe(asyncio.sleep(0, "reached"), loops[0])
+        try:
+            loop_reached.append(fut.result(30))
+        except Exception as e:  # noqa: BLE001  (before the fix: TimeoutError)
+            loop_reached.append(type(e).__name__)
+        heard_early.append(caller_heard.is_set())
+        world.append(("cancel", action.args["city"]))
+    store = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"cancel": cancel})
+    saver = WalstoreSaver(store)
+
+    async def book(s: Plan) -> dict:
+        city = s["plan"][0]
+        if city == "Rome":   # (begins once the rewind compensates Paris's booking)
+            in_node[0].set()
+            assert await asyncio.to_thread(comp_started.wait, 30)
+            node_begins.set()
+        book_in(store, world, city)   # (on the loop's thread)
+        return {"plan": s["plan"][1:], "booked": [city]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+
+    async def main() -> list:
+        loops.append(asyncio.get_running_loop())
+        in_node.append(asyncio.Event())
+        await graph.ainvoke({"plan": [], "booked": []}, config, durability="sync")
+        before = (await graph.aget_state(config)).config
+        await graph.ainvoke({"plan": ["Paris"]}, config, durability="sync")
+        run = asyncio.ensure_future(graph.ainvoke({"plan": ["Rome"]}, config,
+                                                  durability="sync"))
+        await in_node[0].wait()   # (the run's step saved, its node running)
+        assert await saver.arewind(before) is not None
+        try:
+            await run
+            return []
+        except Exception as e:  # noqa: BLE001  (the run cut off)
+            caller_heard.set()
+            return [type(e).__name__]
+    errors = asyncio.run(main())
+    assert loop_reached == ["reached"]   # (before: ["TimeoutError"])
+    assert heard_early == [False]
+    assert errors == ["StaleCheckpointError"]
+    assert graph.get_state(config).values["booked"] == standing(world) == []
+    store.close()
+
+
+def test_a_save_refused_after_the_removal_wait_ran_out_does_not_wait_it_again(
+        tmp_path, monkeypatch):
+    # (probe h3, stop 74: a save of a run cut off by a rewind still running after
+    # _REMOVAL_WAIT_S -- a compensator of it waiting for the run -- waited the cap out,
+    # was refused, and waited the whole cap again before the refusal reached its caller:
+    # 240 s, where the cap says 120.  Each save's waits now share one deadline.)
+    from walstore.integrations.langgraph import saver as saver_mod
+    cap = 0.3
+    monkeypatch.setattr(saver_mod, "_REMOVAL_WAIT_S", cap)
+    fresh: list = []   # (the waits that began a whole cap: one per save)
+
+    class Spy(threading.Condition):
+        def wait(self, timeout=None):
+            if timeout is not None and timeout > cap * 0.9:
+                fresh.append(threading.get_ident())
+            return super().wait(timeout)
+    monkeypatch.setattr(saver_mod, "_UNDERWAY_DONE", Spy(threading.Lock()))
+    world: list = []
+    run_done = threading.Event()
+
+    def cancel(action) -> None:   # (waits for the run it undoes: past the cap)
+        run_done.wait(30)
+        world.append(("cancel", action.args["city"]))
+    store = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"cancel": cancel})
+    saver = WalstoreSaver(store)
+    booked, go = threading.Event(), threading.Event()
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        if s["plan"][0] == "Rome":
+            booked.set()
+            assert go.wait(30)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="sync")
+    before = next(h for h in graph.get_state_history(config) if h.values["booked"] == [])
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": ["Rome"]}, config, durability="sync")
+        except Exception as e:  # noqa: BLE001  (the run cut off)
+            errors.append(e)
+        run_done.set()
+    th = threading.Thread(target=run)
+    th.start()
+    assert booked.wait(30)
+    real = store.rewind
+
+    def rewinding(*args, **kwargs):   # (the run's saves come while the rewind runs)
+        go.set()
+        return real(*args, **kwargs)
+    store.__dict__["rewind"] = rewinding
+    assert saver.rewind(before.config) is not None
+    del store.__dict__["rewind"]
+    th.join(60)
+    assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
+    assert fresh and all(fresh.count(t) == 1 for t in fresh), fresh  # (before: twice)
+    assert graph.get_state(config).values["booked"] == standing(world) == []
+    store.close()

@@ -54,7 +54,9 @@ which thread a transaction begun inside a graph node belongs to.
   follows to the work of a step that never got a checkpoint (``_early_work``).  While a
   rewind or ``delete_thread`` of a thread runs (``_RemovalUnderway``), the thread's saves
   and node transactions in other Python threads wait for its end, compensations included
-  (``_await_removal``): a refusal never tells a run its step was undone before it is.
+  (``_await_removal``): a refusal never tells a run its step was undone before it is (a
+  node transaction begun on an event loop's thread is refused instead: waiting there
+  stopped the loop).
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -303,29 +305,47 @@ class _RemovalUnderway:
 
 _REMOVAL_WAIT_S = 120.0  # (then as before: a compensator of the rewind that runs a graph
 #  on the very thread it undoes, in another Python thread, and waits for it, would wait
-#  for ever)
+#  for ever; the cap is per save or node transaction, however often it waits)
 
 
-def _await_removal(store: Any, prefix: bytes) -> bool:
+def _await_removal(store: Any, prefix: bytes, budget: dict | None = None) -> bool:
     """Wait until no rewind or delete of the thread ``prefix`` runs in another Python
     thread of this process (not for one this thread runs: a compensator of it saving on
-    the thread; at most ``_REMOVAL_WAIT_S``).  True when it waited for one that ended:
-    the marks may have changed meanwhile (a removal re-marks the thread once committed,
-    and puts the marks back when it failed without committing)."""
+    the thread; at most ``_REMOVAL_WAIT_S``, counted from the first wait of ``budget``:
+    one save or node transaction passes the same dict to each of its waits, so a save
+    refused after the cap ran out does not wait the cap again).  True when it waited for
+    one that ended: the marks may have changed meanwhile (a removal re-marks the thread
+    once committed, and puts the marks back when it failed without committing)."""
     me = threading.get_ident()
     waited = False
-    deadline = None
+    budget = {} if budget is None else budget
     with _UNDERWAY_DONE:
         while True:
             threads = _UNDERWAY.get(store, {}).get(prefix)
             if not threads or me in threads:
                 return waited
             now = time.monotonic()
-            deadline = deadline or now + _REMOVAL_WAIT_S
+            deadline = budget.setdefault("deadline", now + _REMOVAL_WAIT_S)
             if now >= deadline:
                 return False   # (still running)
             waited = True
             _UNDERWAY_DONE.wait(deadline - now)
+
+
+def _removal_underway(store: Any, prefix: bytes) -> bool:
+    """Does a rewind or delete of the thread ``prefix`` run in another Python thread?"""
+    with _UNDERWAY_DONE:
+        threads = _UNDERWAY.get(store, {}).get(prefix)
+        return bool(threads) and threading.get_ident() not in threads
+
+
+def _on_event_loop() -> bool:
+    """Does this thread run an asyncio event loop (an async node's own code)?"""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _rewinds(store: Any) -> dict[bytes, float]:
@@ -1152,7 +1172,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # (while a rewind or delete of the thread runs in another Python thread, it is
         # waited for: a run that loaded the thread after it began is cut off only once
         # it committed, and its step's work it undid must not be saved as done)
-        _await_removal(self.store, ns.thread_prefix)
+        budget: dict = {}
+        _await_removal(self.store, ns.thread_prefix, budget)
         while True:
             try:
                 self._refuse_cut_off(conf, thread_id, ns_name, ns, parent,
@@ -1162,7 +1183,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                           checkpoint_ns=ns_name or None, checkpoint_id=cid))
                 break
             except StaleCheckpointError as e:
-                if self._removal_failed(e, conf, ns_name, ns):
+                if self._removal_failed(e, conf, ns_name, ns, budget):
                     continue
                 if e.head is None and token is not None and token in _lost_runs(self.store):
                     self._undo_lost_step(e, ns, token)  # (refused for a lost race)
@@ -1503,7 +1524,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 tx.put(key, row)
         token = _conf(config).get(RUN_TOKEN + ns_name) if self.fencing else None
-        _await_removal(self.store, ns.thread_prefix)  # (as put does)
+        budget: dict = {}
+        _await_removal(self.store, ns.thread_prefix, budget)  # (as put does)
         while True:
             try:
                 self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid,
@@ -1513,14 +1535,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                           checkpoint_id=cid, task_id=task_id))
                 return
             except StaleCheckpointError as e:
-                if self._removal_failed(e, _conf(config), ns_name, ns):
+                if self._removal_failed(e, _conf(config), ns_name, ns, budget):
                     continue
                 if token is not None and token in _lost_runs(self.store):
                     self._undo_lost_step(e, ns, token)  # (refused for a lost race)
                 raise
 
     def _removal_failed(self, error: StaleCheckpointError, conf: Mapping, ns_name: str,
-                        ns: Namespace) -> bool:
+                        ns: Namespace, budget: dict) -> bool:
         """A save refused (``error``) for a rewind or ``delete_thread`` of its thread
         under way in another Python thread waits for its end, compensations included, so
         the refusal (it says the run's step was undone) never reaches its caller before
@@ -1528,7 +1550,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         put back, the checkpoint there): the run was not cut off, and the save is tried
         again (else its step's bookings stood with no checkpoint saying so, and a resume
         booked again)."""
-        if error.head is not None or not _await_removal(self.store, ns.thread_prefix):
+        if error.head is not None or not _await_removal(self.store, ns.thread_prefix,
+                                                         budget):
             return False
         return self._cut_off(conf, ns_name, ns) is None
 
@@ -2438,8 +2461,23 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
             # waited for, before the transaction reads: one of a run that loaded the
             # thread after the rewind began, committed before it, was undone by it,
             # and the run's next checkpoint, saved before the rewind marked its runs
-            # cut off once committed, said the step was done)
-            _await_removal(store, prefix)
+            # cut off once committed, said the step was done.  Not on an event loop's
+            # thread (an async node's own code): that blocked every task of the loop
+            # for the whole removal, compensations included, and a compensator that
+            # needs the loop (an async client's) for _REMOVAL_WAIT_S twice; refused
+            # there instead.  The run's saves, in worker threads, still wait)
+            on_loop = _on_event_loop()
+            if on_loop and _removal_underway(store, prefix):
+                raise StaleCheckpointError(
+                    f"thread {thread_id!r}: a rewind or delete_thread of it is under way in "
+                    f"another Python thread, and a walstore transaction begun on the event "
+                    f"loop cannot wait for its end without blocking the loop, so it was "
+                    f"refused and nothing was written (retry once the removal ended, or "
+                    f"begin it in asyncio.to_thread, where it waits)",
+                    str(thread_id), "", None, None)
+            budget: dict = {}
+            if not on_loop:
+                _await_removal(store, prefix, budget)
             while True:
                 try:
                     saver._fence_step(tx, str(thread_id), checkpoint_map, conf)
@@ -2447,7 +2485,8 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
                 except StaleCheckpointError as e:
                     # (refused for a rewind or delete of the thread still under way: told
                     # once it ended; begun again when it failed without committing)
-                    if e.head is not None or not _await_removal(store, prefix) or any(
+                    if e.head is not None or on_loop or not _await_removal(
+                            store, prefix, budget) or any(
                             saver._cut_off(conf, ns_name, saver.keys.at(str(thread_id),
                                                                         ns_name))
                             for ns_name in checkpoint_map if isinstance(ns_name, str)):
