@@ -603,3 +603,71 @@ def test_a_save_refused_after_the_removal_wait_ran_out_does_not_wait_it_again(
     assert fresh and all(fresh.count(t) == 1 for t in fresh), fresh  # (before: twice)
     assert graph.get_state(config).values["booked"] == standing(world) == []
     store.close()
+
+
+def test_two_rewinds_of_a_thread_at_once_that_both_fail_leave_its_run_saving(
+        tmp_path, monkeypatch):
+    # (probe h3, stop 74: each rewind marks the thread's runs cut off as it begins and,
+    # failing without committing (a full disk), puts back the marks it found.  Two at
+    # once: the second found the first's mark and, failing last, put it back -- the
+    # thread stayed marked with nothing removed, and the run in flight was refused,
+    # told its step was undone, its booking standing with no checkpoint: state
+    # ["Paris"], world ["Paris", "Rome"].  Two removals of one thread now take turns.)
+    from walstore.integrations.langgraph import saver as saver_mod
+    store, world = booking_store(tmp_path)
+    r1_in, r2_ready, r1_failed = (threading.Event() for _ in range(3))
+
+    class Spy(threading.Condition):   # (R2 waits for R1's end: the fix)
+        def wait(self, timeout=None):
+            if threading.current_thread().name == "R2":
+                r2_ready.set()
+            return super().wait(timeout)
+    monkeypatch.setattr(saver_mod, "_UNDERWAY_DONE", Spy(threading.Lock()))
+
+    saver = WalstoreSaver(store)
+    booked, go = threading.Event(), threading.Event()
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        if s["plan"][0] == "Rome":
+            booked.set()
+            assert go.wait(30)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="sync")
+    head = graph.get_state(config).config
+    th, errors = _start_run(graph, {"plan": ["Rome"]}, config)
+    assert booked.wait(30)
+
+    def failing(*args, **kwargs):   # (each rewind fails without committing)
+        if threading.current_thread().name == "R1":   # (the thread marked by R1)
+            r1_in.set()
+            assert r2_ready.wait(30)
+        else:   # (R2 marked the thread: the code before)
+            r2_ready.set()
+            assert r1_failed.wait(30)
+        raise walstore.WalstoreError("no space left on device")
+    store.__dict__["rewind"] = failing
+    outcome: dict = {}
+
+    def rewind() -> None:
+        try:
+            saver.rewind(head)
+        except walstore.WalstoreError as e:
+            outcome[threading.current_thread().name] = str(e)
+    r1 = threading.Thread(target=rewind, name="R1")
+    r2 = threading.Thread(target=rewind, name="R2")
+    r1.start()
+    assert r1_in.wait(30)
+    r2.start()
+    r1.join(60)
+    r1_failed.set()
+    r2.join(60)
+    del store.__dict__["rewind"]
+    assert outcome == {"R1": "no space left on device", "R2": "no space left on device"}
+    go.set()
+    th.join(60)
+    assert errors == []   # (before: StaleCheckpointError, "its step ... was undone")
+    assert graph.get_state(config).values["booked"] == standing(world) == ["Paris", "Rome"]
+    store.close()

@@ -283,15 +283,28 @@ _UNDERWAY_DONE = threading.Condition(threading.Lock())
 class _RemovalUnderway:
     """``with _RemovalUnderway(store, prefix):`` around a rewind or delete of the thread
     (marks, commit and compensations): the thread's saves and node transactions in other
-    Python threads wait for its end meanwhile (``_await_removal``)."""
+    Python threads wait for its end meanwhile (``_await_removal``).  Two of one thread
+    take turns (the second waits, at most ``_REMOVAL_WAIT_S``): each marks the thread's
+    runs cut off as it begins and, failing without committing, puts back the marks it
+    found -- interleaved, the one that failed last put back the other's mark, and the
+    thread stayed marked with nothing removed (its run refused, told its step was
+    undone, its booking standing: probe h3).  One nested in the same Python thread (a
+    compensator rewinding the thread) goes on: it ends first."""
 
     def __init__(self, store: Any, prefix: bytes) -> None:
         self.store, self.prefix = store, prefix
 
     def __enter__(self) -> None:
-        with _UNDERWAY_DONE:
-            _UNDERWAY.setdefault(self.store, {}).setdefault(self.prefix, []).append(
-                threading.get_ident())
+        me = threading.get_ident()
+        deadline = time.monotonic() + _REMOVAL_WAIT_S
+        with _UNDERWAY_DONE:   # (the look and the entry in one hold of the lock)
+            while True:
+                threads = _UNDERWAY.get(self.store, {}).get(self.prefix)
+                left = deadline - time.monotonic()
+                if not threads or me in threads or left <= 0:
+                    break
+                _UNDERWAY_DONE.wait(left)
+            _UNDERWAY.setdefault(self.store, {}).setdefault(self.prefix, []).append(me)
 
     def __exit__(self, *exc: Any) -> None:
         with _UNDERWAY_DONE:
