@@ -671,3 +671,45 @@ def test_two_rewinds_of_a_thread_at_once_that_both_fail_leave_its_run_saving(
     assert errors == []   # (before: StaleCheckpointError, "its step ... was undone")
     assert graph.get_state(config).values["booked"] == standing(world) == ["Paris", "Rome"]
     store.close()
+
+
+def test_a_compensator_running_a_graph_on_the_thread_its_rewind_undoes_never_waits(
+        tmp_path, monkeypatch):
+    # (probe h3, stop 74: a save waits while a rewind of its thread runs in another
+    # Python thread, except in the rewinding thread itself -- but a compensator of the
+    # rewind that runs the graph on the thread it undoes (sync invoke, in the rewinding
+    # thread) has its saves made in LangGraph's own threads: each waited the whole
+    # _REMOVAL_WAIT_S for the very rewind it works for, three of them, 360 s.  Code
+    # carrying the rewind's context (LangGraph copies it into its threads) never waits.)
+    from walstore.integrations.langgraph import saver as saver_mod
+    monkeypatch.setattr(saver_mod, "_REMOVAL_WAIT_S", 0.2)
+    waits: list = []
+
+    class Spy(threading.Condition):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(timeout)
+    monkeypatch.setattr(saver_mod, "_UNDERWAY_DONE", Spy(threading.Lock()))
+    world: list = []
+    graphs: list = []
+    config = {"configurable": {"thread_id": "a"}}
+
+    def cancel(action) -> None:   # (the refund, then a new plan for the thread)
+        world.append(("cancel", action.args["city"]))
+        graphs[0].invoke({"plan": ["Nice"]}, config, durability="sync")
+    store = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"cancel": cancel})
+    saver = WalstoreSaver(store)
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graphs.append(plan_graph(saver, book))
+    graph = graphs[0]
+    graph.invoke({"plan": [], "booked": []}, config, durability="sync")
+    before = graph.get_state(config).config
+    graph.invoke({"plan": ["Paris"]}, config, durability="sync")
+    assert saver.rewind(before) is not None
+    assert waits == []   # (before: the cap waited out by the run's background saves)
+    assert graph.get_state(config).values["booked"] == standing(world) == ["Nice"]
+    store.close()

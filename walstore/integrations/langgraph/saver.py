@@ -67,6 +67,7 @@ as themselves, anything that would not is refused at ``put``, nothing pickles.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import heapq
 import itertools
@@ -293,20 +294,24 @@ class _RemovalUnderway:
 
     def __init__(self, store: Any, prefix: bytes) -> None:
         self.store, self.prefix = store, prefix
+        self.token: Any = None
 
     def __enter__(self) -> None:
         me = threading.get_ident()
         deadline = time.monotonic() + _REMOVAL_WAIT_S
         with _UNDERWAY_DONE:   # (the look and the entry in one hold of the lock)
-            while True:
+            while not _removing_here(self.store, self.prefix):
                 threads = _UNDERWAY.get(self.store, {}).get(self.prefix)
                 left = deadline - time.monotonic()
                 if not threads or me in threads or left <= 0:
                     break
                 _UNDERWAY_DONE.wait(left)
             _UNDERWAY.setdefault(self.store, {}).setdefault(self.prefix, []).append(me)
+        self.token = _REMOVING_HERE.set(
+            _REMOVING_HERE.get() + ((id(self.store), self.prefix),))
 
     def __exit__(self, *exc: Any) -> None:
+        _REMOVING_HERE.reset(self.token)
         with _UNDERWAY_DONE:
             threads = _UNDERWAY.get(self.store, {}).get(self.prefix)
             if threads is not None:
@@ -316,19 +321,34 @@ class _RemovalUnderway:
             _UNDERWAY_DONE.notify_all()
 
 
+# (store id, thread prefix) of the removals the code running now works for: a
+# compensator of one, and the threads it starts carrying its context (LangGraph's own, a
+# graph it runs on the thread it undoes: its background saves), never wait for it
+_REMOVING_HERE: "contextvars.ContextVar[tuple]" = contextvars.ContextVar(
+    "walstore_langgraph_removing", default=())
+
+
+def _removing_here(store: Any, prefix: bytes) -> bool:
+    return (id(store), prefix) in _REMOVING_HERE.get()
+
+
 _REMOVAL_WAIT_S = 120.0  # (then as before: a compensator of the rewind that runs a graph
-#  on the very thread it undoes, in another Python thread, and waits for it, would wait
-#  for ever; the cap is per save or node transaction, however often it waits)
+#  on the very thread it undoes, in another Python thread not carrying its context (a
+#  bare threading.Thread), and waits for it, would wait for ever; the cap is per save or
+#  node transaction, however often it waits)
 
 
 def _await_removal(store: Any, prefix: bytes, budget: dict | None = None) -> bool:
     """Wait until no rewind or delete of the thread ``prefix`` runs in another Python
-    thread of this process (not for one this thread runs: a compensator of it saving on
-    the thread; at most ``_REMOVAL_WAIT_S``, counted from the first wait of ``budget``:
+    thread of this process (not for one this thread runs, nor one whose context this
+    code carries: a compensator of it saving on the thread, in LangGraph's threads too; at
+    most ``_REMOVAL_WAIT_S``, counted from the first wait of ``budget``:
     one save or node transaction passes the same dict to each of its waits, so a save
     refused after the cap ran out does not wait the cap again).  True when it waited for
     one that ended: the marks may have changed meanwhile (a removal re-marks the thread
     once committed, and puts the marks back when it failed without committing)."""
+    if _removing_here(store, prefix):
+        return False   # (on behalf of the removal: a compensator's work)
     me = threading.get_ident()
     waited = False
     budget = {} if budget is None else budget
@@ -349,7 +369,8 @@ def _removal_underway(store: Any, prefix: bytes) -> bool:
     """Does a rewind or delete of the thread ``prefix`` run in another Python thread?"""
     with _UNDERWAY_DONE:
         threads = _UNDERWAY.get(store, {}).get(prefix)
-        return bool(threads) and threading.get_ident() not in threads
+        return (bool(threads) and threading.get_ident() not in threads
+                and not _removing_here(store, prefix))
 
 
 def _on_event_loop() -> bool:
