@@ -284,6 +284,46 @@ def test_a_checkpoint_id_of_another_type_matches_nothing_and_list_honours_the_na
     assert one is not None and one.checkpoint["id"] == ids[("t2", "sub")]
 
 
+def test_rewind_from_a_node_of_its_own_run_is_refused_plainly(store):
+    """The same for ``saver.rewind`` of the node's own thread (h3, stop 74): a
+    StaleCheckpointError saying to reload the thread and retry (the rewind, a transaction
+    of the node, is fenced against the undo it makes); now a ValueError, nothing rewound.
+    Another thread's rewind from a node works."""
+    saver = WalstoreSaver(store)
+
+    class S(TypedDict):
+        n: int
+        victim: str
+
+    def rewind(state):
+        victim = {"configurable": {"thread_id": state["victim"]}}
+        first = list(saver.list(victim))[-1].config
+        saver.rewind(first)
+        return {"n": state["n"] + 1}
+
+    builder = StateGraph(S)
+    builder.add_node("rewind", rewind)
+    builder.add_edge(START, "rewind")
+    builder.add_edge("rewind", END)
+    graph = builder.compile(checkpointer=saver)
+    plain = StateGraph(S)
+    plain.add_node("step", lambda state: {"n": state["n"] + 1})
+    plain.add_edge(START, "step")
+    plain.add_edge("step", END)
+    other = {"configurable": {"thread_id": "other"}}
+    plain.compile(checkpointer=saver).invoke({"n": 0, "victim": ""}, other)
+    before = len(list(saver.list(other)))
+    t1 = {"configurable": {"thread_id": "t1"}}
+    plain.compile(checkpointer=saver).invoke({"n": 0, "victim": ""}, t1)
+    kept = len(list(saver.list(t1)))
+    with pytest.raises(ValueError, match="own run") as err:
+        graph.invoke({"n": 0, "victim": "t1"}, t1)
+    assert not isinstance(err.value, walstore.WalstoreError)
+    assert len(list(saver.list(t1))) >= kept  # (nothing of the thread undone)
+    out = graph.invoke({"n": 5, "victim": "other"}, {"configurable": {"thread_id": "t2"}})
+    assert out["n"] == 6 and len(list(saver.list(other))) == 1 < before  # (rewound)
+
+
 def test_delete_thread_from_a_node_of_its_own_run_is_refused_plainly(store):
     """A node deleting its own thread failed with a StaleCheckpointError that said the
     run's checkpoint was gone and to reload the thread and retry (the purge, a transaction

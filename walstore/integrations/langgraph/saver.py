@@ -2333,11 +2333,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         so one begun while its step's checkpoint is still being saved (``"async"``)
         conflicts too.  A run of the thread that loaded it before the rewind (in this
         process) is refused at its next checkpoint and pending writes, whatever checkpoint
-        the rewind kept (``_refuse_cut_off``).
+        the rewind kept (``_refuse_cut_off``).  Called from a node of the thread's own
+        run, it raises ValueError and changes nothing (as ``delete_thread`` does).
         """
         thread_id, _ns, _cid = _rewind_where(config)
         if dry_run:
             return self._rewind(config, thread_id, True, meta)
+        if current_thread_scope() == self.thread_scope(thread_id):
+            # (it failed with a StaleCheckpointError saying to "reload the thread and
+            # retry": the rewind, a transaction of the node, is fenced against the very
+            # undo it makes — as delete_thread's purge was: probe h3, stop 74)
+            raise ValueError(f"rewind of thread {thread_id!r} was called from a node of "
+                             f"that thread's own run, which would go on from the step it "
+                             f"undoes; nothing was rewound: rewind it after the run "
+                             f"returns (or from another thread's run)")
         # (a run of the thread refused meanwhile waits for the end, compensations too,
         # before it hears that its step was undone: _await_removal)
         with _RemovalUnderway(self.store, self.thread_scope(thread_id)):
