@@ -169,6 +169,18 @@ def test_a_body_suspended_in_a_coroutine_still_counts_as_running(tmp_path):
         s.close()
 
 
+def _assert_the_commit_waits(tx, act) -> None:
+    """Inside ``act``'s body: a commit here is refused, and another thread is told the
+    body still runs."""
+    with pytest.raises(walstore.WalstoreError, match="still running"):
+        tx.commit()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(act.blocks_commit))
+    t.start()
+    t.join()
+    assert out[0] is not None
+
+
 class _Wrapper:
     """A program's own context manager around an action (its ``__enter__`` returns before
     the block runs)."""
@@ -195,13 +207,7 @@ def test_a_body_entered_through_an_exit_stack_or_a_wrapper_blocks_the_commit(tmp
             with contextlib.ExitStack() as stack:
                 act = (stack.enter_context(tx.action("charge", compensate=None))
                        if enter == "exit stack" else stack.enter_context(_Wrapper(tx)))
-                with pytest.raises(walstore.WalstoreError, match="still running"):
-                    tx.commit()
-                out: list = []
-                t = threading.Thread(target=lambda: out.append(act.blocks_commit))
-                t.start()
-                t.join()
-                assert out[0] is not None, enter
+                _assert_the_commit_waits(tx, act)
                 act.result = {"charge": enter}
             tx.commit()
             assert [a.result for a in s.actions() if a.txid == tx.id] == [{"charge": enter}]
@@ -251,13 +257,7 @@ def test_a_body_entered_by_a_helper_on_an_exit_stack_blocks_the_commit(tmp_path)
             tx = s.transaction()
             with contextlib.ExitStack() as stack:
                 act = _enter_charge(stack, tx) if depth == 1 else step(stack, tx)
-                with pytest.raises(walstore.WalstoreError, match="still running"):
-                    tx.commit()
-                out: list = []
-                t = threading.Thread(target=lambda: out.append(act.blocks_commit))
-                t.start()
-                t.join()
-                assert out[0] is not None, depth
+                _assert_the_commit_waits(tx, act)
                 act.result = {"charge": depth}
             assert act.blocks_commit is None
             tx.commit()

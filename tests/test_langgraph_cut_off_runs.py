@@ -568,14 +568,7 @@ def test_a_save_refused_after_the_removal_wait_ran_out_does_not_wait_it_again(
                           compensators={"cancel": cancel})
     saver = WalstoreSaver(store)
     booked, go = threading.Event(), threading.Event()
-
-    def book(s: Plan) -> dict:
-        book_in(store, world, s["plan"][0])
-        if s["plan"][0] == "Rome":
-            booked.set()
-            assert go.wait(30)
-        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
-    graph = plan_graph(saver, book)
+    graph = plan_graph(saver, _book_then_wait_in_rome(store, world, booked, go))
     config = {"configurable": {"thread_id": "a"}}
     graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="sync")
     before = next(h for h in graph.get_state_history(config) if h.values["booked"] == [])
@@ -605,6 +598,19 @@ def test_a_save_refused_after_the_removal_wait_ran_out_does_not_wait_it_again(
     store.close()
 
 
+def _book_then_wait_in_rome(store, world: list, booked: threading.Event,
+                            go: threading.Event):
+    """A node booking its plan's first city; in Rome it then says so (``booked``) and
+    waits for ``go`` before its step ends."""
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        if s["plan"][0] == "Rome":
+            booked.set()
+            assert go.wait(30)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    return book
+
+
 def test_two_rewinds_of_a_thread_at_once_that_both_fail_leave_its_run_saving(
         tmp_path, monkeypatch):
     # (probe h3, stop 74: each rewind marks the thread's runs cut off as it begins and,
@@ -626,14 +632,7 @@ def test_two_rewinds_of_a_thread_at_once_that_both_fail_leave_its_run_saving(
 
     saver = WalstoreSaver(store)
     booked, go = threading.Event(), threading.Event()
-
-    def book(s: Plan) -> dict:
-        book_in(store, world, s["plan"][0])
-        if s["plan"][0] == "Rome":
-            booked.set()
-            assert go.wait(30)
-        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
-    graph = plan_graph(saver, book)
+    graph = plan_graph(saver, _book_then_wait_in_rome(store, world, booked, go))
     config = {"configurable": {"thread_id": "a"}}
     graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="sync")
     head = graph.get_state(config).config
