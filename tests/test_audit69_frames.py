@@ -266,6 +266,68 @@ def test_a_body_entered_by_a_helper_on_an_exit_stack_blocks_the_commit(tmp_path)
         s.close()
 
 
+def _cut_the_exit_short() -> None:
+    """The next ``ActionScope.__exit__`` raises KeyboardInterrupt as it is called."""
+    def interrupt_the_exit(frame, event, arg):
+        if event == "call" and frame.f_code is ActionScope.__exit__.__code__:
+            sys.setprofile(None)
+            raise KeyboardInterrupt("in the exit")
+    sys.setprofile(interrupt_the_exit)
+
+
+class _Agent:
+    """A program keeping its exit stack in an attribute (no frame holds it)."""
+
+    def __init__(self, tx) -> None:
+        self.tx, self.stack = tx, contextlib.ExitStack()
+
+    def charge(self):
+        return _enter_charge(self.stack, self.tx)
+
+
+def test_a_body_on_an_exit_stack_ends_when_the_stack_takes_its_exit(tmp_path):
+    """The body of an action entered on an exit stack runs while the stack holds its exit
+    (stop 74, h5's review of the first rule, which took the outermost frame holding the
+    stack: an exit an interrupt cut short left the action refusing every rollback for as
+    long as a caller holding the stack ran, and for good when a coroutine held it).  A
+    stack kept in an attribute is followed too."""
+    s = walstore.open(str(tmp_path / "s"))
+    try:
+        def step(stack, tx):
+            with stack:
+                act = _enter_charge(stack, tx)
+                act.result = {"charge": 1}
+                _cut_the_exit_short()
+
+        tx = s.transaction()
+        stack = contextlib.ExitStack()  # (held here, for as long as this test runs)
+        with pytest.raises(KeyboardInterrupt):
+            step(stack, tx)
+        tx.rollback()  # (refused "still running" by the first rule)
+
+        async def holder(tx):
+            with contextlib.ExitStack() as stack:
+                act = _enter_charge(stack, tx)
+                act.result = {"charge": 2}
+                _cut_the_exit_short()
+        tx = s.transaction()
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(holder(tx))
+        tx.rollback()  # (refused for good by the first rule)
+
+        tx = s.transaction()
+        agent = _Agent(tx)
+        act = agent.charge()
+        _assert_the_commit_waits(tx, act)
+        act.result = {"charge": 3}
+        agent.stack.close()
+        tx.commit()
+        assert [a.result for a in s.actions() if a.txid == tx.id] == [{"charge": 3}]
+    finally:
+        sys.setprofile(None)
+        s.close()
+
+
 def test_a_rollback_in_the_bodys_thread_keeps_the_interrupted_frames_locals(tmp_path):
     """An interrupt cut the block's exit short; the program catches it and rolls back in
     the same thread, the interrupt's traceback in hand (a REPL's ``sys.last_traceback``,

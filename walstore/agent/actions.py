@@ -29,11 +29,13 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
+import collections
 import dis
 import inspect
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -356,6 +358,8 @@ def _body_running(body: tuple[int, Any] | None) -> bool:
     if body is None:
         return False
     ident, frame = body
+    if type(frame) is _StackEntry:
+        return frame.running(ident == threading.get_ident())
     if frame.f_code.co_flags & _SUSPENDABLE:
         return True
     if ident == threading.get_ident():  # (its own thread: this very stack, which nothing
@@ -373,38 +377,75 @@ _WITH_ENTRY = frozenset(dis.opmap[n] for n in ("BEFORE_WITH", "SETUP_WITH") if n
 
 
 def _block_frame() -> Any:
-    """The frame that runs the block of the ``with`` entering an action (called from
-    ``ActionScope.__enter__``): its caller, or, entered through a wrapper's
-    ``__enter__`` or an ``ExitStack.enter_context``, the frame that called those (theirs
-    end before the block runs: the body was judged ended at once, and a commit or a
-    rollback went through under it, its result lost).  A forwarder that is itself
-    entering a ``with`` (``with tx.action(...)`` written inside an ``__enter__``) runs
-    the block: it is the one.  Entered through ``enter_context`` by a helper function,
-    the frame of the ``with`` that holds the stack (the outermost caller holding it in a
-    local); a stack kept elsewhere only (an attribute) is not followed."""
+    """What runs the block of the ``with`` entering an action (called from
+    ``ActionScope.__enter__``): its caller's frame, or, entered through a wrapper's
+    ``__enter__``, the frame that called that (the wrapper's ends before the block runs:
+    the body was judged ended at once, and a commit or a rollback went through under it,
+    its result lost).  A forwarder that is itself entering a ``with`` (``with
+    tx.action(...)`` written inside an ``__enter__``) runs the block: it is the one.
+    Entered through ``ExitStack.enter_context`` (directly, by a helper function, through
+    a wrapper), a ``_StackEntry``: the block is the stack's, however far up or wherever
+    the stack is kept."""
     f = sys._getframe(2)
-    exit_stack = None
     while f.f_code.co_name in _FORWARDERS and f.f_back is not None and \
             not f.f_code.co_flags & _SUSPENDABLE and not _entering_a_with(f):
         if f.f_code.co_name == "enter_context":
-            exit_stack = f.f_locals.get("self")
+            entry = _StackEntry.of(f)
+            if entry is not None:
+                return entry
         f = f.f_back
-    if exit_stack is not None and not _entering_a_with(f):
-        # entered by a helper of the program (``return stack.enter_context(...)``): the
-        # block is the ``with`` holding the stack, which runs it until the stack closes —
-        # the outermost of the frames up from here that hold the stack in a local (the
-        # helper's own frame ended at once: a commit went through under the body)
-        up = f.f_back
-        while up is not None and _holds(up, exit_stack):
-            f, up = up, up.f_back
     return f
 
 
-def _holds(frame: Any, obj: Any) -> bool:
-    """Does a local variable of ``frame`` (a frame of this thread's stack) hold ``obj``?"""
-    try:
-        return any(v is obj for v in frame.f_locals.values())
-    except Exception:  # (an odd frame's locals: not known to hold it)
+class _StackEntry:
+    """An action entered through ``contextlib.ExitStack.enter_context`` (or
+    ``AsyncExitStack``'s): its body runs while the stack holds the exit callback of what
+    was entered (the action's scope, or a wrapper of it), and while ``enter_context``
+    itself still runs (the callback is pushed after ``__enter__`` returns).  The stack
+    takes a callback off before calling it, so an exit an interrupt cut short counts as
+    ended, and so does a stack dropped unclosed or one whose callbacks ``pop_all`` moved
+    to another stack.  (A frame was used before: the helper's, ended at once, for
+    ``return stack.enter_context(...)`` in a helper; then the outermost frame holding
+    the stack, which kept a body whose exit was cut short "running" for as long as that
+    frame ran, or for good in a coroutine: stop 74.)"""
+
+    __slots__ = ("stack", "entered", "entering")
+
+    def __init__(self, stack: Any, entered: Any, entering: Any) -> None:
+        self.stack = weakref.ref(stack)
+        self.entered = id(entered)  # (alive while its callback is: the callback holds it)
+        self.entering: Any = entering  # the ``enter_context`` frame, until it ended
+
+    @classmethod
+    def of(cls, frame: Any) -> "_StackEntry | None":
+        """The entry ``frame`` (``enter_context``'s) makes; None when it is not an exit
+        stack's (some other function of that name)."""
+        code = frame.f_code
+        if code.co_argcount != 2:
+            return None
+        names = code.co_varnames[:2]
+        stack = frame.f_locals.get(names[0])
+        if not isinstance(getattr(stack, "_exit_callbacks", None), collections.deque):
+            return None
+        try:
+            return cls(stack, frame.f_locals.get(names[1]), frame)
+        except TypeError:  # (a stack that takes no weak reference)
+            return None
+
+    def running(self, own_thread: bool) -> bool:
+        stack = self.stack()
+        if stack is not None:
+            callbacks = stack._exit_callbacks
+            if isinstance(callbacks, collections.deque):
+                for entry in list(callbacks):  # (a copy made in one C call)
+                    callback = entry[1] if isinstance(entry, tuple) else entry
+                    if id(getattr(callback, "__self__", None)) == self.entered:
+                        return True
+        frame = self.entering
+        if frame is not None:
+            if _on_this_stack(frame) if own_thread else _frame_executing(frame):
+                return True
+            self.entering = None
         return False
 
 
