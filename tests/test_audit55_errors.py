@@ -215,3 +215,38 @@ def test_a_failed_lmdb_write_of_the_replicas_pin_stops_the_store(tmp_path, fault
     faults.clear()
     with walstore.open(path) as s:
         assert (s.get("a"), s.get("b"), s.get("later")) == (1, 2, None)
+
+
+def test_after_a_purges_swap_failed_half_way_no_other_thread_writes_lmdb(tmp_path, faults):
+    """A purge's compaction renames the rewritten data file in, then a fresh lock file;
+    the second rename failing leaves the new data file beside a lock file in doubt, a
+    StateWriteError ("reopen the store").  The handle refused nothing after it, though:
+    between that raise (the write lock let go) and ``Engine.fail``, another thread's
+    write (the shipper's pin, a reservation of transaction ids) committed, and so
+    fdatasynced, through the environment reopened beside the old lock file (probe h5,
+    stop 74).  The write below stands for that other thread, as in the test above."""
+    from walstore.engine.lmdb_state import StateWriteError
+    path = str(tmp_path / "s")
+    _store_to_purge(path)
+    s = walstore.open(path, apply_interval=3600)
+    try:
+        state = s._engine.state
+        rule = faults.fail("rename", path="*/db/lock.mdb")
+        with pytest.raises(StateWriteError, match="renamed in"):
+            state.compact()
+        assert rule.fired == 1
+        mark = faults.now()
+        for again in (lambda: state.write(lambda txn: txn.put(b"probe", b"1",
+                                                              db=state.meta)),
+                      state.sync, state.compact):
+            with pytest.raises(StateWriteError, match="earlier LMDB write or sync"):
+                again()
+        assert faults.calls_to(LMDB_WRITES, after=mark) == [], \
+            "LMDB was written or synced after the swap failed half-way"
+    finally:
+        faults.clear()
+        s._engine.fail(RuntimeError("the test's failed swap"))
+        s.close()
+    with walstore.open(path) as s:
+        assert [s.get(f"kept/{i}") for i in range(10)] == list(range(10))
+    assert verify_store(path).ok

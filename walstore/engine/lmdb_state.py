@@ -48,8 +48,9 @@ Invariants:
   the process may not map that much; none possible: a StateWriteError, the old map kept);
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
   file, writes a ``StateWriteError`` (the caller turns the store read-only, and this
-  handle refuses every later write and sync itself, under the write lock: no other
-  thread's commit fdatasyncs LMDB after a failed one); a u64 row
+  handle refuses every later write, sync and compaction itself, under the write lock,
+  as after a compaction's swap that failed half-way: no other thread's commit
+  fdatasyncs LMDB after a failed one); a u64 row
   whose key or value is not 8 bytes (``from_u64``, every caller naming the row) is a
   CorruptionError naming the table, the key and the file (``tables.u64_damaged``);
 - py-lmdb releases the GIL around every call (each a microsecond or less); beside a busy
@@ -764,6 +765,7 @@ class LmdbState:
         before = os.path.getsize(self.data_file)
         work = self.path + ".compact"
         with self._write_lock:
+            self._refuse_after_failure()  # (a write: never after a failed one either)
             shown = None if progress is None else \
                 (lambda rows, of: progress(before * rows // max(of, 1), before))
             fresh = os.path.join(work, "data.mdb")
@@ -826,7 +828,10 @@ class LmdbState:
                             f"and the erasure stays owed: the next checkpoint or writable "
                             f"open tries again", e.filename) from e
                     # the new data file is in, beside a lock file in doubt: stop writing
-                    # until reopened (as a crash between the two renames would leave it)
+                    # until reopened (as a crash between the two renames would leave it),
+                    # this handle too (``write``: another thread's write committed, and
+                    # fdatasynced, between this raise and Engine.fail — stop 74, h5)
+                    self.write_failed = self.write_failed or e
                     raise StateWriteError(f"swapping in the LMDB data file rewritten "
                                           f"without its free pages failed after the data "
                                           f"file was renamed in: {e}; reopen the store") from e
