@@ -46,7 +46,17 @@ worker thread never runs: the cancellation is raised at once, nothing written). 
 process take a lock (an in-process queue instead of optimistic retries); readers read one
 snapshot and take no lock.  A rewind does not take it: its compensations are user code and
 may write to the session (e.g. add a "booking cancelled" item); the store serializes the
-rewind against other writers itself.
+rewind against other writers itself.  A turn in flight while another caller (asyncio task
+or thread of this process) rewinds the session is cut off: the session's writes wait while
+a ``rewind`` or ``erase`` of it runs, its compensations included (not those made in the
+rewind's own context: its compensators), and one from a context (task) that read or wrote
+the session before a rewind or erase that committed raises ``ConflictError``, nothing
+written, once that undo is done; it was added after the rewind (during its
+compensations even): items saying "booked" beside a booking the rewind cancelled (probe
+h4, stop 74).  A context that reads the session again writes on; one waiting on a rewind
+that failed without committing writes.  (``_WriterLock`` keeps the per-session count of
+rewinds, ``_SEEN`` what each context last saw; session writes are fenced against undo of
+the scope, ``undo_fence``.)
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
@@ -97,6 +107,7 @@ small), and a deleted branch's name may be used again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import os
@@ -106,8 +117,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import (LSN, ConflictError, ErasureOwed, SnapshotTooOld, TxnInfo, UnknownPoint,
-               WalstoreError)
+from .. import (LSN, CommitOutcomeUnknown, CompensationFailed, ConflictError, ErasureOwed,
+               SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
@@ -168,17 +179,88 @@ def _holds_anything(store: "Store", prefix: str) -> bool:
 
 class _WriterLock:
     """A session's writer lock, held by its WalstoreSession objects (a ``threading.Lock``
-    cannot be weakly referenced)."""
-    __slots__ = ("_lock", "__weakref__")
+    cannot be weakly referenced), and the session's rewinds in this process: ``epoch``
+    counts those that committed (``rewind``, ``erase``), ``underway`` holds those running
+    (commit and compensations), so a caller whose turn began before one is cut off
+    (``_SEEN``, ``WalstoreSession._guarded``)."""
+    __slots__ = ("_lock", "epoch", "underway", "done", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.epoch = 0
+        self.underway: list[object] = []
+        self.done = threading.Condition(threading.Lock())
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self._lock.__exit__(*exc)
+
+    def begin(self) -> object:
+        token = object()
+        with self.done:
+            self.underway.append(token)
+        return token
+
+    def end(self, token: object, committed: bool) -> None:
+        with self.done:
+            self.underway.remove(token)
+            if committed:
+                self.epoch += 1
+            self.done.notify_all()
+
+    def await_rewinds(self) -> bool:
+        """Wait until no rewind of the session runs (at most ``_REWIND_WAIT_S``); False
+        when one still runs then."""
+        deadline = None
+        with self.done:
+            while self.underway:
+                now = time.monotonic()
+                deadline = deadline or now + _REWIND_WAIT_S
+                if now >= deadline:
+                    return False
+                self.done.wait(deadline - now)
+        return True
+
+
+# A rewind's compensator may write to the session in another Python thread that does not
+# carry the rewind's context (``_REWINDING``): it waits this long, then writes.
+_REWIND_WAIT_S = 120.0
+
+# What this context (an asyncio task, or a thread) last saw of each session it touched:
+# (weakref to the session's _WriterLock, its ``epoch`` then), newest last.  A write from a
+# context that saw an older epoch is refused: a rewind by another caller committed since,
+# so the turn it writes for may be one the rewind retracted and compensated (its
+# bookings cancelled while its "booked" items landed after: probe h4, stop 74).  Copied
+# on change (never mutated): a task's children (gather, create_task) see their parent's.
+_SEEN: "contextvars.ContextVar[tuple[tuple[Any, int], ...]]" = contextvars.ContextVar(
+    "walstore_openai_session_seen", default=())
+_SEEN_MAX = 64   # (sessions remembered per context; one forgotten is not checked)
+# The sessions (their _WriterLock) whose rewind this context runs: its compensators'
+# writes to the session neither wait for it nor are refused.
+_REWINDING: "contextvars.ContextVar[tuple[Any, ...]]" = contextvars.ContextVar(
+    "walstore_openai_session_rewinding", default=())
+
+
+def _seen(state: _WriterLock) -> int | None:
+    for ref, epoch in _SEEN.get():
+        if ref() is state:
+            return epoch
+    return None
+
+
+def _note_seen(state: _WriterLock, epoch: int) -> None:
+    kept = tuple(p for p in _SEEN.get() if p[0]() is not state and p[0]() is not None)
+    _SEEN.set((kept + ((weakref.ref(state), epoch),))[-_SEEN_MAX:])
+
+
+class _RewindUnderway(Exception):
+    """Raised inside a session write's transaction function: wait for the rewind, retry."""
+
+
+class _CutOff(Exception):
+    """Raised inside a session write's transaction function: refused (see _SEEN)."""
 
 
 # One writer lock per (store, session prefix), shared by every WalstoreSession object of
@@ -421,16 +503,21 @@ class WalstoreSession:
             # was read that counts, so it is read again from a fresh snapshot
             # (probe-audit55), a bounded number of times, as WalstoreSaver's reads are.
             for attempt in range(_RETRIES + 1):
+                # (before the snapshot: a read while a rewind runs counts as before it)
+                epoch = state.epoch
                 tx = self.store.transaction()
                 try:
-                    return fn(tx)
+                    return fn(tx), epoch
                 except SnapshotTooOld:
                     if attempt >= _RETRIES:
                         raise
                 finally:
                     tx.rollback()
             raise AssertionError("unreachable")  # pragma: no cover
-        return await asyncio.to_thread(work)
+        state = self._lock
+        result, epoch = await asyncio.to_thread(work)
+        _note_seen(state, epoch)
+        return result
 
     async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
         """``fn(tx)`` as one committed transaction (retried on conflict), in a worker thread."""
@@ -445,12 +532,57 @@ class WalstoreSession:
         0.016 s); what they raise (TypeError, ValueError) comes before any write."""
         self._check_open()
         meta = {"openai_session": self.session_id, "op": op}
+        state = self._lock
 
-        def work() -> _T:
+        def work() -> tuple[_T, int]:
             fn = make()
-            with self._lock:
-                return self.store.run(fn, retries=_RETRIES, meta=meta)
-        return await finish_despite_cancel(work)
+            return self._guarded(op, fn, meta)
+        result, epoch = await finish_despite_cancel(work)
+        _note_seen(state, epoch)
+        return result
+
+    def _guarded(self, op: str, fn: Callable[["Transaction"], _T],
+                 meta: dict[str, Any]) -> tuple[_T, int]:
+        """``fn`` committed as one transaction under the session's writer lock, and the
+        session's rewind epoch it was written at.  While a rewind of the session by
+        another caller runs (its compensations included), the write waits for its end;
+        a caller that read or wrote the session before a rewind that committed since (in
+        another context) is refused (ConflictError), nothing written: the turn it writes
+        for may be one the rewind retracted and compensated.  The transaction is fenced
+        against undo of the scope (``undo_fence``), so a rewind committing while it runs
+        makes it conflict and be checked again.  A compensator of the rewind (its
+        context) neither waits nor is refused."""
+        state = self._lock
+        exempt = state in _REWINDING.get()
+        seen = None if exempt else _seen(state)
+        wait = not exempt
+        checked: list[int] = []
+
+        def guarded(tx: "Transaction") -> _T:
+            tx.undo_fence = self._prefix
+            tx.snapshot   # (taken now, before the checks: the fence dates from it)
+            if wait and state.underway:
+                raise _RewindUnderway
+            epoch = state.epoch
+            if seen is not None and epoch != seen:
+                raise _CutOff
+            checked[:] = [epoch]
+            return fn(tx)
+        while True:
+            if wait and not state.await_rewinds():
+                wait = False   # (a compensator in a thread without the rewind's context)
+            try:
+                with state:
+                    return self.store.run(guarded, retries=_RETRIES, meta=meta), checked[0]
+            except _RewindUnderway:
+                continue
+            except _CutOff:
+                raise ConflictError(
+                    f"session {self.session_id!r} was rewound by another caller after this "
+                    f"caller last read or wrote it (the turns after the point were retracted "
+                    f"and their tools' actions compensated): nothing was written "
+                    f"({op}); read the session again (get_items) and run the turn anew"
+                    ) from None
 
     # ---- reading inside a transaction -------------------------------------------------------
     def _current_branch(self, tx: "Transaction") -> str:
@@ -710,7 +842,7 @@ class WalstoreSession:
                 raise
             if drop_points():  # (their drop records name them: erased with the WAL they
                 self.store.purge(self._prefix)  # are in, by the purge's checkpoint)
-        await finish_despite_cancel(work)
+        await self._removal(work, lambda _result: True)
 
     # ---- restore points and rewind ----------------------------------------------------------
     async def restore_point(self, name: str) -> LSN:
@@ -798,7 +930,38 @@ class WalstoreSession:
                     time.sleep(0.005 * 2 ** attempt)
         if dry_run:
             return await asyncio.to_thread(work)
-        return await finish_despite_cancel(work)
+        return await self._removal(work, lambda result: result is not None)
+
+    async def _removal(self, work: Callable[[], _T],
+                       committed: Callable[[_T], bool]) -> _T:
+        """``work()`` (a rewind or erase of the session) marked under way for its whole
+        run, compensations included: the session's writes by other callers wait for its
+        end, and, when it committed, those of callers that read or wrote the session
+        before it are refused (``_guarded``).  Its own context (its compensators) is
+        exempt.  It failed without committing: nobody is refused."""
+        state = self._lock
+
+        def marked() -> _T:
+            token = state.begin()
+            done = False
+            rewinding = _REWINDING.set(_REWINDING.get() + (state,))
+            try:
+                result = work()
+                done = committed(result)
+                return result
+            except (CompensationFailed, ErasureOwed) as e:
+                done = getattr(e, "committed", True)   # (committed; compensations owed)
+                raise
+            except CommitOutcomeUnknown:
+                done = True   # (maybe committed: the store is read-only now anyway)
+                raise
+            finally:
+                _REWINDING.reset(rewinding)
+                state.end(token, done)
+        try:
+            return await finish_despite_cancel(marked)
+        finally:
+            _note_seen(state, state.epoch)
 
     # ---- branches (AdvancedSQLiteSession's API) ---------------------------------------------
     async def current_branch(self) -> str:
