@@ -15,6 +15,7 @@ import asyncio
 import errno
 import importlib.util
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,34 @@ def test_a_runner_whose_tool_booked_before_a_rewind_fails_instead_of_saving_book
     asyncio.run(go())
     assert world == ["book Rome", "cancel Rome"]
     assert [(a.name, a.state) for a in store.actions()] == [("book", "compensated")]
+
+
+
+def test_a_compensator_writing_from_a_thread_of_its_own_does_not_wait_for_its_rewind(
+        store, monkeypatch):
+    """A compensator that notes the cancellation from a pool thread (which carries no
+    context of the rewind) waited for the very rewind that waited for it: the whole
+    ``_REWIND_WAIT_S`` (120 s) on the first version of the fix.  A context that never
+    touched the session has no turn to cut off: it neither waits nor is refused."""
+    waiting = spy_on_waits(monkeypatch)
+    pool = ThreadPoolExecutor(1)
+
+    @store.compensator("cancel")
+    def cancel(action):
+        note = assistant(f"{action.args['what']} cancelled")
+        pool.submit(asyncio.run, WalstoreSession("u", store).add_items([note])
+                    ).result(WAIT_S)
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        await s.add_items([user("book rome")])
+        await asyncio.to_thread(book, store, s, "rome", [])
+        await s.rewind("p")
+        assert not waiting.is_set()
+        assert await s.get_items() == [user("hi"), assistant("rome cancelled")]
+    try:
+        asyncio.run(go())
+    finally:
+        pool.shutdown()

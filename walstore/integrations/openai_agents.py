@@ -51,7 +51,8 @@ or thread of this process) rewinds the session is cut off: the session's writes 
 a ``rewind`` or ``erase`` of it runs, its compensations included (not those made in the
 rewind's own context: its compensators), and one from a context (task) that read or wrote
 the session before a rewind or erase that committed raises ``ConflictError``, nothing
-written, once that undo is done; it was added after the rewind (during its
+written, once that undo is done (a context that never touched the session neither
+waits nor is refused); it was added after the rewind (during its
 compensations even): items saying "booked" beside a booking the rewind cancelled (probe
 h4, stop 74).  A context that reads the session again writes on; one waiting on a rewind
 that failed without committing writes.  (``_WriterLock`` keeps the per-session count of
@@ -551,11 +552,15 @@ class WalstoreSession:
         for may be one the rewind retracted and compensated.  The transaction is fenced
         against undo of the scope (``undo_fence``), so a rewind committing while it runs
         makes it conflict and be checked again.  A compensator of the rewind (its
-        context) neither waits nor is refused."""
+        context), and a context that never read or wrote the session, neither wait nor
+        are refused."""
         state = self._lock
         exempt = state in _REWINDING.get()
         seen = None if exempt else _seen(state)
-        wait = not exempt
+        # (a context that never touched the session has no turn to cut off and does not
+        # wait: a compensator writing from a pool thread, which carries no context of
+        # the rewind, waited for the very rewind that waited for it)
+        wait = seen is not None
         checked: list[int] = []
 
         def guarded(tx: "Transaction") -> _T:
