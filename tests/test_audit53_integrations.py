@@ -34,6 +34,16 @@ class _PatternState(TypedDict):
     n: int
 
 
+def _one_node_graph(checkpointer, state_type, node, name: str = "step"):
+    """START -> ``node`` (called ``name``) -> END over ``state_type``, compiled with
+    ``checkpointer``."""
+    builder = StateGraph(state_type)
+    builder.add_node(name, node)
+    builder.add_edge(START, name)
+    builder.add_edge(name, END)
+    return builder.compile(checkpointer=checkpointer)
+
+
 def _pattern_graph(checkpointer):
     def step(state):
         return {"n": state["n"] + 1}
@@ -175,11 +185,7 @@ def test_a_delete_thread_that_failed_does_not_cut_off_the_threads_runs(tmp_path)
             inside.set()
             go.wait(60)
         return {"n": state["n"] + 1}
-    builder = StateGraph(_Count)
-    builder.add_node("step", step)
-    builder.add_edge(START, "step")
-    builder.add_edge("step", END)
-    graph = builder.compile(checkpointer=saver)
+    graph = _one_node_graph(saver, _Count, step)
     config = {"configurable": {"thread_id": "t"}}
     graph.invoke({"n": 0}, config, durability="sync")
     outcome: list = []
@@ -301,20 +307,13 @@ def test_rewind_from_a_node_of_its_own_run_is_refused_plainly(store):
         saver.rewind(first)
         return {"n": state["n"] + 1}
 
-    builder = StateGraph(S)
-    builder.add_node("rewind", rewind)
-    builder.add_edge(START, "rewind")
-    builder.add_edge("rewind", END)
-    graph = builder.compile(checkpointer=saver)
-    plain = StateGraph(S)
-    plain.add_node("step", lambda state: {"n": state["n"] + 1})
-    plain.add_edge(START, "step")
-    plain.add_edge("step", END)
+    graph = _one_node_graph(saver, S, rewind, "rewind")
+    plain = _one_node_graph(saver, S, lambda state: {"n": state["n"] + 1})
     other = {"configurable": {"thread_id": "other"}}
-    plain.compile(checkpointer=saver).invoke({"n": 0, "victim": ""}, other)
+    plain.invoke({"n": 0, "victim": ""}, other)
     before = len(list(saver.list(other)))
     t1 = {"configurable": {"thread_id": "t1"}}
-    plain.compile(checkpointer=saver).invoke({"n": 0, "victim": ""}, t1)
+    plain.invoke({"n": 0, "victim": ""}, t1)
     kept = len(list(saver.list(t1)))
     with pytest.raises(ValueError, match="own run") as err:
         graph.invoke({"n": 0, "victim": "t1"}, t1)
@@ -339,11 +338,7 @@ def test_delete_thread_from_a_node_of_its_own_run_is_refused_plainly(store):
         saver.delete_thread(state["victim"])
         return {"n": state["n"] + 1}
 
-    builder = StateGraph(S)
-    builder.add_node("forget", forget)
-    builder.add_edge(START, "forget")
-    builder.add_edge("forget", END)
-    graph = builder.compile(checkpointer=saver)
+    graph = _one_node_graph(saver, S, forget, "forget")
     other = {"configurable": {"thread_id": "other"}}
     graph.invoke({"n": 0, "victim": "nobody"}, other)
     assert saver.get_tuple(other) is not None
