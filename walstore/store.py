@@ -36,7 +36,8 @@ from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
-from .agent.scope import NO_SCOPE, check_scope, provided_scope
+from .agent.scope import NO_SCOPE, check_scope, guard_scope, provided_scope
+from .agent.scope import GUARDS as _scope_guards  # (changed in place only)
 from .agent.scope import PROVIDERS as _scope_providers  # (changed in place only)
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
@@ -650,7 +651,10 @@ class Store:
         ``scope``: the key prefix it belongs to (default: a registered scope provider's;
         ``walstore.agent.scope.NO_SCOPE``: none, whatever a provider names).  A provider
         may fence the transactions it names the scope of (``register_scope_provider``):
-        LangGraph's refuses one of a run whose thread was rewound or deleted."""
+        LangGraph's refuses one of a run whose thread was rewound or deleted.  One begun
+        with an explicit scope is shown to the registered scope guards
+        (``register_scope_guard``): OpenAI sessions refuse the work of a turn a rewind of
+        the session cut off."""
         eng = self._engine
         if eng.closed:  # (``check_open``'s test written out: every transaction begins here)
             eng.check_open()
@@ -659,6 +663,8 @@ class Store:
             scope = None
         elif scope is not None:
             scope = check_scope(scope)
+            if _scope_guards:  # (a scope's owner may refuse or fence work declared in it)
+                on_begin = self._guard_begin
         elif _scope_providers:  # (none registered: no scope, ``provided_scope``'s answer)
             scope, on_begin = provided_scope()
         tx = Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
@@ -670,6 +676,10 @@ class Store:
                 tx.rollback()  # (it only read: nothing to undo)
                 raise
         return tx
+
+    @staticmethod
+    def _guard_begin(store: "Store", tx: Transaction) -> None:
+        guard_scope(store, tx, tx.scope)
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:

@@ -22,6 +22,7 @@ from ..signals import deferred
 from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
                     is_file_effect, no_room_to_undo)
+from .scope import GUARDS, guard_scope
 from .twophase import TwoPhase
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ class AgentHooks:
 
     def start_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
                      scope: Any) -> ActionScope:
+        if scope is not None and GUARDS and tx.keepalive is not None:
+            guard_scope(tx.keepalive, tx, scope)  # (before anything is logged or counted)
         return ActionScope(self.saga, tx, self.saga.new_action(tx, name, args, compensate,
                                                                 scope))
 

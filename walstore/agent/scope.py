@@ -14,6 +14,10 @@ committed after the transaction's snapshot makes its commit conflict, whatever i
 read ``tx.snapshot`` then, so the fence dates from the begin).
 ``scope=NO_SCOPE`` begins one that belongs to no scope whatever a provider names (work
 done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app-wide item).
+Work that declares its scope itself (``scope=`` at the begin, or an action's) is shown to
+the registered *scope guards* (``register_scope_guard``): the integration owning a kind of
+scope may fence or refuse it (OpenAI sessions: a tool's work for a turn a rewind of the
+session cut off).
 """
 from __future__ import annotations
 
@@ -69,6 +73,35 @@ def register_scope_provider(fn: Callable[[], Any],
             _on_begin[fn] = on_begin
         else:
             _on_begin.pop(fn, None)
+
+
+# The registered scope guards, in registration order (``register_scope_guard``; changed in
+# place only, under ``_lock``): asked when a transaction declares its work in a scope
+# itself, ``scope=`` at its begin or at ``tx.action``.  Public to read, never to change.
+GUARDS: list[Callable[[Any, Any, Any], None]] = []
+
+
+def register_scope_guard(fn: Callable[[Any, Any, Any], None]) -> None:
+    """Register ``fn(store, tx, scope)``, called when a transaction is begun with an
+    explicit ``scope=`` (before ``transaction()`` returns it) and when it declares an
+    action in a scope (``tx.action(..., scope=)``, or in the transaction's own scope), before
+    the action is logged or its body runs.  What it raises refuses that: the transaction
+    is rolled back at its begin, or the action is not begun (the caller's ``with`` never
+    enters; the transaction stays open, as after any refused action).  It may fence
+    the transaction against undo of the scope (``tx.undo_fence``, then ``tx.snapshot``).
+    An integration owning a kind of scope registers one (OpenAI sessions: a tool's work
+    for a turn that a rewind of its session cut off is refused).  Registering the same
+    function again changes nothing."""
+    with _lock:
+        if fn not in GUARDS:
+            GUARDS.append(fn)
+
+
+def guard_scope(store: Any, tx: Any, scope: Any) -> None:
+    """Ask every registered guard about ``tx`` working in ``scope`` (see
+    ``register_scope_guard``); what one raises propagates."""
+    for fn in list(GUARDS):
+        fn(store, tx, scope)
 
 
 def current_scope() -> Any:

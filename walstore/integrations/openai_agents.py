@@ -57,7 +57,13 @@ compensations even): items saying "booked" beside a booking the rewind cancelled
 h4, stop 74).  A context that reads the session again writes on; one waiting on a rewind
 that failed without committing writes.  (``_WriterLock`` keeps the per-session count of
 rewinds, ``_SEEN`` what each context last saw; session writes are fenced against undo of
-the scope, ``undo_fence``.)
+the scope, ``undo_fence``.)  A turn's tools are cut off too when they declare their work
+in the session's scope (``tx.action(..., scope=session.scope)``, or a transaction begun
+with ``scope=session.scope``): the module registers a scope guard
+(``_guard_session_scope``) that fences such a transaction against undo of the session and
+refuses it (``ConflictError``, the action's body never run) from a context cut off as
+above; a rewind still under way refuses it too (a tool's transaction may be on the event
+loop: no waiting).  Such a booking used to commit after the rewind and stand for good.
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
@@ -290,6 +296,71 @@ def _writer_lock(store: "Store", prefix: str) -> _WriterLock:
         if lock is None:
             lock = per_store[prefix] = _WriterLock()
         return lock
+
+
+def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
+    """(prefix, writer lock) of the session of this process whose scope holds ``scope``
+    (the scope itself or a prefix narrower than it), or None."""
+    with _locks_guard:
+        per_store = _locks.get(store)
+    if not per_store:
+        return None
+    end = scope.find("/")
+    while end != -1:
+        prefix = scope[:end + 1]
+        state = per_store.get(prefix)
+        if state is not None:
+            return prefix, state
+        end = scope.find("/", end + 1)
+    return None
+
+
+def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
+    """walstore asks this when a transaction is begun with ``scope=`` or declares an action
+    in a scope (``walstore.agent.scope.register_scope_guard``).  In a session's scope:
+    the transaction is fenced against undo of the session (a rewind or erase committing
+    after its snapshot makes its commit conflict, its actions compensated), and refused
+    (``ConflictError``, the action's body never run) when it comes from a context that
+    read or wrote the session before a rewind or erase of it by another caller that
+    committed since or is still under way: the tool work of a turn the rewind retracted
+    (a booking made after the rewind that cancelled the turn's, standing for good:
+    stop 75).  A rewind's own context (its compensators) and a context that never
+    touched the session pass, fenced."""
+    if not isinstance(scope, str):
+        return
+    found = _session_of_scope(store, scope)
+    if found is None:
+        return
+    prefix, state = found
+    if state in _REWINDING.get():
+        return   # (the rewind's compensators: they write for it)
+    if tx.undo_fence is None:
+        tx.undo_fence = prefix
+    # the snapshot first, then the check: a rewind that committed before the snapshot
+    # began before it, so it is under way or counted in ``epoch`` now; one committing
+    # after it makes the commit conflict (the fence)
+    tx.snapshot
+    seen = _seen(state)
+    if seen is None:
+        return   # (never touched the session: no turn of it to cut off)
+    with state.done:
+        underway, epoch = bool(state.underway), state.epoch
+    if underway or epoch != seen:
+        raise ConflictError(
+            f"scope {scope!r}: a rewind or erase of session scope {prefix!r} by another "
+            f"caller {'is under way' if underway else 'committed'} after this caller last "
+            f"read or wrote the session, so this work may be for a turn it retracted: "
+            f"refused, nothing ran or was written (read the session again with get_items "
+            f"and run the turn anew)")
+
+
+def _register_scope_guard() -> bool:
+    try:
+        from ..agent.scope import register_scope_guard
+    except ImportError:  # pragma: no cover (a walstore without scope guards)
+        return False
+    register_scope_guard(_guard_session_scope)
+    return True
 
 
 # What a percent-encoded session id (or its "#" digest form) is made of: a namespace segment
@@ -1101,3 +1172,6 @@ class WalstoreSession:
                             "from_turn": info.get("from_turn")})
             return out
         return await self._read(read)
+
+
+SCOPE_GUARD_REGISTERED = _register_scope_guard()
