@@ -1189,11 +1189,13 @@ class LmdbState:
                     raise
 
     def _refuse_after_failure(self) -> None:
-        """StateWriteError when an earlier LMDB write or sync of this handle failed."""
+        """StateWriteError when an earlier LMDB write, sync or file swap of this handle
+        failed."""
         if self.write_failed is not None:
             raise StateWriteError(f"writing LMDB refused: an earlier LMDB write or sync of "
-                                  f"{self.path} failed ({self.write_failed}); nothing is "
-                                  f"written until the store is reopened") \
+                                  f"{self.path} (or the swap of its rewritten data file) "
+                                  f"failed ({self.write_failed}); nothing is written until "
+                                  f"the store is reopened") \
                 from self.write_failed
 
     def _abort_write(self, txn: lmdb.Transaction) -> None:
