@@ -306,3 +306,32 @@ def test_a_runner_turn_whose_session_is_rewound_before_its_tool_books_books_noth
     assert world == []
     assert states(store) == []
     assert len(tool_errors) == 1 and "refused, nothing ran" in tool_errors[0]
+
+
+def test_a_tools_file_edit_in_the_sessions_workspace_after_a_rewind_is_refused(store,
+                                                                               tmp_path):
+    """A workspace registered in the session's scope (its files rewound with the
+    conversation): a cut-off turn's tool editing a file there.  Before: the edit
+    committed after the rewind and stayed (the plan said 'rome', the turn was retracted)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+
+    async def go():
+        s = WalstoreSession("u", store)
+        ws = store.workspace(root, scope=s.scope)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        await s.get_items()
+        await s.add_items([user("plan rome")])
+        assert await asyncio.create_task(WalstoreSession("u", store).rewind("p"))
+
+        def edit():
+            with store.transaction() as tx:
+                tx.files(ws).write("plan.txt", "rome")
+        with pytest.raises(walstore.ConflictError, match="refused, nothing ran"):
+            await asyncio.to_thread(edit)
+        assert not (root / "plan.txt").exists()
+        await s.get_items()   # read again: the next turn edits
+        await asyncio.to_thread(edit)
+        assert (root / "plan.txt").read_text() == "rome"
+    asyncio.run(go())

@@ -153,7 +153,13 @@ class AgentHooks:
                                                                 scope))
 
     def files_of(self, tx: "Transaction", ws: Any) -> TxFiles:
-        return self.files.tx_files(tx, ws)
+        tx_files = self.files.tx_files(tx, ws)
+        scope = tx_files.workspace.scope
+        if scope is not None and GUARDS and tx.keepalive is not None:
+            # (a workspace registered with a scope: its file changes are that scope's
+            # work, undone by a rewind of it, as an action declared there is)
+            guard_scope(tx.keepalive, tx, scope)
+        return tx_files
 
     def commit_body(self, tx: "Transaction") -> dict:
         if not tx.effects and tx.scope is None and not tx.commit_body:

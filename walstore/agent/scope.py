@@ -83,11 +83,13 @@ GUARDS: list[Callable[[Any, Any, Any], None]] = []
 
 def register_scope_guard(fn: Callable[[Any, Any, Any], None]) -> None:
     """Register ``fn(store, tx, scope)``, called when a transaction is begun with an
-    explicit ``scope=`` (before ``transaction()`` returns it) and when it declares an
+    explicit ``scope=`` (before ``transaction()`` returns it), when it declares an
     action in a scope (``tx.action(..., scope=)``, or in the transaction's own scope), before
-    the action is logged or its body runs.  What it raises refuses that: the transaction
+    the action is logged or its body runs, and when it takes up the files of a workspace
+    registered with a scope (``tx.files(ws)``, before any file is touched).  What it raises refuses that: the transaction
     is rolled back at its begin, or the action is not begun (the caller's ``with`` never
-    enters; the transaction stays open, as after any refused action).  It may fence
+    enters) or the files not handed out (the transaction stays open, as after any
+    refused call).  It may fence
     the transaction against undo of the scope (``tx.undo_fence``, then ``tx.snapshot``).
     An integration owning a kind of scope registers one (OpenAI sessions: a tool's work
     for a turn that a rewind of its session cut off is refused).  Registering the same
