@@ -712,3 +712,49 @@ def test_a_compensator_running_a_graph_on_the_thread_its_rewind_undoes_never_wai
     assert waits == []   # (before: the cap waited out by the run's background saves)
     assert graph.get_state(config).values["booked"] == standing(world) == ["Nice"]
     store.close()
+
+
+@pytest.mark.parametrize("how", ["rewind", "delete"])
+def test_a_node_transaction_naming_its_threads_scope_itself_is_fenced_too(tmp_path, how):
+    """``store.transaction(scope=saver.thread_scope(tid))`` in a node skipped the scope
+    provider, so its fence too (stop 75): the cut-off run's next node booked Oslo after
+    the rewind or delete of its thread, and the booking stood with the run refused.  A
+    node's transaction in a scope outside its thread is the app's: not fenced."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    rome_booked, done = threading.Event(), threading.Event()
+    fences: list = []
+
+    def book(s: Plan) -> dict:
+        city = s["plan"][0]
+        with store.transaction(scope=saver.thread_scope("a")) as tx:
+            with tx.action("book", args={"city": city}, compensate="cancel") as act:
+                world.append(("book", city))
+                act.result = {"ok": True}
+        with store.transaction(scope="app/") as tx:
+            fences.append(tx.undo_fence)
+            tx.put(f"app/{city}", "seen")
+        if city == "Rome":
+            rome_booked.set()
+            done.wait(30)
+        return {"plan": s["plan"][1:], "booked": [city]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="exit")
+    c1 = graph.get_state(config)
+    th, errors = _start_run(graph, {"plan": ["Rome", "Oslo"]}, config, durability="exit")
+    assert rome_booked.wait(30)
+    if how == "rewind":
+        assert saver.rewind(c1.config) is not None
+    else:
+        saver.delete_thread("a")
+    done.set()
+    th.join(60)
+    assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
+    assert "Oslo" not in standing(world), world
+    assert fences == [None, None]
+    if how == "rewind":
+        assert graph.get_state(config).values["booked"] == standing(world) == ["Paris"]
+    else:   # (a purge compensates nothing: what ran before the delete stands)
+        assert standing(world) == ["Paris", "Rome"]
+    store.close()

@@ -1487,7 +1487,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if token is None or not isinstance(cid, str):
                     continue
                 key = (prefix, ns_name, cid, token)
-                registry.setdefault(key, []).append(tx.id)
+                txids = registry.setdefault(key, [])
+                if tx.id not in txids:  # (a transaction fenced again by guard_node_scope)
+                    txids.append(tx.id)
                 registry.move_to_end(key)
             while len(registry) > _STEP_TXNS_MAX:
                 registry.popitem(last=False)
@@ -2537,6 +2539,22 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
             saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
 
 
+def guard_node_scope(store: "walstore.Store", tx: Any, scope: Any) -> None:
+    """walstore calls this when a transaction declares its scope itself (``scope=`` at its
+    begin, an action's, a scoped workspace's files; ``register_scope_guard``): inside a
+    graph node, work declared in the node's own thread (its prefix, or a scope inside it)
+    is fenced as a transaction the provider named would be (``fence_node_transaction``).
+    Before (stop 75), ``store.transaction(scope=saver.thread_scope(tid))`` in a node
+    skipped the provider, so a cut-off run's booking made after a rewind or delete of
+    its thread committed and stood."""
+    if tx.undo_fence is not None:
+        return   # (fenced already: begun unscoped in the node, or guarded before)
+    prefix = current_thread_scope()
+    if prefix is None or type(scope) is not type(prefix) or not scope.startswith(prefix):
+        return
+    fence_node_transaction(store, tx)
+
+
 def _stamp_step(tx: Any, checkpoint_map: Mapping) -> None:
     """Name, in ``tx``'s meta (logged with its commit), the checkpoint each namespace's
     step builds on (``{STEP_META: {ns: checkpoint id}}``): the durable link from a node
@@ -2571,6 +2589,11 @@ def _register_scope_provider() -> bool:
     except ImportError:  # a walstore without scopes: nothing to register
         return False
     register_scope_provider(current_thread_scope, on_begin=fence_node_transaction)
+    try:
+        from walstore.agent.scope import register_scope_guard
+    except ImportError:  # pragma: no cover (a walstore without scope guards)
+        return True
+    register_scope_guard(guard_node_scope)
     return True
 
 
