@@ -89,14 +89,40 @@ def register_scope_guard(fn: Callable[[Any, Any, Any], None]) -> None:
     registered with a scope (``tx.files(ws)``, before any file is touched).  What it raises refuses that: the transaction
     is rolled back at its begin, or the action is not begun (the caller's ``with`` never
     enters) or the files not handed out (the transaction stays open, as after any
-    refused call).  It may fence
-    the transaction against undo of the scope (``tx.undo_fence``, then ``tx.snapshot``).
+    refused call).  It may fence the transaction against undo of the scope
+    (``add_undo_fence(tx, scope)``, then ``tx.snapshot``).
     An integration owning a kind of scope registers one (OpenAI sessions: a tool's work
     for a turn that a rewind of its session cut off is refused).  Registering the same
     function again changes nothing."""
     with _lock:
         if fn not in GUARDS:
             GUARDS.append(fn)
+
+
+def add_undo_fence(tx: Any, scope: Any) -> None:
+    """Fence ``tx`` against undo of ``scope`` too (``Transaction.undo_fence``: one scope,
+    or a tuple of them when it works for several: a tool booking in two sessions' scopes,
+    or in a session's inside a LangGraph node).  Setting the attribute kept only the
+    last (or first) scope, and a rewind of another committing while the transaction ran
+    let its work there commit after it and stand (stop 75).  A scope already fenced, or
+    one inside it (a rewind of ``scope`` reaches into it), is not added again.  Read
+    ``tx.snapshot`` after: the fence dates from it."""
+    fence = tx.undo_fence
+    if fence is None:
+        tx.undo_fence = scope
+        return
+    fences = fence if type(fence) is tuple else (fence,)
+    if not any(type(f) is type(scope) and f.startswith(scope) for f in fences):
+        tx.undo_fence = fences + (scope,)
+
+
+def fenced_for(tx: Any, scope: Any) -> bool:
+    """Is ``tx`` fenced against undo of ``scope`` (its fence names it or a scope inside
+    it)?"""
+    fence = tx.undo_fence
+    return fence is not None and any(
+        type(f) is type(scope) and f.startswith(scope)
+        for f in (fence if type(fence) is tuple else (fence,)))
 
 
 def guard_scope(store: Any, tx: Any, scope: Any) -> None:

@@ -50,10 +50,11 @@ class ReadSet:
     # or that may (file changes, moves of action states), conflicts though it wrote no key
     # in the ranges; ``None`` in the list guards every commit (an unscoped rewind)
     scopes: list | None = None
-    # the scope this transaction works for (Transaction.undo_fence): a rewind of it (or of
-    # a scope holding it, or unscoped) or a purge across it committed since the snapshot
-    # conflicts, whatever it read (a node's booking begun before a rewind of its thread
-    # committed after it, and stood beside a thread rewound past its step)
+    # the scope this transaction works for (Transaction.undo_fence), or a tuple of them:
+    # a rewind of one (or of a scope holding it, or unscoped) or a purge across one
+    # committed since the snapshot conflicts, whatever it read (a node's booking begun
+    # before a rewind of its thread committed after it, and stood beside a thread
+    # rewound past its step)
     fence: Any = None
     # an undo restoring files (Transaction.guard_files): a commit since the snapshot that
     # changed files conflicts (a later walstore writer of a path it puts back)
@@ -340,7 +341,12 @@ def _check_scopes(txid: int, other: Any, field, scopes: list) -> None:
 def _check_fence(txid: int, other: Any, field, fence: Any) -> None:
     """ConflictError when the commit whose COMMIT fields ``field(name, default)`` gives
     is a rewind reaching into scope ``fence`` (unscoped, or scoped to a prefix of it) or a
-    purge whose range holds the scope's start (see ReadSet.fence)."""
+    purge whose range holds the scope's start (see ReadSet.fence); a tuple fence: into
+    any of its scopes."""
+    if type(fence) is tuple:  # (work for several scopes: a tool booking in two sessions'
+        for one in fence:     # fenced only the first, and the second's rewind let its
+            _check_fence(txid, other, field, one)  # booking stand: stop 75)
+        return
     what = None
     if field("rewound_to", None) is not None:
         scope = field("scope", None)

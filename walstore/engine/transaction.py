@@ -315,9 +315,9 @@ class Transaction:
     #   scope; see ReadSet)
     # - ``guard_scopes``: the scopes an undo guards whole, keys or not (ReadSet.scopes;
     #   None: every commit)
-    # - ``undo_fence``: the scope this transaction works for, fenced against undo: a
-    #   rewind of it or a purge across it committed after this began makes the commit
-    #   conflict (ReadSet.fence)
+    # - ``undo_fence``: the scope this transaction works for (or a tuple of them),
+    #   fenced against undo: a rewind of it or a purge across it committed after this
+    #   began makes the commit conflict (ReadSet.fence)
     # - ``guard_files``: an undo restoring files: any commit that changed files since its
     #   snapshot conflicts (the file history it planned from ends there; ReadSet.files)
     # - ``file_reads``, ``commit_check``: workspace paths this transaction read

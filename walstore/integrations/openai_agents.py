@@ -127,6 +127,7 @@ from urllib.parse import quote, unquote
 from .. import (LSN, CommitOutcomeUnknown, CompensationFailed, ConflictError, ErasureOwed,
                SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
+from ..agent.scope import add_undo_fence
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
 
@@ -324,8 +325,8 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     read or wrote the session before a rewind or erase of it by another caller that
     committed since or is still under way: the tool work of a turn the rewind retracted
     (a booking made after the rewind that cancelled the turn's, standing for good:
-    stop 75).  A rewind's own context (its compensators) and a context that never
-    touched the session pass, fenced."""
+    stop 75).  A rewind's own context (its compensators) passes, not fenced, and a
+    context that never touched the session passes, fenced."""
     if not isinstance(scope, str):
         return
     found = _session_of_scope(store, scope)
@@ -334,8 +335,10 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     prefix, state = found
     if state in _REWINDING.get():
         return   # (the rewind's compensators: they write for it)
-    if tx.undo_fence is None:
-        tx.undo_fence = prefix
+    # (work for another scope too, another session's or a LangGraph thread's, is fenced
+    # for both: left at that one, a rewind of this session committing while the tool
+    # ran let its booking here commit after it and stand)
+    add_undo_fence(tx, prefix)
     # the snapshot first, then the check: a rewind that committed before the snapshot
     # began before it, so it is under way or counted in ``epoch`` now; one committing
     # after it makes the commit conflict (the fence)
@@ -355,10 +358,7 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
 
 
 def _register_scope_guard() -> bool:
-    try:
-        from ..agent.scope import register_scope_guard
-    except ImportError:  # pragma: no cover (a walstore without scope guards)
-        return False
+    from ..agent.scope import register_scope_guard
     register_scope_guard(_guard_session_scope)
     return True
 

@@ -100,7 +100,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
         return (task_path, task_id, idx)
 
 import walstore
-from walstore.agent.scope import NO_SCOPE
+from walstore.agent.scope import NO_SCOPE, add_undo_fence, fenced_for
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
                              HistoryTrimmed, PointTypeError, WalstoreError,
                              type_and_message)
@@ -2501,7 +2501,7 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
             # commit conflict, whatever it read (its snapshot is taken now): a booking of
             # a step the rewind undid, begun before it, stood beside the rewound thread
             prefix = saver.thread_scope(str(thread_id))
-            tx.undo_fence = prefix
+            add_undo_fence(tx, prefix)   # (beside a fence a guard set: both)
             # (a rewind or delete of the thread running in another Python thread is
             # waited for, before the transaction reads: one of a run that loaded the
             # thread after the rewind began, committed before it, was undone by it,
@@ -2547,11 +2547,11 @@ def guard_node_scope(store: "walstore.Store", tx: Any, scope: Any) -> None:
     Before (stop 75), ``store.transaction(scope=saver.thread_scope(tid))`` in a node
     skipped the provider, so a cut-off run's booking made after a rewind or delete of
     its thread committed and stood."""
-    if tx.undo_fence is not None:
-        return   # (fenced already: begun unscoped in the node, or guarded before)
     prefix = current_thread_scope()
     if prefix is None or type(scope) is not type(prefix) or not scope.startswith(prefix):
         return
+    if fenced_for(tx, prefix):
+        return   # (fenced already: begun unscoped in the node, or guarded before)
     fence_node_transaction(store, tx)
 
 
@@ -2589,10 +2589,7 @@ def _register_scope_provider() -> bool:
     except ImportError:  # a walstore without scopes: nothing to register
         return False
     register_scope_provider(current_thread_scope, on_begin=fence_node_transaction)
-    try:
-        from walstore.agent.scope import register_scope_guard
-    except ImportError:  # pragma: no cover (a walstore without scope guards)
-        return True
+    from walstore.agent.scope import register_scope_guard
     register_scope_guard(guard_node_scope)
     return True
 
