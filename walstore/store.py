@@ -36,8 +36,9 @@ from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
-from .agent.scope import NO_SCOPE, check_scope, guard_scope, provided_scope
+from .agent.scope import NO_SCOPE, WatchedUndo, check_scope, guard_scope, provided_scope
 from .agent.scope import GUARDS as _scope_guards  # (changed in place only)
+from .agent.scope import UNDO_WATCHERS as _undo_watchers  # (changed in place only)
 from .agent.scope import PROVIDERS as _scope_providers  # (changed in place only)
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
@@ -868,13 +869,20 @@ class Store:
         RevertConflict, nothing changed.  ``include``: txids of transactions at or before
         ``to`` undone too, in the same transaction (the commits between them and ``to``
         are kept, as ``keep`` keeps).  A txid in either that never committed raises
-        UnknownPoint, nothing changed."""
+        UnknownPoint, nothing changed.  The registered undo watchers are told of it
+        (``walstore.agent.scope.register_undo_watcher``: OpenAI sessions cut off their
+        turns in flight that it reaches)."""
         self._engine.check_open()
         self._finishing.enter()
         try:
             check_flag("dry_run", dry_run)
             check_flag("force", force)
-            return self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
+            if dry_run or not _undo_watchers:
+                return self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
+            with WatchedUndo(self, scope) as watched:
+                result = self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
+                watched.committed = result is not None
+                return result
         finally:
             self._finishing.leave()
 
@@ -886,13 +894,19 @@ class Store:
         ``progress(done, total)``: called after each batch of the LMDB rewrite (bytes of
         the data file, by its rows copied); None: nothing is counted.  Raises
         ``ErasureOwed`` (the purge committed; its erasure failed and is owed) when a step
-        after the commit fails."""
+        after the commit fails.  The registered undo watchers are told of it, as of a
+        rewind."""
         self._finishing.enter()
         try:
             if progress is not None and not callable(progress):
                 raise TypeError(f"progress= is a callable (done, total) or None, not "
                                 f"{progress!r}")
-            return self._purge.purge(prefix, progress)
+            if not _undo_watchers:
+                return self._purge.purge(prefix, progress)
+            with WatchedUndo(self, prefix) as watched:
+                done = self._purge.purge(prefix, progress)
+                watched.committed = True
+                return done
         finally:
             self._finishing.leave()
 

@@ -17,7 +17,11 @@ done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app
 Work that declares its scope itself (``scope=`` at the begin, or an action's) is shown to
 the registered *scope guards* (``register_scope_guard``): the integration owning a kind of
 scope may fence or refuse it (OpenAI sessions: a tool's work for a turn a rewind of the
-session cut off).
+session cut off).  Registered *undo watchers* (``register_undo_watcher``) are told of each
+rewind and purge before it begins and when it ends, compensations included, in the
+undoing thread: the integration owning a kind of scope counts an undo reaching one of its
+scopes however it was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``
+cuts off the session's turns in flight as ``session.rewind`` does).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import threading
 from typing import Any, Callable
 
 from ..codec import MAX_KEY_BYTES, encode_prefix, prefix_end
-from ..errors import EmptyArgumentError
+from ..errors import (CommitOutcomeUnknown, CompensationFailed, EmptyArgumentError,
+                      ErasureOwed)
 
 # The registered providers, in registration order: ``register_scope_provider`` appends to
 # it, under ``_lock``, and nothing else changes it.  Public to read, never to change: one
@@ -130,6 +135,65 @@ def guard_scope(store: Any, tx: Any, scope: Any) -> None:
     ``register_scope_guard``); what one raises propagates."""
     for fn in list(GUARDS):
         fn(store, tx, scope)
+
+
+# The registered undo watchers, in registration order (``register_undo_watcher``; changed
+# in place only, under ``_lock``).  Public to read, never to change.
+UNDO_WATCHERS: list[Callable[[Any, Any], "Callable[[bool], None] | None"]] = []
+
+
+def register_undo_watcher(fn: Callable[[Any, Any], "Callable[[bool], None] | None"]
+                          ) -> None:
+    """Register ``fn(store, scope) -> end | None``, called in the undoing thread (and
+    context) before a ``store.rewind`` (``scope``: its scope, None for an unscoped one;
+    not a dry run) or a ``store.purge`` (``scope``: its prefix) begins.  ``end(committed)``,
+    when returned, is called in that thread once the undo ended, its compensations run:
+    ``committed`` is True when the undo committed (or may have: its outcome unknown),
+    False when it changed nothing.  An integration owning a kind of scope registers one
+    to count an undo reaching its scopes however it was called (OpenAI sessions: a turn
+    in flight across ``store.rewind(..., scope=session.scope)`` is cut off).  What
+    ``fn`` raises refuses the undo (nothing begun).  Registering the same function
+    again changes nothing."""
+    with _lock:
+        if fn not in UNDO_WATCHERS:
+            UNDO_WATCHERS.append(fn)
+
+
+class WatchedUndo:
+    """``with WatchedUndo(store, scope) as w:`` around a rewind or purge: the registered
+    undo watchers told of it (see ``register_undo_watcher``); set ``w.committed`` when it
+    returns.  An error out of it tells them whether the undo committed all the same (a
+    compensation or an erasure owed after the commit, an outcome unknown)."""
+
+    __slots__ = ("ends", "committed")
+
+    def __init__(self, store: Any, scope: Any) -> None:
+        self.committed = False
+        self.ends: list[Callable[[bool], None]] = []
+        try:
+            for fn in list(UNDO_WATCHERS):
+                end = fn(store, scope)
+                if end is not None:
+                    self.ends.append(end)
+        except BaseException:
+            self._end(False)
+            raise
+
+    def __enter__(self) -> "WatchedUndo":
+        return self
+
+    def __exit__(self, et: Any, e: Any, tb: Any) -> None:
+        if e is not None:
+            self.committed = (isinstance(e, (ErasureOwed, CommitOutcomeUnknown))
+                              or (isinstance(e, CompensationFailed)
+                                  and bool(getattr(e, "committed", False)))
+                              or getattr(e, "purge_committed", None) is not None)
+        self._end(self.committed)
+
+    def _end(self, committed: bool) -> None:
+        ends, self.ends = self.ends, []
+        for end in reversed(ends):
+            end(committed)
 
 
 def current_scope() -> Any:

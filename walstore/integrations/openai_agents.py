@@ -64,6 +64,18 @@ with ``scope=session.scope``): the module registers a scope guard
 refuses it (``ConflictError``, the action's body never run) from a context cut off as
 above; a rewind still under way refuses it too (a tool's transaction may be on the event
 loop: no waiting).  Such a booking used to commit after the rewind and stand for good.
+An undo not made through the session counts the same (``_watch_undo``, registered with
+``walstore.agent.scope.register_undo_watcher``): ``store.rewind`` scoped to the session's
+scope or to a prefix of it, an unscoped ``store.rewind``, ``store.purge`` of such a
+prefix; the context that called it is not cut off by it (a task that ran it through
+``asyncio.to_thread`` is: it reads the session again).  They were not counted, and a turn
+in flight saved "booked" items after ``store.rewind`` had cancelled its booking, or
+wrote into a purged session (probe h2, stop 75).  ``store.revert(txid)`` undoes one
+transaction, not the turns after a point: it cuts off nothing (a turn in flight goes on,
+as one that had just ended would stand).  The cut-off follows a context: a sync caller
+that wraps each call in ``asyncio.run`` gives each a fresh context and is never cut off
+(run a turn in one coroutine, or pass one context to ``asyncio.Runner.run(coro,
+context=ctx)`` and run its tools with ``ctx.run``).
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
@@ -360,6 +372,47 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
 def _register_scope_guard() -> bool:
     from ..agent.scope import register_scope_guard
     register_scope_guard(_guard_session_scope)
+    return True
+
+
+def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
+    """walstore calls this before a ``store.rewind`` or ``store.purge`` begins, in the
+    undoing thread (``walstore.agent.scope.register_undo_watcher``): one reaching the
+    scope of a session of this process (unscoped, or scoped to a prefix of the session's
+    scope: as the undo fence counts it) not made by the session itself (``rewind``,
+    ``erase``: ``_removal`` counts those) is counted as the session's own rewinds are,
+    so a turn in flight is cut off by ``store.rewind(point, scope=session.scope)`` too:
+    its writes wait while it runs, and are refused once it committed; its compensators
+    (this context) are exempt.  Returns its end (None: it reaches no session)."""
+    if scope is not None and not isinstance(scope, str):
+        return None   # (a bytes scope holds no session's str keys)
+    with _locks_guard:
+        per_store = _locks.get(store)
+        if not per_store:
+            return None
+        mine = _REWINDING.get()
+        reached = [state for prefix, state in list(per_store.items())
+                   if state not in mine and (scope is None or prefix.startswith(scope))]
+    if not reached:
+        return None
+    tokens = [(state, state.begin()) for state in reached]
+    rewinding = _REWINDING.set(mine + tuple(reached))
+
+    def end(committed: bool) -> None:
+        _REWINDING.reset(rewinding)
+        for state, token in tokens:
+            state.end(token, committed)
+            if _seen(state) is not None:   # (the undoing context is not cut off by it)
+                _note_seen(state, state.epoch)
+    return end
+
+
+def _register_undo_watcher() -> bool:
+    try:
+        from ..agent.scope import register_undo_watcher
+    except ImportError:  # pragma: no cover (a walstore without undo watchers)
+        return False
+    register_undo_watcher(_watch_undo)
     return True
 
 
@@ -1175,3 +1228,4 @@ class WalstoreSession:
 
 
 SCOPE_GUARD_REGISTERED = _register_scope_guard()
+UNDO_WATCHER_REGISTERED = _register_undo_watcher()
