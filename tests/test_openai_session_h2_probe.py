@@ -1,13 +1,22 @@
 """WalstoreSession: a turn in flight while another caller changes the session under it
 (probe h2, stop 75).
 
-1. Undo not made through the session: ``store.rewind(point, scope=session.scope)``, an
+1. Branches: the current branch is stored in the session (every object shares it), so a
+   ``switch_to_branch`` or ``create_branch_from_turn`` by another caller (another request,
+   with its own session object) moved the rest of a turn in flight to that branch: the
+   turn's question stayed on its branch unanswered, and the other branch began with an
+   answer ("Booked Oslo.") to a question it never held.  Over AdvancedSQLiteSession a
+   turn's session object keeps its own branch.  A ``delete_branch`` of the turn's branch
+   put the rest of the turn on main (or on a new branch of the same name).  Now a write
+   lands on the branch its caller (task or thread) last read or wrote, and is refused when
+   that branch was deleted since (ConflictError, nothing written).
+2. Undo not made through the session: ``store.rewind(point, scope=session.scope)``, an
    unscoped ``store.rewind``, ``store.purge(session.scope)`` were not counted by the
    session's cut-off, so a turn in flight saved "booked" items after the rewind had
    cancelled its booking (and booked again), or wrote into a purged (erased) session.
    Now the session watches every rewind and purge of the store reaching its scope
    (``walstore.agent.scope.register_undo_watcher``) as it watches its own.
-2. Sync callers: the cut-off follows an asyncio task (contextvars).  A sync caller
+3. Sync callers: the cut-off follows an asyncio task (contextvars).  A sync caller
    keeping one context for its turn (``asyncio.Runner.run(coro, context=ctx)``, its
    tools through ``ctx.run``) is cut off; ``asyncio.run`` per call gives each call a
    fresh context, never cut off (the documented limit).
@@ -88,7 +97,133 @@ def states(store):
     return sorted((a.args["what"], a.state) for a in store.actions())
 
 
-# ---- 1. undo of the session's scope not made through the session ------------------------
+# ---- 1. branches changed by another caller while a turn runs ---------------------------
+@pytest.mark.parametrize("op", ["switch", "create_branch"])
+def test_a_runner_turn_keeps_its_items_on_its_branch_when_another_caller_moves_the_head(
+        store, op):
+    """The SDK's Runner on branch A; while its model thinks, another request switches
+    the session to main (or branches it).  Before: the tool call, its output and the
+    answer landed on that other branch, the question stayed on A unanswered."""
+    from agents import Agent, RunConfig, Runner, function_tool
+    ex = example()
+    world: list[str] = []
+    thinking, moved = threading.Event(), threading.Event()
+    s = WalstoreSession("u", store)
+
+    class HeldModel(ex.ScriptedModel):
+        async def get_response(self, *args, **kwargs):
+            if not thinking.is_set():
+                thinking.set()
+                assert await asyncio.to_thread(moved.wait, WAIT_S)
+            return await super().get_response(*args, **kwargs)
+
+    @function_tool
+    def book_hotel(city: str) -> str:
+        """Book a hotel.
+
+        Args:
+            city: where.
+        """
+        book(store, s, city, world)
+        return f"booked {city}"
+
+    async def other_request():
+        other = WalstoreSession("u", store)   # (its own object, as a second request's)
+        if op == "switch":
+            await other.switch_to_branch("main")
+        else:
+            assert await other.create_branch_from_turn(1, "B") == "B"
+
+    async def go():
+        await s.add_items([user("hi"), assistant("hello")])
+        await s.create_branch_from_turn(1, "A")
+        await s.add_items([user("hi A"), assistant("hello A")])
+        model = HeldModel([[ex.call("book_hotel", {"city": "Oslo"}, 2)],
+                           [ex.say("Booked Oslo.", 3)]])
+        agent = Agent(name="a", instructions="be brief", tools=[book_hotel], model=model)
+        run = asyncio.create_task(Runner.run(agent, "book oslo", session=s,
+                                             run_config=RunConfig(tracing_disabled=True)))
+        assert await asyncio.to_thread(thinking.wait, WAIT_S)
+        await asyncio.create_task(other_request())
+        moved.set()
+        result = await run
+        assert result.final_output == "Booked Oslo."
+        reader = WalstoreSession("u", store)
+        assert shown(await reader.get_items(branch="A")) == [
+            ("user", "hi A"), ("assistant", "hello A"), ("user", "book oslo"),
+            ("function_call", "book_hotel"), ("function_call_output", "booked Oslo"),
+            ("assistant", "Booked Oslo.")]
+        assert await reader.get_items(branch="main") == [user("hi"), assistant("hello")]
+        if op == "create_branch":
+            assert await reader.get_items(branch="B") == []
+        # the other request's choice of branch stands
+        assert await reader.current_branch() == ("main" if op == "switch" else "B")
+        # the turn's own task read the session again: it follows the head now
+        await s.get_items()
+        await s.add_items([user("next")])
+        assert (await reader.get_items())[-1] == user("next")
+    asyncio.run(go())
+    assert world == ["book Oslo"]
+
+
+@pytest.mark.parametrize("recreate", [False, True])
+def test_a_turn_whose_branch_another_caller_deleted_saves_nothing(store, recreate):
+    """Before: the rest of the turn landed on main (where the head went), or on the new
+    branch A made in its place, neither of which asked the question."""
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi"), assistant("hello")])
+        await s.create_branch_from_turn(1, "A")
+        await s.get_items()                      # the turn begins on A
+        await s.add_items([user("book oslo")])
+
+        async def other_request():
+            other = WalstoreSession("u", store)
+            await other.delete_branch("A", force=True)
+            if recreate:
+                await other.create_branch_from_turn(1, "A")
+        await asyncio.create_task(other_request())
+        with pytest.raises(walstore.ConflictError, match="branch 'A' .* was deleted"):
+            await s.add_items([assistant("booked oslo")])
+        with pytest.raises(walstore.ConflictError, match="was deleted"):
+            await s.pop_item()
+        reader = WalstoreSession("u", store)
+        assert await reader.get_items(branch="main") == [user("hi"), assistant("hello")]
+        if recreate:
+            assert await reader.get_items(branch="A") == []
+        await s.get_items()   # read again: writes on, on the current branch
+        await s.add_items([user("again")])
+        assert (await reader.get_items())[-1] == user("again")
+    asyncio.run(go())
+
+
+def test_a_context_that_switched_or_never_read_writes_on_the_current_branch(store):
+    """What stays: a caller's own switch moves its next write; a caller (a thread of its
+    own) that never read the session writes where the head is."""
+    def fresh_add(item):   # (a thread: a context that never touched the session)
+        t = threading.Thread(target=asyncio.run,
+                             args=(WalstoreSession("u", store).add_items([item]),))
+        t.start()
+        t.join(WAIT_S)
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        await s.create_branch_from_turn(1, "A")
+        await s.switch_to_branch("main")
+        await s.add_items([assistant("on main")])
+        await s.switch_to_branch("A")
+        await s.add_items([assistant("on A")])
+        await asyncio.create_task(WalstoreSession("u", store).switch_to_branch("main"))
+        await asyncio.to_thread(fresh_add, assistant("fresh"))
+        await s.add_items([assistant("A again")])     # (this task is on A)
+        assert await s.get_items(branch="main") == [user("hi"), assistant("on main"),
+                                                    assistant("fresh")]
+        assert await s.get_items(branch="A") == [assistant("on A"), assistant("A again")]
+    asyncio.run(go())
+
+
+# ---- 2. undo of the session's scope not made through the session ------------------------
 @pytest.mark.parametrize("how", ["scoped", "unscoped", "namespace"])
 def test_a_turn_in_flight_across_a_direct_store_rewind_saves_and_books_nothing(store, how):
     """Before: after ``store.rewind`` had cancelled the turn's booking, the turn saved
@@ -270,7 +405,7 @@ def test_a_direct_rewind_of_another_scope_or_one_that_undoes_nothing_cuts_off_no
     asyncio.run(go())
 
 
-# ---- 2. sync callers ------------------------------------------------------------------
+# ---- 3. sync callers ------------------------------------------------------------------
 def test_a_sync_caller_keeping_one_context_for_its_turn_is_cut_off(store):
     """The cut-off follows a context (contextvars): a sync caller running its turn's
     session calls in one context (``asyncio.Runner.run(coro, context=ctx)``) and its

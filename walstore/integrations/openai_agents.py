@@ -121,7 +121,16 @@ turn is numbered by its user message (the n-th item with ``role == "user"`` in t
 Differences: the current branch is stored in the session (every session object and
 process sees it, and a rewind restores it) instead of living in one Python object; a
 branch holds a copy of the items it was created from (one transaction; conversations are
-small), and a deleted branch's name may be used again.
+small), and a deleted branch's name may be used again.  ``add_items`` and ``pop_item(s)``
+work on the branch their caller (asyncio task or thread: ``_SEEN``) last read or wrote,
+not on one another caller switched to since, so a turn in flight keeps its items on the
+branch whose history it answered (as AdvancedSQLiteSession's objects each keep theirs);
+they were split, the question on one branch and the answer on the one another request
+had switched or branched to (probe h2, stop 75).  When another caller deleted that
+branch since (``delete_branch``, ``clear_session``, a manual ``run_compaction``; main is
+never deleted), they raise ``ConflictError``, nothing written.  A caller's own switch,
+new branch or clear moves it; one that never read the session works on the current
+branch.
 """
 from __future__ import annotations
 
@@ -249,12 +258,15 @@ class _WriterLock:
 _REWIND_WAIT_S = 120.0
 
 # What this context (an asyncio task, or a thread) last saw of each session it touched:
-# (weakref to the session's _WriterLock, its ``epoch`` then), newest last.  A write from a
-# context that saw an older epoch is refused: a rewind by another caller committed since,
-# so the turn it writes for may be one the rewind retracted and compensated (its
-# bookings cancelled while its "booked" items landed after: probe h4, stop 74).  Copied
-# on change (never mutated): a task's children (gather, create_task) see their parent's.
-_SEEN: "contextvars.ContextVar[tuple[tuple[Any, int], ...]]" = contextvars.ContextVar(
+# (weakref to the session's _WriterLock, its ``epoch`` then, the branch it was on),
+# newest last.  A write from a context that saw an older epoch is refused: a rewind by
+# another caller committed since, so the turn it writes for may be one the rewind
+# retracted and compensated (its bookings cancelled while its "booked" items landed
+# after: probe h4, stop 74).  The branch, ``(name, its "ns" stamp)`` (None: follow the
+# current branch), is where the context's writes land (``_pinned_branch``): the branch
+# whose history its turn read, not one another caller switched to meanwhile.  Copied on
+# change (never mutated): a task's children (gather, create_task) see their parent's.
+_SEEN: "contextvars.ContextVar[tuple[tuple[Any, int, Any], ...]]" = contextvars.ContextVar(
     "walstore_openai_session_seen", default=())
 _SEEN_MAX = 64   # (sessions remembered per context; one forgotten is not checked)
 # The sessions (their _WriterLock) whose rewind this context runs: its compensators'
@@ -264,15 +276,34 @@ _REWINDING: "contextvars.ContextVar[tuple[Any, ...]]" = contextvars.ContextVar(
 
 
 def _seen(state: _WriterLock) -> int | None:
-    for ref, epoch in _SEEN.get():
+    for ref, epoch, _branch in _SEEN.get():
         if ref() is state:
             return epoch
     return None
 
 
-def _note_seen(state: _WriterLock, epoch: int) -> None:
+def _seen_branch(state: _WriterLock) -> Any:
+    """The branch (name, ns) this context last read or wrote of the session, or None."""
+    for ref, _epoch, branch in _SEEN.get():
+        if ref() is state:
+            return branch
+    return None
+
+
+def _note_seen(state: _WriterLock, epoch: int, branch: Any = None) -> None:
     kept = tuple(p for p in _SEEN.get() if p[0]() is not state and p[0]() is not None)
-    _SEEN.set((kept + ((weakref.ref(state), epoch),))[-_SEEN_MAX:])
+    _SEEN.set((kept + ((weakref.ref(state), epoch, branch),))[-_SEEN_MAX:])
+
+
+# The branch a session write of this context lands on (set by ``_guarded`` around the
+# transaction function): [pinned (name, ns) or None, whether the function used it].
+_PIN: "contextvars.ContextVar[list[Any] | None]" = contextvars.ContextVar(
+    "walstore_openai_session_pin", default=None)
+
+
+class _BranchGone(Exception):
+    """Raised inside a session write's transaction function: the branch the caller was
+    on was deleted since (refused)."""
 
 
 class _RewindUnderway(Exception):
@@ -632,7 +663,7 @@ class WalstoreSession:
                 epoch = state.epoch
                 tx = self.store.transaction()
                 try:
-                    return fn(tx), epoch
+                    return fn(tx), epoch, self._head_branch(tx)
                 except SnapshotTooOld:
                     if attempt >= _RETRIES:
                         raise
@@ -640,8 +671,8 @@ class WalstoreSession:
                     tx.rollback()
             raise AssertionError("unreachable")  # pragma: no cover
         state = self._lock
-        result, epoch = await asyncio.to_thread(work)
-        _note_seen(state, epoch)
+        result, epoch, branch = await asyncio.to_thread(work)
+        _note_seen(state, epoch, branch)
         return result
 
     async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
@@ -659,17 +690,20 @@ class WalstoreSession:
         meta = {"openai_session": self.session_id, "op": op}
         state = self._lock
 
-        def work() -> tuple[_T, int]:
+        def work() -> tuple[_T, int, Any]:
             fn = make()
             return self._guarded(op, fn, meta)
-        result, epoch = await finish_despite_cancel(work)
-        _note_seen(state, epoch)
+        result, epoch, branch = await finish_despite_cancel(work)
+        _note_seen(state, epoch, branch)
         return result
 
     def _guarded(self, op: str, fn: Callable[["Transaction"], _T],
-                 meta: dict[str, Any]) -> tuple[_T, int]:
-        """``fn`` committed as one transaction under the session's writer lock, and the
-        session's rewind epoch it was written at.  While a rewind of the session by
+                 meta: dict[str, Any]) -> tuple[_T, int, Any]:
+        """``fn`` committed as one transaction under the session's writer lock, the
+        session's rewind epoch it was written at and the branch its caller is on after it
+        (``_SEEN``).  ``fn`` appends to or pops from the branch its caller last read or
+        wrote (``_pinned_branch``), and is refused (ConflictError) when another caller
+        deleted that branch since.  While a rewind of the session by
         another caller runs (its compensations included), the write waits for its end;
         a caller that read or wrote the session before a rewind that committed since (in
         another context) is refused (ConflictError), nothing written: the turn it writes
@@ -681,6 +715,8 @@ class WalstoreSession:
         state = self._lock
         exempt = state in _REWINDING.get()
         seen = None if exempt else _seen(state)
+        # (a compensator of the rewind writes where the rewind left the session)
+        pinned = None if exempt else _seen_branch(state)
         # (a context that never touched the session has no turn to cut off and does not
         # wait: a compensator writing from a pool thread, which carries no context of
         # the rewind, waited for the very rewind that waited for it)
@@ -695,16 +731,31 @@ class WalstoreSession:
             epoch = state.epoch
             if seen is not None and epoch != seen:
                 raise _CutOff
-            checked[:] = [epoch]
-            return fn(tx)
+            pin = [pinned, False]
+            token = _PIN.set(pin)
+            try:
+                result = fn(tx)
+            finally:
+                _PIN.reset(token)
+            # where the caller is now: on the branch it wrote to (add, pop), or on the
+            # current branch (a switch, a new branch, a clear)
+            checked[:] = [epoch, pinned if pin[1] else self._head_branch(tx)]
+            return result
         while True:
             if wait and not state.await_rewinds():
                 wait = False   # (a compensator in a thread without the rewind's context)
             try:
                 with state:
-                    return self.store.run(guarded, retries=_RETRIES, meta=meta), checked[0]
+                    result = self.store.run(guarded, retries=_RETRIES, meta=meta)
+                    return result, checked[0], checked[1]
             except _RewindUnderway:
                 continue
+            except _BranchGone as e:
+                raise ConflictError(
+                    f"branch {e.args[0]!r} of session {self.session_id!r} was deleted by "
+                    f"another caller (delete_branch, clear_session, run_compaction) after "
+                    f"this caller last read or wrote it: nothing was written ({op}); read "
+                    f"the session again (get_items) and run the turn anew") from None
             except _CutOff:
                 raise ConflictError(
                     f"session {self.session_id!r} was rewound by another caller after this "
@@ -716,6 +767,36 @@ class WalstoreSession:
     # ---- reading inside a transaction -------------------------------------------------------
     def _current_branch(self, tx: "Transaction") -> str:
         return tx.get(self._head_key(), MAIN)
+
+    def _branch_stamp(self, tx: "Transaction", branch: str) -> Any:
+        """What tells this branch from another of the same name made after it was
+        deleted: its "ns" (None for main and a branch stored without one)."""
+        if branch == MAIN:
+            return None
+        info = tx.get(self._branch_key(branch))
+        return info.get("ns") if isinstance(info, dict) else None
+
+    def _head_branch(self, tx: "Transaction") -> tuple[str, Any]:
+        """The current branch as ``_SEEN`` holds it: (name, stamp)."""
+        branch = self._current_branch(tx)
+        return branch, self._branch_stamp(tx, branch)
+
+    def _pinned_branch(self, tx: "Transaction") -> str:
+        """The branch a session write appends to or pops from: the one its caller (task or
+        thread) last read or wrote (``_SEEN``), so a turn's items land on the branch whose
+        history it answered although another caller switched or branched the session
+        meanwhile (they did land on that other branch: the question on one, its answer on
+        the other); the current branch for a caller that never read the session.
+        ``_BranchGone`` when that branch was deleted since (or deleted and made anew)."""
+        pin = _PIN.get()
+        if pin is None or pin[0] is None:
+            return self._current_branch(tx)
+        name, stamp = pin[0]
+        if name != MAIN and (not self._branch_exists(tx, name)
+                             or self._branch_stamp(tx, name) != stamp):
+            raise _BranchGone(name)
+        pin[1] = True
+        return name
 
     def _branch_exists(self, tx: "Transaction", branch: str) -> bool:
         if branch == MAIN:
@@ -781,7 +862,7 @@ class WalstoreSession:
             normalized = _prepared(items)  # (in the worker: TypeError before any write)
 
             def add(tx: "Transaction") -> None:
-                branch = self._current_branch(tx)
+                branch = self._pinned_branch(tx)
                 last = self._newest(tx, branch, 1)
                 seq = last[0][0] + 1 if last else 1
                 prefix = self._items_prefix(branch)
@@ -922,7 +1003,7 @@ class WalstoreSession:
             return []
 
         def pop(tx: "Transaction") -> list[Any]:
-            branch = self._current_branch(tx)
+            branch = self._pinned_branch(tx)
             prefix = self._items_prefix(branch)
             newest = self._newest(tx, branch, n)
             for seq, _item in newest:
