@@ -439,10 +439,7 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
 
 
 def _register_undo_watcher() -> bool:
-    try:
-        from ..agent.scope import register_undo_watcher
-    except ImportError:  # pragma: no cover (a walstore without undo watchers)
-        return False
+    from ..agent.scope import register_undo_watcher
     register_undo_watcher(_watch_undo)
     return True
 
