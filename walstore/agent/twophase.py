@@ -1,11 +1,13 @@
 """Two-phase commit: prepared (in-doubt) transactions that survive crashes.
 
 ``tx.prepare(gid)`` validates the transaction and logs a PREPARE record with its writes,
-reads, scanned ranges and action ids (durable before it returns); from then on it is
-*held*: conflicting transactions cannot commit over it (:class:`PreparedSet`), and it
-takes no more writes or actions.  After a crash the prepared set is rebuilt from LMDB
-(PREPARE rows are applied like any event) and recovery leaves it in doubt: neither undone
-nor compensated.
+reads, scanned ranges, action ids and the scopes it works for (durable before it
+returns); from then on it is *held*: conflicting transactions cannot commit over it
+(:class:`PreparedSet`), and it takes no more writes or actions; a rewind reaching into a
+scope it works for (its own, its undo fence's, one of its actions was declared in), or a
+purge across one, is refused until it is decided (``PreparedSet.check_undo``).  After a
+crash the prepared set is rebuilt from LMDB (PREPARE rows are applied like any event) and
+recovery leaves it in doubt: neither undone nor compensated.
 
 Deciding goes through the same places as everything else: ``commit_prepared`` is an
 ordinary commit through the one pipeline (its COMMIT carries ``gid``; applying it records
@@ -37,10 +39,11 @@ from typing import TYPE_CHECKING, Any
 from .. import fileio
 from ..errors import CompensationFailed, EmptyArgumentError, UnknownGid
 from ..log.format import RecordType
-from ..engine.conflicts import Prepared
+from ..engine.conflicts import Prepared, works_for
 from ..engine.pipeline import CommitRequest
 from ..signals import deferred
 from .actions import Action, Saga, UndoProgress
+from .scope import check_scope
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -99,9 +102,19 @@ class TwoPhase:
         extra = self.saga.commit_fields(tx)
         extra.pop("actions", None)
         extra.update(file_fields or {})  # the COMMIT of the decision names its file effects
+        # the scopes it works for besides its own: a rewind reaching into one waits for
+        # its decision (PreparedSet.check_undo), after a crash too (the PREPARE says them)
+        fence = works_for(None, tx.undo_fence, [a.scope for a in live])
+        for scope in fence:  # (a fence is set by hand: one that is no scope, logged, made
+            try:             # the PREPARE's row unreadable and the store unopenable)
+                check_scope(scope)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"transaction {tx.id} cannot be prepared: its undo fence "
+                              f"{tx.undo_fence!r} holds what is no scope ({e}); nothing "
+                              f"was logged") from None
         p = Prepared(gid, tx.id, tx.seal_writes(), sorted(tx.read_keys),
                      list(tx.read_ranges), tx.meta, [a.id for a in live],
-                     self.engine.clock(), extra, tx.scope)
+                     self.engine.clock(), extra, tx.scope, fence=fence)
         tx.logged = True
         self.engine.pipeline.prepare(p, tx.read_set(), tx.commit_check)
 

@@ -247,14 +247,21 @@ class Undo:
         # call's commit raises ConflictError, so the dry run does (it returned a plan the
         # real call then refused — probe-audit54)
         restore = getattr(made, "_restore", None)
-        if restore:
+        rewind = isinstance(made, UndoPlan) and made.boundary is not None
+        if restore or rewind:
             # (under the journal lock, as the prepared set is read everywhere: prepares
             # and decisions change it under that lock, and one landing in the check's walk
             # raised "dictionary changed size during iteration" out of the dry run —
             # audit 58)
             with (contextlib.nullcontext() if eng.readonly else eng.journal.lock):
-                _prepared_holds(eng).check(0, [(k, None) for k in restore], None,
-                                           who="this undo (a dry run: nothing was changed)")
+                holds = _prepared_holds(eng)
+                if restore:
+                    holds.check(0, [(k, None) for k in restore], None,
+                                who="this undo (a dry run: nothing was changed)")
+                if rewind:  # (and a scope one works for: as the real call's commit,
+                    # or its empty plan, is refused: PreparedSet.check_undo)
+                    holds.check_undo({"rewound_to": made.boundary, "scope": made.scope}.get,
+                                     "this rewind (a dry run)")
         if isinstance(made, UndoPlan):
             made.left_pending = [a.id for a in made.compensations
                                  if a.compensate not in self.saga.compensators]
@@ -499,12 +506,26 @@ class Undo:
             self._check_retained(plan)
             if plan.empty():  # (its keys all end as they began: it undoes nothing, and
                 plan.txids = []  # a dry run says so — it listed a rewind's own undo)
+                if not dry_run:  # (nothing to commit, so no commit's check: a prepared
+                    # transaction working for the scope would commit after this "the
+                    # scope is as of the point" and stand; refused here instead)
+                    self._refuse_in_doubt(boundary, scope)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return (plan if dry_run else None), []
             fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids},
                                 reserved)
+
+    def _refuse_in_doubt(self, boundary: int, scope: Any) -> None:
+        """ConflictError when a prepared (in-doubt) transaction works for a scope a rewind
+        of ``scope`` to ``boundary`` reaches into (``PreparedSet.check_undo``, which the
+        commit of a rewind that changes something asks, under the journal lock too)."""
+        eng = self.engine
+        if eng.prepared.works:
+            with eng.journal.lock:
+                eng.prepared.check_undo({"rewound_to": boundary, "scope": scope}.get,
+                                        "this rewind")
 
     def _with_included(self, infos: list[TxnInfo], also: frozenset, boundary: int,
                        kept: frozenset) -> tuple[list[TxnInfo], frozenset, int]:

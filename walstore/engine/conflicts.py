@@ -17,7 +17,8 @@ and a transaction open for hours makes no other commit slower.
 
 ``PreparedSet`` holds what prepared transactions read and wrote: a transaction may not
 write their keys or into their scanned ranges, read a key they wrote, or scan a range
-holding one of their writes, until they are decided (serializability across the prepare).
+holding one of their writes, until they are decided (serializability across the prepare);
+nor may a rewind reach into a scope one works for, or a purge cross one (``check_undo``).
 """
 from __future__ import annotations
 
@@ -347,21 +348,30 @@ def _check_fence(txid: int, other: Any, field, fence: Any) -> None:
         for one in fence:     # fenced only the first, and the second's rewind let its
             _check_fence(txid, other, field, one)  # booking stand: stop 75)
         return
-    what = None
-    if field("rewound_to", None) is not None:
-        scope = field("scope", None)
-        if scope is None or (type(scope) is type(fence) and fence.startswith(scope)):
-            what = "rewound"
-    else:
-        rng = field("purge_range", None)
-        if rng:
-            lo = encode_prefix(fence)
-            if lo >= rng[0] and (rng[1] is None or lo < rng[1]):
-                what = "purged"
+    what = _undo_reaches(field, fence)
     if what is not None:
         raise ConflictError(f"transaction {txid} works for scope {fence!r}, which "
                             f"transaction {other} {what} after it started; nothing was "
                             f"written", [])
+
+
+def _undo_reaches(field, scope: Any) -> str | None:
+    """"rewound" when the commit whose COMMIT fields ``field(name, default)`` gives is a
+    rewind reaching into ``scope`` (unscoped, or scoped to a prefix of it), "purged" when
+    it is a purge whose range holds the scope's start; else None.  The one rule of undo
+    fences (``_check_fence``) and of the scopes prepared transactions work for
+    (``PreparedSet.check_undo``)."""
+    if field("rewound_to", None) is not None:
+        undone = field("scope", None)
+        if undone is None or (type(undone) is type(scope) and scope.startswith(undone)):
+            return "rewound"
+        return None
+    rng = field("purge_range", None)
+    if rng:
+        lo = encode_prefix(scope)
+        if lo >= rng[0] and (rng[1] is None or lo < rng[1]):
+            return "purged"
+    return None
 
 
 def _check_files(txid: int, other: Any, field) -> None:
@@ -411,6 +421,12 @@ class Prepared:
     # False: ``writes`` holds the keys only (each value None): the one ``PreparedSet``
     # keeps (see ``keys_only``); the values are read from the PREPARE's row when needed
     values: bool = True
+    # the scopes it works for besides ``scope``: its undo fence(s) and the scopes its
+    # actions were declared in (a tuple); a rewind reaching into one of those or into
+    # ``scope``, or a purge across one, is refused while it is in doubt
+    # (``PreparedSet.check_undo``).  None: a PREPARE written before walstore recorded it
+    # (the open reads its actions' scopes from their rows)
+    fence: tuple | None = None
 
     def keys_only(self) -> "Prepared":
         """This transaction without its written values: what the prepared set keeps.
@@ -427,7 +443,7 @@ class Prepared:
         return {"gid": self.gid, "tx": self.txid, "r": list(self.read_keys),
                 "rr": [list(r) for r in self.read_ranges], "meta": self.meta,
                 "actions": list(self.actions), "ts": self.ts, "extra": self.extra,
-                "scope": self.scope}
+                "scope": self.scope, "fence": list(self.fence or ())}
 
     @classmethod
     def from_row(cls, row: dict) -> "Prepared":
@@ -436,14 +452,29 @@ class Prepared:
         listed = list(row.get("actions", []))
         legacy = [dict(a) for a in listed if isinstance(a, dict)]
         ids = [str(a["id"]) if isinstance(a, dict) else a for a in listed]
+        fence = row.get("fence")
+        if fence is not None or legacy:  # (0.1.0's action rows say their scopes)
+            fence = works_for(None, fence, [a.get("scope") for a in legacy])
         return cls(row["gid"], row["tx"], [tuple(w[:2]) for w in row.get("w", [])],
                    list(row.get("r", [])), [tuple(r) for r in row.get("rr", [])],
                    row.get("meta"), ids, row.get("ts", 0.0),
-                   dict(row.get("extra") or {}), row.get("scope"), legacy)
+                   dict(row.get("extra") or {}), row.get("scope"), legacy, fence=fence)
 
     @property
     def written(self) -> set:
         return {k for k, _v in self.writes}
+
+
+def works_for(scope: Any, fence: Any, action_scopes=()) -> tuple:
+    """The scopes a transaction works for, each once, in order: ``scope`` (its own), its
+    undo fence (one scope, or a tuple or list of them) and ``action_scopes`` (those its
+    actions were declared in); None is left out."""
+    fences = fence if isinstance(fence, (tuple, list)) else (fence,)
+    out: list = []
+    for s in (scope, *fences, *action_scopes):
+        if s is not None and s not in out:
+            out.append(s)
+    return tuple(out)
 
 
 class PreparedSet:
@@ -467,6 +498,9 @@ class PreparedSet:
         self._order = KeyIndex()  # the keys of ``_written``, in order
         self._ranged: dict[str, RangeSet] = {}  # gid -> its read ranges (those with some)
         self._txids: dict[int, int] = {}  # txid -> its prepared gids (how many)
+        # gid -> the scopes it works for (``works_for``; those with some): asked by undos
+        # alone (``check_undo``), never by the other commits
+        self.works: dict[str, tuple] = {}
 
     def __contains__(self, gid: str) -> bool:
         return gid in self.by_gid
@@ -488,6 +522,9 @@ class PreparedSet:
             gids.add(p.gid)
         if p.read_ranges:
             self._ranged[p.gid] = RangeSet(p.read_ranges)
+        scopes = works_for(p.scope, p.fence)
+        if scopes:
+            self.works[p.gid] = scopes
         self._txids[p.txid] = self._txids.get(p.txid, 0) + 1
 
     def remove(self, gid: str) -> Prepared:
@@ -507,6 +544,7 @@ class PreparedSet:
                     del self._written[k]
                     self._order.discard(k)
         self._ranged.pop(gid, None)
+        self.works.pop(gid, None)
         n = self._txids.get(p.txid, 0) - 1
         if n > 0:
             self._txids[p.txid] = n
@@ -556,3 +594,21 @@ class PreparedSet:
             gids = sorted({g for _k, g in out})
             raise ConflictError(f"{who or f'transaction {txid}'} touches {names}, held by "
                                 f"prepared (in-doubt) transaction(s) {gids}", names)
+
+    def check_undo(self, field, who: str) -> None:
+        """ConflictError when the commit whose COMMIT fields ``field(name, default)`` gives
+        is a rewind reaching into a scope a prepared transaction works for (its own, its
+        undo fence's, one of its actions was declared in; unscoped, or scoped to a prefix
+        of it), or a purge across one: the rule of undo fences (``_check_fence``).  Had
+        it committed first, the undo would have undone it (and compensated its actions);
+        committed after, its work would stand in a scope the undo said was as of the
+        point, or erased (a booking of a rewound session's turn, never compensated).  Its
+        commit is promised (prepared): the undo waits for the decision instead.  Asked of
+        undos and purges alone (``CommitPipeline``, ``Undo``)."""
+        for gid, scopes in self.works.items():
+            for scope in scopes:
+                if _undo_reaches(field, scope) is not None:
+                    raise ConflictError(
+                        f"{who} reaches into scope {scope!r}, which prepared (in-doubt) "
+                        f"transaction {gid!r} works for: decide it first "
+                        f"(commit_prepared or rollback_prepared); nothing was changed", [])

@@ -354,6 +354,10 @@ class Engine:
         # one row decoded at a time, its values dropped (a dict of every row held every
         # in-doubt transaction's whole write set at once: Prepared.keys_only)
         for p in self.views.prepared_summaries(lambda row: Prepared.from_row(row).keys_only()):
+            if p.fence is None and p.actions:  # (a PREPARE written before walstore noted
+                # the scopes it works for: its actions' from their rows)
+                p.fence = tuple(r["scope"] for r in self.views.action_rows_of(p.txid)
+                                if r.get("scope") is not None)
             self.prepared.add(p)
         report.in_doubt = sorted(self.prepared.by_gid)
         top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1,

@@ -313,6 +313,11 @@ class CommitPipeline:
             # decision was overturned)
         if self.prepared.by_gid:  # (something is prepared: its holds apply)
             self.prepared.check(req.txid, req.writes, req.reads, mine=req.gid)
+            if self.prepared.works and ("rewound_to" in req.body
+                                        or "purge_range" in req.body):
+                # (a rewind or purge: the scopes the prepared work for, see check_undo)
+                what = "rewind" if "rewound_to" in req.body else "purge"
+                self.prepared.check_undo(req.body.get, f"the {what} (transaction {req.txid})")
         if "compensate" in req.body:  # (an undo's commit: it claims actions)
             self._check_claims(req)
         body = dict(req.body, ts=eng.clock(), meta=req.meta)

@@ -284,6 +284,10 @@ def check_fields(rtype: int, body: dict) -> None:
                     raise ValueError(f"field {name!r} is not a list")
             if not isinstance(body.get("extra") or {}, dict):
                 raise ValueError("field 'extra' is not a map")
+            fence = body.get("fence", [])   # (the scopes it works for: conflicts.Prepared)
+            if not isinstance(fence, list) or not all(
+                    isinstance(f, (str, bytes)) and f for f in fence):
+                raise ValueError("field 'fence' is not a list of scopes")
             _ts(body)
     elif rtype == RecordType.RESTORE_POINT:
         name = body.get("name")
