@@ -275,3 +275,18 @@ def test_a_fence_that_is_no_scope_is_refused_at_the_prepare_nothing_logged(tmp_p
         tx.rollback()
     with walstore.open(path, durability="full") as s:
         assert s.prepared() == [] and s.get("k") is None
+
+
+def test_a_read_only_dry_run_sees_the_scopes_of_a_transaction_in_doubt(tmp_path):
+    """``walstore rewind --dry-run`` opens read-only: its holds are built from the PREPARE
+    rows, the scopes included (a plan the real rewind refuses was returned before)."""
+    path = str(tmp_path / "store")
+    with walstore.open(path, durability="full") as s:
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "before")
+        s.restore_point("p")
+        _prepare(s, "fence")
+    with walstore.open(path, readonly=True) as ro:
+        with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
+            ro.rewind("p", scope="app/", dry_run=True)
+        assert ro.rewind("p", scope="app/u2/", dry_run=True).empty()
