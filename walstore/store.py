@@ -869,7 +869,9 @@ class Store:
         RevertConflict, nothing changed.  ``include``: txids of transactions at or before
         ``to`` undone too, in the same transaction (the commits between them and ``to``
         are kept, as ``keep`` keeps).  A txid in either that never committed raises
-        UnknownPoint, nothing changed.  The registered undo watchers are told of it
+        UnknownPoint, nothing changed.  An exception out of its compensations (an
+        interrupt too) carries ``undo_committed``, its TxnInfo: it committed.  The
+        registered undo watchers are told of it
         (``walstore.agent.scope.register_undo_watcher``: OpenAI sessions cut off their
         turns in flight that it reaches)."""
         self._engine.check_open()

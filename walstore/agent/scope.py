@@ -176,7 +176,10 @@ class WatchedUndo:
                 if end is not None:
                     self.ends.append(end)
         except BaseException:
-            self._end(False)
+            try:
+                self._end(False)
+            except BaseException:  # noqa: BLE001 - (the refusing watcher's error is said)
+                pass
             raise
 
     def __enter__(self) -> "WatchedUndo":
@@ -184,16 +187,34 @@ class WatchedUndo:
 
     def __exit__(self, et: Any, e: Any, tb: Any) -> None:
         if e is not None:
-            self.committed = (isinstance(e, (ErasureOwed, CommitOutcomeUnknown))
-                              or (isinstance(e, CompensationFailed)
-                                  and bool(getattr(e, "committed", False)))
-                              or getattr(e, "purge_committed", None) is not None)
+            self.committed = undo_committed(e)
         self._end(self.committed)
 
     def _end(self, committed: bool) -> None:
+        """Every end called, even when one raises (the first error raised after): one
+        watcher's failing end left the others' undo under way for good (OpenAI sessions:
+        every write then waited 120 s, every tool refused, stop 75 h3)."""
         ends, self.ends = self.ends, []
+        error: BaseException | None = None
         for end in reversed(ends):
-            end(committed)
+            try:
+                end(committed)
+            except BaseException as e:  # noqa: BLE001 - (raised once all ran)
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def undo_committed(e: BaseException) -> bool:
+    """Whether the rewind, revert or purge that raised ``e`` committed (or may have: its
+    outcome unknown) all the same: a compensation or an erasure owed after the commit, an
+    interrupt or error out of its compensations (``undo_committed``) or its erasure
+    (``purge_committed``).  Nothing else is committed: what raises before the commit
+    changes nothing."""
+    return (isinstance(e, (ErasureOwed, CommitOutcomeUnknown))
+            or (isinstance(e, CompensationFailed) and bool(getattr(e, "committed", False)))
+            or getattr(e, "undo_committed", None) is not None
+            or getattr(e, "purge_committed", None) is not None)
 
 
 def current_scope() -> Any:

@@ -307,36 +307,50 @@ class Undo:
                                         f"({e})") from e
             if owed:
                 try:
-                    self._decision_durable(result)
-                    self.saga.compensate(owed)
-                except CompensationFailed as e:
-                    # the undo committed (it stands); say which transaction did it, or the
-                    # caller, given only the failure, could not find it (audit48); the
-                    # message says so too (it read as a plain compensation failure, and a
-                    # user could not tell whether the revert had happened at all)
-                    e.undo = result
-                    e.committed = True
-                    e.args = (f"{e.args[0] if e.args else e}; the undo itself COMMITTED "
-                              f"(transaction {result.txid}: the state is reverted and "
-                              f"stays so), only these compensations are still owed",
-                              ) + tuple(e.args[1:])
+                    self._compensate_committed(result, owed)
+                except BaseException as e:
+                    # (the undo committed all the same: an interrupt (Ctrl-C in a
+                    # compensator), or an error left bare, said nothing of it, and the
+                    # undo watchers took the rewind for one that changed nothing (OpenAI
+                    # sessions let a turn in flight save "booked" after it had cancelled
+                    # the booking: stop 75 h3)
+                    if getattr(e, "undo_committed", None) is None:
+                        e.undo_committed = result  # type: ignore[attr-defined]
                     raise
-                except Exception as e:
-                    if isinstance(e, WalstoreError):
-                        raise
-                    # not the compensators' errors (those are retried, then failed: the
-                    # CompensationFailed above), walstore's own while it ran them — a
-                    # MemoryError at a memory limit: the undo committed all the same, and
-                    # it escaped bare, as though the revert had failed.  What was not
-                    # compensated stays owed (pending: the next open runs it).  (With
-                    # none owed — the error after the last one was recorded — it goes on
-                    # as it is, as test_audit56_commitpoint expects.)
-                    failed = self._owed_after_commit(result, owed, e)
-                    if not failed.action_ids:
-                        raise
-                    raise failed from e
-                self._warn_left_owed(result, owed)
         return result
+
+    def _compensate_committed(self, result: Any, owed: list) -> None:
+        """The compensations of the committed undo ``result`` (``_run_reserved``)."""
+        try:
+            self._decision_durable(result)
+            self.saga.compensate(owed)
+        except CompensationFailed as e:
+            # the undo committed (it stands); say which transaction did it, or the
+            # caller, given only the failure, could not find it (audit48); the
+            # message says so too (it read as a plain compensation failure, and a
+            # user could not tell whether the revert had happened at all)
+            e.undo = result
+            e.committed = True
+            e.args = (f"{e.args[0] if e.args else e}; the undo itself COMMITTED "
+                      f"(transaction {result.txid}: the state is reverted and "
+                      f"stays so), only these compensations are still owed",
+                      ) + tuple(e.args[1:])
+            raise
+        except Exception as e:
+            if isinstance(e, WalstoreError):
+                raise
+            # not the compensators' errors (those are retried, then failed: the
+            # CompensationFailed above), walstore's own while it ran them — a
+            # MemoryError at a memory limit: the undo committed all the same, and
+            # it escaped bare, as though the revert had failed.  What was not
+            # compensated stays owed (pending: the next open runs it).  (With
+            # none owed — the error after the last one was recorded — it goes on
+            # as it is, as test_audit56_commitpoint expects.)
+            failed = self._owed_after_commit(result, owed, e)
+            if not failed.action_ids:
+                raise
+            raise failed from e
+        self._warn_left_owed(result, owed)
 
     def _warn_left_owed(self, result: Any, owed: list) -> None:
         """A RuntimeWarning when the undo committed and left compensations owed because

@@ -79,10 +79,10 @@ context=ctx)`` and run its tools with ``ctx.run``).
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
-newest items of the current branch) and replaces their suffix in one transaction only
-if it is unchanged, so an item another session object added while the compaction
-request was in flight survives (the replacement is skipped, as over SQLiteSession); a
-manual ``run_compaction()`` replaces the whole history in one transaction
+newest items of the branch the run wrote to) and replaces their suffix in one
+transaction only if it is unchanged, so an item another session object added while the
+compaction request was in flight survives (the replacement is skipped, as over
+SQLiteSession); a manual ``run_compaction()`` replaces the whole history in one transaction
 (``_atomic_replace_items``).
 
 Key layout (str keys; ``S`` is the session id and ``B`` a branch name, both
@@ -129,8 +129,14 @@ they were split, the question on one branch and the answer on the one another re
 had switched or branched to (probe h2, stop 75).  When another caller deleted that
 branch since (``delete_branch``, ``clear_session``, a manual ``run_compaction``; main is
 never deleted), they raise ``ConflictError``, nothing written.  A caller's own switch,
-new branch or clear moves it; one that never read the session works on the current
-branch.
+new branch or clear moves it, and so does its read of the current branch; its read of a
+branch it names (``get_items(branch=...)``), its delete of another branch and its
+rewind that changed nothing leave it where it was (they moved it to the current branch,
+another caller's: stop 75 h3); one that never read the session works on the current
+branch.  Automatic compaction replaces the items of the branch the run wrote to.
+Limit: the SDK's own mid-run ``get_items()`` (``OpenAIResponsesCompactionSession``'s
+first check after a save, the Runner's retry cleanup) is a read of the current branch:
+a switch by another caller during such a run still moves the rest of it.
 """
 from __future__ import annotations
 
@@ -145,10 +151,10 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import (LSN, CommitOutcomeUnknown, CompensationFailed, ConflictError, ErasureOwed,
-               SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError)
+from .. import (LSN, ConflictError, ErasureOwed, SnapshotTooOld, TxnInfo, UnknownPoint,
+               WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
-from ..agent.scope import add_undo_fence
+from ..agent.scope import add_undo_fence, undo_committed
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
 
@@ -301,6 +307,12 @@ _PIN: "contextvars.ContextVar[list[Any] | None]" = contextvars.ContextVar(
     "walstore_openai_session_pin", default=None)
 
 
+# The session writes that put their caller on the current branch, whatever branch it was
+# on: its own switch and new branch.  (Every other write leaves it on its branch while
+# that stands: ``WalstoreSession._guarded``.)
+_MOVES_CALLER = frozenset({"switch_branch", "create_branch"})
+
+
 class _BranchGone(Exception):
     """Raised inside a session write's transaction function: the branch the caller was
     on was deleted since (refused)."""
@@ -433,7 +445,9 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
         _REWINDING.reset(rewinding)
         for state, token in tokens:
             state.end(token, committed)
-            if _seen(state) is not None:   # (the undoing context is not cut off by it)
+            # (the undoing context is not cut off by it; one that changed nothing leaves
+            # it as it was, on its branch: it was put back on the current one)
+            if committed and _seen(state) is not None:
                 _note_seen(state, state.epoch)
     return end
 
@@ -645,8 +659,13 @@ class WalstoreSession:
         """Refuse further calls on this object (the store stays open: it is the caller's)."""
         self._closed = True
 
-    async def _read(self, fn: Callable[["Transaction"], _T]) -> _T:
-        """``fn(tx)`` on one snapshot, in a worker thread; nothing is written or validated."""
+    async def _read(self, fn: Callable[["Transaction"], _T], note: str | None = "head") -> _T:
+        """``fn(tx)`` on one snapshot, in a worker thread; nothing is written or validated.
+        ``note``: what the caller is taken to have read (``_SEEN``): ``"head"``, the
+        current branch (its writes go there now); ``"kept"``, a branch it named (its
+        writes stay where they were; a ``get_items(branch=...)`` moved them to the
+        current branch, another caller's, stop 75 h3); None, nothing (the compaction
+        snapshot)."""
         self._check_open()
 
         def work() -> _T:
@@ -660,7 +679,8 @@ class WalstoreSession:
                 epoch = state.epoch
                 tx = self.store.transaction()
                 try:
-                    return fn(tx), epoch, self._head_branch(tx)
+                    return fn(tx), epoch, (self._head_branch(tx) if note == "head"
+                                           else None)
                 except SnapshotTooOld:
                     if attempt >= _RETRIES:
                         raise
@@ -669,7 +689,8 @@ class WalstoreSession:
             raise AssertionError("unreachable")  # pragma: no cover
         state = self._lock
         result, epoch, branch = await asyncio.to_thread(work)
-        _note_seen(state, epoch, branch)
+        if note is not None:
+            _note_seen(state, epoch, branch if note == "head" else _seen_branch(state))
         return result
 
     async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
@@ -734,9 +755,18 @@ class WalstoreSession:
                 result = fn(tx)
             finally:
                 _PIN.reset(token)
-            # where the caller is now: on the branch it wrote to (add, pop), or on the
-            # current branch (a switch, a new branch, a clear)
-            checked[:] = [epoch, pinned if pin[1] else self._head_branch(tx)]
+            # where the caller is now: on its branch while that stands (it wrote to it,
+            # add, pop; or left it alone, a delete of another branch, a compaction: those
+            # put it on the current branch, another caller's, stop 75 h3), on the
+            # current branch after its own switch or new branch, or when its branch is
+            # gone (its own delete, a clear)
+            if pinned is None or op in _MOVES_CALLER:
+                where = self._head_branch(tx)
+            elif pin[1]:
+                where = pinned
+            else:
+                where = self._caller_branch(tx, pinned) or self._head_branch(tx)
+            checked[:] = [epoch, where]
             return result
         while True:
             if wait and not state.await_rewinds():
@@ -788,12 +818,22 @@ class WalstoreSession:
         pin = _PIN.get()
         if pin is None or pin[0] is None:
             return self._current_branch(tx)
-        name, stamp = pin[0]
-        if name != MAIN and (not self._branch_exists(tx, name)
-                             or self._branch_stamp(tx, name) != stamp):
-            raise _BranchGone(name)
+        if self._caller_branch(tx, pin[0]) is None:
+            raise _BranchGone(pin[0][0])
         pin[1] = True
-        return name
+        return pin[0][0]
+
+    def _caller_branch(self, tx: "Transaction", pinned: Any) -> tuple[str, Any] | None:
+        """(name, stamp) of the branch a caller on ``pinned`` (``_SEEN``'s branch) works
+        on: that branch while it stands, the current one for a caller on none (None);
+        None when it was deleted since (or deleted and made anew)."""
+        if pinned is None:
+            return self._head_branch(tx)
+        name, stamp = pinned
+        if name == MAIN or (self._branch_exists(tx, name)
+                            and self._branch_stamp(tx, name) == stamp):
+            return pinned
+        return None
 
     def _branch_exists(self, tx: "Transaction", branch: str) -> bool:
         if branch == MAIN:
@@ -846,7 +886,8 @@ class WalstoreSession:
 
         def read(tx: "Transaction") -> list[Any]:
             return [item for _seq, item in self._newest(tx, self._resolve_branch(tx, branch), n)]
-        return await self._read(read)
+        # (a read of a branch it named leaves the caller's writes where they were)
+        return await self._read(read, "head" if branch is None else "kept")
 
     async def add_items(self, items: list[Any]) -> None:
         """Append ``items`` to the current branch, all in one transaction."""
@@ -913,18 +954,20 @@ class WalstoreSession:
             self, limit: int, *,
             prune_prefix: Callable[[Any], bool] | None = None) -> Any | None:
         """The SDK's hook for automatic history compaction (``OpenAIResponsesCompactionSession``
-        after a run; SQLiteSession's protocol): the newest ``limit`` items of the current
-        branch, oldest first, whether they are all of it, and ``replace_suffix(start,
-        output)``, a compare-and-swap.  It replaces the snapshot's items from ``start`` on
-        with ``output`` in ONE transaction (the session's write path: an optimistic
-        conflict retries it, re-reading) only if the current branch is still the
-        snapshot's and its newest items are still exactly those (same positions, same
+        after a run; SQLiteSession's protocol): the newest ``limit`` items of the caller's
+        branch (the one its ``add_items`` go to: its run's), oldest first, whether they
+        are all of it, and ``replace_suffix(start, output)``, a compare-and-swap.  It
+        replaces the snapshot's items from ``start`` on with ``output`` in ONE transaction
+        (the session's write path: an optimistic conflict retries it, re-reading) only if
+        the caller's branch is still the snapshot's (not deleted, not left by its own
+        switch) and its newest items are still exactly those (same positions, same
         contents: an item popped and added back equal counts as unchanged, where
-        SQLiteSession's new row id would refuse); otherwise it changes nothing and returns False (the SDK then keeps the
-        history: an item another session object added while the compaction request was
-        in flight is not lost).  Older items stay, except that ``prune_prefix`` (passed
-        by the SDK's EncryptedSession) removes the oldest items it approves of, up to the
-        first it refuses, in the same transaction.  None for a subclass (it may store
+        SQLiteSession's new row id would refuse); otherwise it changes nothing and
+        returns False (the SDK then keeps the history: an item another session object
+        added while the compaction request was in flight is not lost).  Older items
+        stay, except that ``prune_prefix`` (passed by the SDK's EncryptedSession) removes
+        the oldest items it approves of, up to the first it refuses, in the same
+        transaction.  None for a subclass (it may store
         items its own way) or an SDK without the snapshot type."""
         if type(self) is not WalstoreSession:
             return None
@@ -936,17 +979,26 @@ class WalstoreSession:
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
         want = max(limit, 0)
+        state = self._lock
 
-        def read(tx: "Transaction") -> tuple[str, list[tuple[int, Any]], bool,
+        def read(tx: "Transaction") -> tuple[Any, list[tuple[int, Any]], bool,
                                              list[tuple[int, str]]]:
-            branch = self._current_branch(tx)
-            got = self._newest(tx, branch, want + 1)   # one more: are there older items?
+            # the branch the caller's writes go to (its run's items: the exchange the SDK
+            # compacts), not the current one: another caller's switch or new branch got
+            # the summary of a run on this one (stop 75 h3).  Gone since: nothing to
+            # compact (an empty snapshot, which the SDK skips).
+            mine = self._caller_branch(tx, _seen_branch(state))
+            if mine is None:
+                return None, [], True, []
+            got = self._newest(tx, mine[0], want + 1)   # one more: are there older items?
             rows = got[len(got) - want:] if len(got) > want else got
             # compared as JSON text, as SQLiteSession compares its rows (an item holding
             # NaN equals itself); encoded here, in the worker thread, not on the loop
-            return branch, rows, len(got) <= want, [(seq, json.dumps(item))
-                                                    for seq, item in rows]
-        branch, rows, complete, expected_all = await self._read(read)
+            return mine, rows, len(got) <= want, [(seq, json.dumps(item))
+                                                  for seq, item in rows]
+        # (not noted: the SDK's read, not the turn's: it neither moves the caller nor
+        # counts as its reading the session again)
+        mine, rows, complete, expected_all = await self._read(read, None)
 
         async def replace_suffix(start: int, output: list[Any]) -> bool:
             expected = expected_all[start:]
@@ -955,6 +1007,7 @@ class WalstoreSession:
             self._check_open()
             output = list(output)
             first = expected[0][0]
+            branch = mine[0]
             prefix = self._items_prefix(branch)
             stored: list[Any] = []
 
@@ -963,8 +1016,9 @@ class WalstoreSession:
                 return replace
 
             def replace(tx: "Transaction") -> bool:
-                if self._current_branch(tx) != branch:
-                    return False
+                pin = _PIN.get()
+                if self._caller_branch(tx, pin[0] if pin else None) != mine:
+                    return False   # (its own switch or new branch since, or it is gone)
                 current = self._newest(tx, branch, len(expected))
                 if [(seq, json.dumps(item)) for seq, item in current] != expected:
                     return False
@@ -1147,6 +1201,7 @@ class WalstoreSession:
         before it are refused (``_guarded``).  Its own context (its compensators) is
         exempt.  It failed without committing: nobody is refused."""
         state = self._lock
+        outcome = [False]
 
         def marked() -> _T:
             token = state.begin()
@@ -1156,19 +1211,23 @@ class WalstoreSession:
                 result = work()
                 done = committed(result)
                 return result
-            except (CompensationFailed, ErasureOwed) as e:
-                done = getattr(e, "committed", True)   # (committed; compensations owed)
-                raise
-            except CommitOutcomeUnknown:
-                done = True   # (maybe committed: the store is read-only now anyway)
+            except BaseException as e:
+                # (committed all the same: compensations or an erasure owed, an outcome
+                # unknown, an interrupt in a compensator — that one was taken for a
+                # rewind that changed nothing, and a turn in flight saved after it)
+                done = undo_committed(e)
                 raise
             finally:
                 _REWINDING.reset(rewinding)
                 state.end(token, done)
+                outcome[0] = done
         try:
             return await finish_despite_cancel(marked)
         finally:
-            _note_seen(state, state.epoch)
+            # (one that changed nothing leaves the caller as it was, on its branch: an
+            # unknown point's rewind put it on the current branch, another caller's)
+            if outcome[0]:
+                _note_seen(state, state.epoch)
 
     # ---- branches (AdvancedSQLiteSession's API) ---------------------------------------------
     async def current_branch(self) -> str:
@@ -1184,7 +1243,7 @@ class WalstoreSession:
                 if _is_user(item):
                     turns.append({"turn": len(turns) + 1, "content": item.get("content")})
             return turns
-        return await self._read(read)
+        return await self._read(read, "head" if branch_id is None else "kept")
 
     async def create_branch_from_turn(self, turn_number: int,
                                       branch_name: str | None = None) -> str:
