@@ -162,6 +162,7 @@ def test_a_callers_read_of_a_named_branch_or_failed_rewind_keeps_its_turn_on_its
         else:
             with pytest.raises(walstore.UnknownPoint):
                 store.rewind(s.scope + "typo", scope=s.scope)   # (in the turn's task)
+        assert s._lock.underway == [] and s._lock.epoch == 0
         await s.add_items([assistant("booked oslo")])
         reader = WalstoreSession("u", store)
         assert await reader.get_items(branch="A") == [user("book oslo"),

@@ -434,8 +434,16 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
         if not per_store:
             return None
         mine = _REWINDING.get()
-        reached = [state for prefix, state in list(per_store.items())
-                   if state not in mine and (scope is None or prefix.startswith(scope))]
+        exact = per_store.get(scope) if scope is not None else None
+        if exact is not None:
+            # a session's own scope (its rewind, its erase, store.rewind(scope=
+            # session.scope)) holds no other session's: no namespace nests in one
+            # (_check_namespace).  (Every live session was tried: 10 ms an undo with
+            # 20,000 of them in the process.)
+            reached = [exact] if exact not in mine else []
+        else:
+            reached = [state for prefix, state in list(per_store.items())
+                       if state not in mine and (scope is None or prefix.startswith(scope))]
     if not reached:
         return None
     tokens = [(state, state.begin()) for state in reached]
