@@ -335,3 +335,38 @@ def test_a_tools_file_edit_in_the_sessions_workspace_after_a_rewind_is_refused(s
         await asyncio.to_thread(edit)
         assert (root / "plan.txt").read_text() == "rome"
     asyncio.run(go())
+
+
+def test_a_turns_save_that_outwaits_a_slow_rewind_is_refused_not_written(store,
+                                                                         monkeypatch):
+    """A rewind whose compensation runs longer than the write's wait (120 s; shortened
+    here).  Before: the turn's save went through when the wait ran out, the rewind
+    committed and still compensating: 'booked rome' saved after the booking's
+    cancellation had begun (the conversation said booked, the world cancelled)."""
+    monkeypatch.setattr(oa, "_REWIND_WAIT_S", 0.2)
+    world: list[str] = []
+    compensating, release = threading.Event(), threading.Event()
+
+    @store.compensator("cancel")
+    def cancel(action):
+        world.append(f"cancel {action.args['what']}")
+        compensating.set()
+        release.wait(WAIT_S)
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        await s.get_items()
+        await s.add_items([user("book rome")])
+        await asyncio.to_thread(book, store, s, "rome", world)
+        rewinder = asyncio.create_task(WalstoreSession("u", store).rewind("p"))
+        assert await asyncio.to_thread(compensating.wait, WAIT_S)
+        with pytest.raises(walstore.ConflictError, match="has run for over"):
+            await s.add_items([assistant("booked rome")])
+        release.set()
+        await rewinder
+        assert await s.get_items() == [user("hi")]
+    asyncio.run(go())
+    assert world == ["book rome", "cancel rome"]
+    assert states(store) == [("book", "rome", "compensated")]

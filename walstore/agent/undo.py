@@ -315,7 +315,10 @@ class Undo:
                     # sessions let a turn in flight save "booked" after it had cancelled
                     # the booking: stop 75 h3)
                     if getattr(e, "undo_committed", None) is None:
-                        e.undo_committed = result  # type: ignore[attr-defined]
+                        try:
+                            e.undo_committed = result  # type: ignore[attr-defined]
+                        except AttributeError:  # (an exception type with __slots__:
+                            pass  # its own error, never one about the attribute)
                     raise
         return result
 

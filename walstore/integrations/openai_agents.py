@@ -49,7 +49,7 @@ may write to the session (e.g. add a "booking cancelled" item); the store serial
 rewind against other writers itself.  A turn in flight while another caller (asyncio task
 or thread of this process) rewinds the session is cut off: the session's writes wait while
 a ``rewind`` or ``erase`` of it runs, its compensations included (not those made in the
-rewind's own context: its compensators), and one from a context (task) that read or wrote
+rewind's own context: its compensators; at most ``_REWIND_WAIT_S``, then refused), and one from a context (task) that read or wrote
 the session before a rewind or erase that committed raises ``ConflictError``, nothing
 written, once that undo is done (a context that never touched the session neither
 waits nor is refused); it was added after the rewind (during its
@@ -259,8 +259,9 @@ class _WriterLock:
         return True
 
 
-# A rewind's compensator may write to the session in another Python thread that does not
-# carry the rewind's context (``_REWINDING``): it waits this long, then writes.
+# How long a session write of a caller that read the session waits for a rewind or erase
+# of it by another caller (its compensations) before it is refused (ConflictError).
+# (It wrote then: a turn in flight saved "booked" after a rewind still compensating.)
 _REWIND_WAIT_S = 120.0
 
 # What this context (an asyncio task, or a thread) last saw of each session it touched:
@@ -778,7 +779,16 @@ class WalstoreSession:
             return result
         while True:
             if wait and not state.await_rewinds():
-                wait = False   # (a compensator in a thread without the rewind's context)
+                # (still under way after _REWIND_WAIT_S: it may have committed, its
+                # epoch not yet counted.  Written then, a turn in flight saved "booked"
+                # after the rewind had cancelled its booking: refused instead, stop 75.
+                # A compensator writing from a thread without the rewind's context
+                # never gets here: it never read the session, so it does not wait)
+                raise ConflictError(
+                    f"session {self.session_id!r}: a rewind or erase of it by another "
+                    f"caller has run for over {_REWIND_WAIT_S:.0f} s (its compensations) "
+                    f"since this caller last read or wrote it: nothing was written "
+                    f"({op}); read the session again (get_items) once it ended")
             try:
                 with state:
                     result = self.store.run(guarded, retries=_RETRIES, meta=meta)
