@@ -109,7 +109,7 @@ from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
 from ..engine import tables
-from ..engine.conflicts import Prepared, PreparedSet
+from ..engine.conflicts import PreparedSet
 from ..engine.snapshot import SnapshotTooOld
 from ..files import Entry, RestoreStatus, restore_status
 from ..files.entries import UnsupportedFileType
@@ -1423,6 +1423,6 @@ def _prepared_holds(eng: "Engine") -> PreparedSet:
     if not eng.readonly:
         return eng.prepared
     held = PreparedSet()
-    for p in eng.views.prepared_summaries(lambda row: Prepared.from_row(row).keys_only()):
+    for p in eng.views.prepared_holds():  # (an older PREPARE's action scopes too)
         held.add(p)
     return held

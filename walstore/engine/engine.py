@@ -45,7 +45,7 @@ from ..log.writer import FIRST_SEGMENT_SIZE, LogFailed, WriteAheadLog
 from ..options import Options
 from ..signals import Flag, deferred, start_thread
 from .apply import Applier
-from .conflicts import ConflictChecker, Prepared, PreparedSet
+from .conflicts import ConflictChecker, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
@@ -353,11 +353,9 @@ class Engine:
         self.applied_lsn = self.state.applied_lsn()
         # one row decoded at a time, its values dropped (a dict of every row held every
         # in-doubt transaction's whole write set at once: Prepared.keys_only)
-        for p in self.views.prepared_summaries(lambda row: Prepared.from_row(row).keys_only()):
-            if p.fence is None and p.actions:  # (a PREPARE written before walstore noted
-                # the scopes it works for: its actions' from their rows)
-                p.fence = tuple(r["scope"] for r in self.views.action_rows_of(p.txid)
-                                if r.get("scope") is not None)
+        # (a PREPARE written before walstore noted the scopes it works for: its actions'
+        # from their rows, see Views.prepared_holds)
+        for p in self.views.prepared_holds():
             self.prepared.add(p)
         report.in_doubt = sorted(self.prepared.by_gid)
         top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1,

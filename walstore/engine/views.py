@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from ..log.format import RecordType
 from ..log.records import Event
 from .apply import DECISION_PREFIX, PREPARED_PREFIX, owed_index_current
+from .conflicts import Prepared
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
 from .memtable import MemTable, root_parents, ws_root
 from . import tables
@@ -455,6 +456,19 @@ class Views:
         for gid, e in latest.items():
             if e.type == _T.PREPARE:
                 out.append(summarize(dict(e.body, w=[[k, v] for k, v in e.writes or ()])))
+        return out
+
+    def prepared_holds(self) -> list[Prepared]:
+        """Every prepared transaction as a prepared set keeps it (``Prepared``, keys
+        only): a writer's at open (``Engine``), a read-only handle's for an undo's dry run
+        (``agent.undo``).  One whose PREPARE predates ``fence`` (stop 75) gets the scopes
+        its actions were declared in from their rows — at both: the read-only dry run
+        read none, and returned a plan the real rewind refused (stop 75's review)."""
+        out = self.prepared_summaries(lambda row: Prepared.from_row(row).keys_only())
+        for p in out:
+            if p.fence is None and p.actions:
+                p.fence = tuple(r["scope"] for r in self.action_rows_of(p.txid)
+                                if isinstance(r.get("scope"), (str, bytes)))
         return out
 
     def prepared_row(self, gid: str, include_unpublished: bool = False,

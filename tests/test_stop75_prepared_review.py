@@ -1,0 +1,59 @@
+"""Review of stop 75's hold of a prepared (in-doubt) transaction on the scopes it works for
+(tests/test_prepared_in_scope_vs_undo.py): what that change missed.
+
+- A PREPARE written before walstore recorded ``fence`` holds the scopes its actions were
+  declared in, read from their rows, at a writable open (``Engine``); a read-only handle
+  built its holds from the PREPARE rows alone and held none of them: ``walstore rewind
+  --dry-run`` (read-only) returned a plan, exit 0, that the real rewind then refused —
+  what audit 58 fixed for keys, back for these scopes.
+"""
+from __future__ import annotations
+
+import pytest
+
+import walstore
+from walstore.engine.conflicts import Prepared
+
+GID = "g-review"
+
+
+def _old_prepare(monkeypatch, s, scope: str) -> None:
+    """A transaction booking in ``scope`` (declared on its action alone), prepared with a
+    PREPARE as walstore wrote it before stop 75: no ``fence``."""
+    body = Prepared.body
+
+    def old_body(self):
+        out = body(self)
+        out.pop("fence", None)
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(Prepared, "body", old_body)
+        tx = s.transaction()
+        with tx.action("book", args={"what": "oslo"}, compensate="cancel",
+                       scope=scope) as act:
+            act.result = "booked"
+        tx.put("outside/k", "prepared")   # (no key of the scope: key holds do not meet it)
+        tx.prepare(GID)
+
+
+def test_a_read_only_dry_run_holds_an_older_prepares_action_scopes(tmp_path, monkeypatch):
+    """The read-only dry run (``walstore rewind --dry-run``) agrees with the real rewind
+    and the writable dry run: refused, naming the gid.  Before: a plan."""
+    path = str(tmp_path / "store")
+    with walstore.open(path, durability="full") as s:
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "before")
+        s.restore_point("p")
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "after")
+        _old_prepare(monkeypatch, s, "app/u1/")
+        assert "fence" not in s._engine.views.prepared_summaries(dict)[0]
+    with walstore.open(path, readonly=True) as ro:
+        with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
+            ro.rewind("p", scope="app/", dry_run=True)
+        assert ro.rewind("p", scope="app/u2/", dry_run=True).empty()
+    with walstore.open(path, durability="full") as s:
+        for dry in (True, False):
+            with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
+                s.rewind("p", scope="app/", dry_run=dry)
+        assert s.get("app/u1/item") == "after" and s.prepared() == [GID]
