@@ -6,6 +6,10 @@
   built its holds from the PREPARE rows alone and held none of them: ``walstore rewind
   --dry-run`` (read-only) returned a plan, exit 0, that the real rewind then refused —
   what audit 58 fixed for keys, back for these scopes.
+- ``works_for`` kept each scope once with a ``not in`` over a list: a transaction whose
+  20,000 actions were each declared in their own scope (one per user of a batch) took
+  4.6 s to prepare (0.05 s before stop 75), and every open while it stayed in doubt
+  4.8 s (0.7 s), the scopes compared pairwise, twice at the prepare.
 """
 from __future__ import annotations
 
@@ -57,3 +61,35 @@ def test_a_read_only_dry_run_holds_an_older_prepares_action_scopes(tmp_path, mon
             with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
                 s.rewind("p", scope="app/", dry_run=dry)
         assert s.get("app/u1/item") == "after" and s.prepared() == [GID]
+
+
+class _Counted(str):
+    """A scope that counts how often it is compared."""
+    compared = 0
+
+    def __eq__(self, other):
+        _Counted.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_preparing_many_actions_each_in_its_own_scope_compares_no_scope_pairwise(tmp_path):
+    """1,000 actions, one scope each: the prepare notes 1,000 scopes (the PREPARE's
+    ``fence``, the prepared set's holds) without comparing them pairwise (before: ~1
+    million comparisons; 20,000 actions took 4.6 s where 0.05 s did)."""
+    n = 1000
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        s.compensator("cancel")(lambda a: None)
+        point = s.restore_point("p")
+        tx = s.transaction()
+        for i in range(n):
+            with tx.action("book", compensate="cancel", scope=_Counted(f"u/{i:05d}/")) as a:
+                a.result = i
+        _Counted.compared = 0
+        tx.prepare(GID)
+        assert _Counted.compared < n
+        assert s._engine.prepared.works[GID] == tuple(f"u/{i:05d}/" for i in range(n))
+        with pytest.raises(walstore.ConflictError, match=f"'u/00000/'.*{GID!r}"):
+            s.rewind(point)
+        tx.rollback()

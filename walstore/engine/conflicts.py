@@ -470,10 +470,10 @@ def works_for(scope: Any, fence: Any, action_scopes=()) -> tuple:
     undo fence (one scope, or a tuple or list of them) and ``action_scopes`` (those its
     actions were declared in); None is left out."""
     fences = fence if isinstance(fence, (tuple, list)) else (fence,)
-    out: list = []
-    for s in (scope, *fences, *action_scopes):
-        if s is not None and s not in out:
-            out.append(s)
+    # (a dict keeps each once, in order: a list's ``not in`` compared every pair, and a
+    # transaction with 20,000 actions each in its own scope took 4.6 s to prepare, and as
+    # long at every open while it stayed in doubt — stop 75's review)
+    out = dict.fromkeys(s for s in (scope, *fences, *action_scopes) if s is not None)
     return tuple(out)
 
 
