@@ -93,3 +93,41 @@ def test_preparing_many_actions_each_in_its_own_scope_compares_no_scope_pairwise
         with pytest.raises(walstore.ConflictError, match=f"'u/00000/'.*{GID!r}"):
             s.rewind(point)
         tx.rollback()
+
+
+@pytest.mark.parametrize("undo", ["rewind", "purge"])
+def test_a_rewind_or_purge_a_prepared_transaction_holds_off_plans_nothing_and_stalls_no_writer(
+        tmp_path, monkeypatch, undo):
+    """Refused by the commit's check alone, a rewind planned twice, the second time with
+    every other writer held out (``held_out_on_conflict``: the gate), and a purge ran six
+    times, the last under the gate; an OpenAI session's rewind retries a ConflictError 8
+    times, so every commit of the store stalled 9 times over for a refusal known before
+    the plan.  Now it is refused before it plans: no plan, no gate."""
+    from walstore.agent.undo import Undo
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "before")
+        point = s.restore_point("p")
+        for i in range(20):
+            with s.transaction(scope="app/u1/") as t:
+                t.put(f"app/u1/k{i}", i)
+        tx = s.transaction(scope="app/u1/")
+        tx.put("outside/k", 1)
+        tx.prepare(GID)
+        ran: list[str] = []
+        gate = s._engine.pipeline.gate
+        monkeypatch.setattr(gate, "hold", lambda *a, **k: ran.append("gate") or 1 / 0)
+        plan = Undo._plan
+        monkeypatch.setattr(Undo, "_plan",
+                            lambda self, *a, **k: ran.append("plan") or plan(self, *a, **k))
+        with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for: decide it"):
+            s.rewind(point, scope="app/") if undo == "rewind" else s.purge("app/")
+        assert ran == []
+        assert s.get("app/u1/k0") == 0 and s.prepared() == [GID]
+        monkeypatch.undo()
+        tx.commit()
+        if undo == "rewind":
+            s.rewind(point, scope="app/")
+            assert s.get("app/u1/k0") is None and s.get("outside/k") is None
+        else:
+            assert s.purge("app/")["keys_deleted"] == 21

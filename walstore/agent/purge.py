@@ -22,7 +22,9 @@ report in ``.report``): the purge committed and stands, only its erasure is owed
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
 again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what that write
 added too; if every attempt lost, it runs once more with other threads' commits held out
-(``CommitPipeline.held_out_on_conflict``), which cannot lose.
+(``CommitPipeline.held_out_on_conflict``), which cannot lose.  A prefix holding a scope a
+prepared (in-doubt) transaction works for (``PreparedSet.check_undo``) is refused first,
+ConflictError, nothing run (the commit checks again, for a prepare landing meanwhile).
 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
 cannot bring the keys back: their history is gone).
@@ -66,6 +68,12 @@ class Purge:
         eng = self.engine
         eng.check_writable()
         rng = ScopeRange(prefix)
+        if eng.prepared.works:  # (a scope a prepared transaction works for: refused before
+            # anything, see Undo.rewind — the commit's check alone ran it 6 times, the
+            # last holding every writer out; it still catches a prepare landing meanwhile)
+            with eng.journal.lock:
+                eng.prepared.check_undo({"purge_range": [rng.lo, rng.hi]}.get,
+                                        f"purge({prefix!r})")
 
         def erase(tx):
             tx.read_ranges[(rng.lo, rng.hi)] = None  # a write racing into it conflicts

@@ -215,13 +215,19 @@ class Undo:
         also = check_keep(include, "include")
         if kept & also:
             raise ValueError(f"transactions {sorted(kept & also)} are both kept and included")
-        self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
+        boundary = self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything
         for txid in sorted(also | kept):  # (a kept txid that never committed: a typo
             self.history.txn_info(txid)  # kept nothing) UnknownPoint before anything
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
             return self._dry(lambda: self._rewind_once(to, scope, True, force,
                                                        self._snapshot(), kept, also)[0])
         self.engine.check_writable()
+        # a scope a prepared transaction works for: refused before it plans (its commit's
+        # check, and its empty plan's, still catch a prepare landing meanwhile).  Found
+        # by the commit alone, it planned twice, the second time holding every writer out
+        # (``held_out_on_conflict``), and an OpenAI session's rewind, which retries a
+        # ConflictError 8 times, stalled every commit of the store 9 times over
+        self._refuse_in_doubt(boundary, scope)
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
         reserved: list[str] = []  # (the claimed actions' compensations: see _commit)
         return self._run(lambda: self._rewind_once(to, scope, False, force,
