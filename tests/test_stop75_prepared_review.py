@@ -131,3 +131,43 @@ def test_a_rewind_or_purge_a_prepared_transaction_holds_off_plans_nothing_and_st
             assert s.get("app/u1/k0") is None and s.get("outside/k") is None
         else:
             assert s.purge("app/")["keys_deleted"] == 21
+
+
+@pytest.mark.parametrize("works", ["scope", "fence", "action"])
+def test_a_scope_given_as_a_str_enum_is_held_as_its_text_is(tmp_path, works):
+    """A scope given as an ``enum.StrEnum`` member (a str subclass: ``check_scope`` takes
+    it, and the log records its text) was compared by exact type: the prepared set,
+    holding the member, let a rewind of its text's prefix through, and the transaction
+    committed after it stood — its booking never compensated — where the same store
+    reopened (the PREPARE's text) refused that rewind."""
+    import enum
+
+    class Scopes(enum.StrEnum):
+        U1 = "app/u1/"
+
+    world: list[str] = []
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        s.compensator("cancel")(lambda a: world.append(a.args["what"]))
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "before")
+        point = s.restore_point("p")
+        with s.transaction(scope="app/u1/") as t:
+            t.put("app/u1/item", "after")
+        tx = s.transaction(scope=Scopes.U1 if works == "scope" else None)
+        if works == "fence":
+            tx.undo_fence = Scopes.U1
+            tx.snapshot
+        with tx.action("book", args={"what": "oslo"}, compensate="cancel",
+                       scope=Scopes.U1 if works == "action" else None) as act:
+            act.result = "booked"
+        tx.put("outside/k", 1)
+        tx.prepare(GID)
+        for scope in ("app/", Scopes.U1):
+            with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
+                s.rewind(point, scope=scope)
+        with pytest.raises(walstore.ConflictError, match=f"{GID!r} works for"):
+            s.purge("app/")
+        tx.commit()
+        s.rewind(point, scope="app/")
+        assert s.get("app/u1/item") == "before"
+        assert world == (["oslo"] if works != "fence" else [])

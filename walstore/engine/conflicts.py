@@ -363,7 +363,13 @@ def _undo_reaches(field, scope: Any) -> str | None:
     (``PreparedSet.check_undo``)."""
     if field("rewound_to", None) is not None:
         undone = field("scope", None)
-        if undone is None or (type(undone) is type(scope) and scope.startswith(undone)):
+        # (a str scope and a bytes one never meet; a str subclass — an enum.StrEnum
+        # member, which check_scope takes and the log records as its text — is a str: by
+        # exact type, one held in memory let a rewind of its text through, which the same
+        # store reopened refused — stop 75's review)
+        kind = str if isinstance(scope, str) else bytes if isinstance(scope, bytes) else None
+        if undone is None or (kind is not None and isinstance(undone, kind)
+                              and scope.startswith(undone)):
             return "rewound"
         return None
     rng = field("purge_range", None)
