@@ -10,6 +10,12 @@
   20,000 actions were each declared in their own scope (one per user of a batch) took
   4.6 s to prepare (0.05 s before stop 75), and every open while it stayed in doubt
   4.8 s (0.7 s), the scopes compared pairwise, twice at the prepare.
+- A rewind or purge refused by that hold was found out by its commit alone: the rewind
+  planned twice, the second time holding every other writer out (the gate), the purge ran
+  six times; an OpenAI session's rewind retries a ConflictError 8 times.  Now refused
+  before it plans (the commit still checks, for a prepare landing meanwhile).
+- A scope given as a str subclass (an ``enum.StrEnum`` member) was compared by exact
+  type: held after a reopen (the log records its text), not before.
 """
 from __future__ import annotations
 
