@@ -16,6 +16,7 @@ committed first.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import pytest
 import walstore
 
 SCRIPTS = Path(__file__).resolve().parent / "twophase_scripts"
+ROOT = Path(__file__).resolve().parent.parent
 GID = "g-in-doubt"
 
 
@@ -209,9 +211,13 @@ def test_undos_of_unrelated_scopes_go_through(store, works, undo):
 # ---- after a SIGKILL ---------------------------------------------------------------------
 
 def _prepare_in_child(path, *args) -> None:
+    # (this checkout first on the child's path: a walstore installed in the interpreter
+    # would be imported instead, and an older one logs no ``fence``)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     proc = subprocess.run([sys.executable, str(SCRIPTS / "prepare_in_scope_and_die.py"),
                            str(path), GID, *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
     assert "PREPARED" in proc.stdout
 

@@ -107,3 +107,26 @@ def test_an_async_rewind_finds_a_node_booking_that_named_its_threads_scope(
     saver.rewind(target.config)
     assert standing(world) == ["Paris"]
     store.close()
+
+
+def test_an_undo_fence_set_by_hand_as_a_list_fences_each_scope(tmp_path):
+    """``tx.undo_fence`` is a plain attribute: a list of scopes set by hand was taken as
+    one scope that no rewind reaches, so the commit after a rewind of one of them went
+    through; now each is fenced (ConflictError), as a tuple's are."""
+    import walstore
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        with store.transaction(scope="b/") as tx:
+            tx.put("b/x", 1)
+        point = store.restore_point("p")
+        with store.transaction(scope="b/") as tx:
+            tx.put("b/x", 2)
+        tx = store.transaction()
+        tx.undo_fence = ["a/", "b/"]
+        tx.snapshot
+        store.rewind(point, scope="b/")
+        tx.put("c/y", 1)
+        with pytest.raises(walstore.ConflictError, match="works for scope 'b/'"):
+            tx.commit()
+    finally:
+        store.close()

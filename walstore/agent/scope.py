@@ -116,8 +116,8 @@ def add_undo_fence(tx: Any, scope: Any) -> None:
     if fence is None:
         tx.undo_fence = scope
         return
-    fences = fence if type(fence) is tuple else (fence,)
-    if not any(type(f) is type(scope) and f.startswith(scope) for f in fences):
+    fences = tuple(fence) if isinstance(fence, (tuple, list)) else (fence,)
+    if not any(_inside(f, scope) for f in fences):
         tx.undo_fence = fences + (scope,)
 
 
@@ -126,8 +126,15 @@ def fenced_for(tx: Any, scope: Any) -> bool:
     it)?"""
     fence = tx.undo_fence
     return fence is not None and any(
-        type(f) is type(scope) and f.startswith(scope)
-        for f in (fence if type(fence) is tuple else (fence,)))
+        _inside(f, scope) for f in (fence if isinstance(fence, (tuple, list)) else (fence,)))
+
+
+def _inside(inner: Any, outer: Any) -> bool:
+    """Does scope ``inner`` lie inside scope ``outer`` (both str, or both bytes: a str
+    subclass such as an ``enum.StrEnum`` member is a str, as the log records it)?"""
+    if isinstance(outer, str):
+        return isinstance(inner, str) and inner.startswith(outer)
+    return isinstance(outer, bytes) and isinstance(inner, bytes) and inner.startswith(outer)
 
 
 def guard_scope(store: Any, tx: Any, scope: Any) -> None:

@@ -344,9 +344,9 @@ def _check_fence(txid: int, other: Any, field, fence: Any) -> None:
     is a rewind reaching into scope ``fence`` (unscoped, or scoped to a prefix of it) or a
     purge whose range holds the scope's start (see ReadSet.fence); a tuple fence: into
     any of its scopes."""
-    if type(fence) is tuple:  # (work for several scopes: a tool booking in two sessions'
-        for one in fence:     # fenced only the first, and the second's rewind let its
-            _check_fence(txid, other, field, one)  # booking stand: stop 75)
+    if isinstance(fence, (tuple, list)):  # (work for several scopes: a tool booking in
+        for one in fence:  # two sessions' fenced only the first, and the second's rewind
+            _check_fence(txid, other, field, one)  # let its booking stand: stop 75)
         return
     what = _undo_reaches(field, fence)
     if what is not None:
@@ -617,4 +617,5 @@ class PreparedSet:
                     raise ConflictError(
                         f"{who} reaches into scope {scope!r}, which prepared (in-doubt) "
                         f"transaction {gid!r} works for: decide it first "
-                        f"(commit_prepared or rollback_prepared); nothing was changed", [])
+                        f"(commit_prepared or rollback_prepared; from a shell `walstore "
+                        f"commit-prepared` or `rollback-prepared`); nothing was changed", [])
