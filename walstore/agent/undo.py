@@ -96,6 +96,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -380,7 +381,7 @@ class Undo:
             f"{', '.join(map(repr, names))}; the outside world is not undone until one is "
             f"registered and store.retry_compensations() runs them, or store.resolve(id) "
             f"marks each handled by hand (store.pending_compensations() lists them)",
-            RuntimeWarning, stacklevel=6)
+            RuntimeWarning, stacklevel=_first_caller_outside_walstore())
 
     def _owed_after_commit(self, result: Any, owed: list[Action], e: Exception
                            ) -> CompensationFailed:
@@ -1432,3 +1433,18 @@ def _prepared_holds(eng: "Engine") -> PreparedSet:
     for p in eng.views.prepared_holds():  # (an older PREPARE's action scopes too)
         held.add(p)
     return held
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _first_caller_outside_walstore() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the function that calls this) of the
+    nearest frame outside the walstore package: the user's line that called the undo.  A
+    fixed count named walstore's own store.py once a helper frame was added (stop 75)."""
+    frame = sys._getframe(2)   # (the warning's caller's caller: level 2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
