@@ -238,12 +238,15 @@ class _WriterLock:
             self.underway.append(token)
         return token
 
-    def end(self, token: object, committed: bool) -> None:
+    def end(self, token: object, committed: bool) -> int:
+        """The rewind ``token`` ended; the epoch it left, for its own context to note
+        (read later, it counted another caller's rewind ended meanwhile as its own)."""
         with self.done:
             self.underway.remove(token)
             if committed:
                 self.epoch += 1
             self.done.notify_all()
+            return self.epoch
 
     def await_rewinds(self) -> bool:
         """Wait until no rewind of the session runs (at most ``_REWIND_WAIT_S``); False
@@ -453,11 +456,13 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
     def end(committed: bool) -> None:
         _REWINDING.reset(rewinding)
         for state, token in tokens:
-            state.end(token, committed)
+            epoch = state.end(token, committed)
             # (the undoing context is not cut off by it; one that changed nothing leaves
-            # it as it was, on its branch: it was put back on the current one)
+            # it as it was, on its branch: it was put back on the current one.  The
+            # epoch its end left: ``state.epoch`` read after counted another caller's
+            # rewind ended meanwhile, and the context wrote on past it)
             if committed and _seen(state) is not None:
-                _note_seen(state, state.epoch)
+                _note_seen(state, epoch)
     return end
 
 
@@ -1219,7 +1224,7 @@ class WalstoreSession:
         before it are refused (``_guarded``).  Its own context (its compensators) is
         exempt.  It failed without committing: nobody is refused."""
         state = self._lock
-        outcome = [False]
+        outcome: list[Any] = [False, 0]   # (committed, the epoch its end left)
 
         def marked() -> _T:
             token = state.begin()
@@ -1237,15 +1242,17 @@ class WalstoreSession:
                 raise
             finally:
                 _REWINDING.reset(rewinding)
-                state.end(token, done)
-                outcome[0] = done
+                outcome[:] = [done, state.end(token, done)]
         try:
             return await finish_despite_cancel(marked)
         finally:
             # (one that changed nothing leaves the caller as it was, on its branch: an
-            # unknown point's rewind put it on the current branch, another caller's)
+            # unknown point's rewind put it on the current branch, another caller's.
+            # The epoch its end left, not ``state.epoch`` now: a rewind by another
+            # caller that ended before this task resumed (a busy loop: milliseconds)
+            # was counted as this caller's own, and its turn wrote on past it)
             if outcome[0]:
-                _note_seen(state, state.epoch)
+                _note_seen(state, outcome[1])
 
     # ---- branches (AdvancedSQLiteSession's API) ---------------------------------------------
     async def current_branch(self) -> str:
