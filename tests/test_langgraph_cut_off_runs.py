@@ -61,6 +61,19 @@ def _held_saver(store, hold):
     return Held(store)
 
 
+def _spy_removal_waits(monkeypatch, seen: threading.Event) -> None:
+    """``seen`` set when a save or node transaction begins waiting for a rewind or delete
+    of its thread (``_await_removal``: nothing else waits on ``_UNDERWAY_DONE`` in the
+    tests using it, one removal at a time)."""
+    from walstore.integrations.langgraph import saver as saver_mod
+
+    class Spy(threading.Condition):
+        def wait(self, timeout=None):
+            seen.set()
+            return super().wait(timeout)
+    monkeypatch.setattr(saver_mod, "_UNDERWAY_DONE", Spy(threading.Lock()))
+
+
 def _start_run(graph, inp, config, durability: str = "sync"):
     """``graph.invoke(inp, config)`` in a thread: (the thread, the errors it raised)."""
     errors: list = []
@@ -304,7 +317,7 @@ def test_a_rewind_landing_between_a_saves_mark_check_and_its_transaction_is_seen
 
 @pytest.mark.parametrize("rewind_begins", ["before_the_save", "as_the_save_looks"])
 def test_a_run_refused_by_a_rewind_hears_it_once_the_rewinds_compensations_ran(
-        tmp_path, rewind_begins):
+        tmp_path, monkeypatch, rewind_begins):
     # (probe h1, stop 74: a run whose checkpoint was refused because a rewind of its
     # thread was under way heard "its step ... was undone" while the rewind was still
     # compensating that step's booking -- the caller saw the booking standing.  The
@@ -314,11 +327,14 @@ def test_a_run_refused_by_a_rewind_hears_it_once_the_rewinds_compensations_ran(
     heard: list = []
     booked, comp_started, run_done = threading.Event(), threading.Event(), threading.Event()
     looking, looked = threading.Event(), threading.Event()
+    _spy_removal_waits(monkeypatch, run_done)   # (the run waits for the rewind: done)
 
     def cancel(action) -> None:  # (a slow refund)
         comp_started.set()
         looked.set()
-        run_done.wait(1)   # (before the fix the run's caller heard meanwhile)
+        # (until the run's caller heard -- before the fix -- or its save waits for the
+        # rewind: it waited a fixed second, and a slow run heard after it all the same)
+        assert run_done.wait(30)
         world.append(("cancel", action.args["city"]))
     store = walstore.open(str(tmp_path / "s"), durability="none",
                           compensators={"cancel": cancel})
@@ -360,7 +376,8 @@ def test_a_run_refused_by_a_rewind_hears_it_once_the_rewinds_compensations_ran(
 
 
 @pytest.mark.parametrize("how", ["rewind", "delete_thread"])
-def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, how):
+def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, monkeypatch,
+                                                                    how):
     # (probe h1, stop 74: a rewind or delete_thread marks the thread's runs cut off
     # before its commit and puts the marks back when it fails without committing (a
     # full disk); a run whose checkpoint came in between was refused for good: its
@@ -373,6 +390,8 @@ def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, ho
     from tools.faults import FaultBackend, installed
 
     store, world = booking_store(tmp_path)
+    waits_or_ended = threading.Event()   # (the run's save waits for the removal, or the
+    _spy_removal_waits(monkeypatch, waits_or_ended)   # run ended: refused, before the fix)
 
     class Seen(WalstoreSaver):
         put_called = threading.Event()
@@ -393,7 +412,16 @@ def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, ho
     config = {"configurable": {"thread_id": "a"}}
     graph.invoke({"plan": [], "booked": []}, config, durability="sync")
     head = graph.get_state(config).config
-    th, errors = _start_run(graph, {"plan": ["Rome"]}, config)
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": ["Rome"]}, config, durability="sync")
+        except Exception as e:  # noqa: BLE001  (before the fix: refused)
+            errors.append(e)
+        waits_or_ended.set()
+    th = threading.Thread(target=run)
+    th.start()
     assert booked.wait(30)
     name = "rewind" if how == "rewind" else "purge"
     real, fb = getattr(store, name), FaultBackend()
@@ -401,7 +429,9 @@ def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, ho
     def failing(*args, **kwargs):  # (the run's checkpoint comes while this runs)
         go.set()
         assert saver.put_called.wait(30)
-        th.join(1)   # (before the fix: refused at once)
+        # (before the fix: refused at once.  It waited th.join(1), and a run slower to
+        # come to its wait was not caught refusing)
+        assert waits_or_ended.wait(30)
         with installed(fb):
             fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=None)
             return real(*args, **kwargs)
@@ -415,7 +445,7 @@ def test_a_run_saving_while_a_removal_ran_that_then_failed_is_saved(tmp_path, ho
     store.close()
 
 def test_a_run_that_loads_its_thread_while_a_rewind_of_it_runs_never_saves_what_it_undid(
-        tmp_path):
+        tmp_path, monkeypatch):
     # (probe h1, stop 74: a run that loaded the thread after a rewind of it had begun is
     # not cut off by the rewind's first marks; its node booked and committed before the
     # rewind's commit, which undid the booking (compensated), and the run's checkpoint,
@@ -425,6 +455,7 @@ def test_a_run_that_loads_its_thread_while_a_rewind_of_it_runs_never_saves_what_
     # thread runs in another Python thread.)
     world: list = []
     node_started, booked, comp_started, run_done = (threading.Event() for _ in range(4))
+    _spy_removal_waits(monkeypatch, booked)   # (the node's transaction waits: no booking)
 
     def cancel(action) -> None:
         comp_started.set()
@@ -454,9 +485,9 @@ def test_a_run_that_loads_its_thread_while_a_rewind_of_it_runs_never_saves_what_
     real, began = store.rewind, threading.Event()
 
     def held(*args, **kwargs):   # (the rewind has marked the thread; it commits once
-        began.set()              # the run's node booked, or could not)
-        assert node_started.wait(30)
-        booked.wait(1)
+        began.set()              # the run's node booked, or waits for the rewind: it
+        assert node_started.wait(30)   # waited a fixed second for the booking)
+        assert booked.wait(30)
         return real(*args, **kwargs)
     store.__dict__["rewind"] = held
     rewinding = threading.Thread(target=saver.rewind, args=(head.config,))
