@@ -370,3 +370,36 @@ def test_a_turns_save_that_outwaits_a_slow_rewind_is_refused_not_written(store,
     asyncio.run(go())
     assert world == ["book rome", "cancel rome"]
     assert states(store) == [("book", "rome", "compensated")]
+
+
+def test_a_session_rewind_held_off_by_a_prepared_booking_says_so_at_once(store):
+    """A rewind refused because a prepared (in-doubt) transaction works for the session's
+    scope: no retry clears that until it is decided.  Before: the session's rewind
+    retried it 8 times (~1.3 s of backoff) before raising; now once, the error naming the
+    gid (``held_by``)."""
+    calls: list[int] = []
+    rewind = store.rewind
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return rewind(*args, **kwargs)
+    store.rewind = counted
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        await s.get_items()
+
+        def tool():
+            tx = store.transaction()
+            with tx.action("book", args={"what": "oslo"}, scope=s.scope) as act:
+                act.result = "oslo"
+            tx.prepare("g-oslo")
+        await asyncio.to_thread(tool)
+        with pytest.raises(walstore.ConflictError, match="decide it first") as e:
+            await asyncio.create_task(WalstoreSession("u", store).rewind("p"))
+        assert e.value.held_by == "g-oslo"
+        assert len(calls) == 1
+        store.rollback_prepared("g-oslo")
+    asyncio.run(go())

@@ -471,6 +471,14 @@ class Prepared:
         return {k for k, _v in self.writes}
 
 
+def _held_by(gid: str, e: ConflictError) -> ConflictError:
+    """``e`` marked as held off by prepared transaction ``gid`` (``e.held_by``): no retry
+    clears it until the transaction is decided (a session's rewind retried it 8 times,
+    ~1.3 s, before saying so)."""
+    e.held_by = gid  # type: ignore[attr-defined]
+    return e
+
+
 def works_for(scope: Any, fence: Any, action_scopes=()) -> tuple:
     """The scopes a transaction works for, each once, in order: ``scope`` (its own), its
     undo fence (one scope, or a tuple or list of them) and ``action_scopes`` (those its
@@ -614,8 +622,9 @@ class PreparedSet:
         for gid, scopes in self.works.items():
             for scope in scopes:
                 if _undo_reaches(field, scope) is not None:
-                    raise ConflictError(
+                    raise _held_by(gid, ConflictError(
                         f"{who} reaches into scope {scope!r}, which prepared (in-doubt) "
                         f"transaction {gid!r} works for: decide it first "
                         f"(commit_prepared or rollback_prepared; from a shell `walstore "
-                        f"commit-prepared` or `rollback-prepared`); nothing was changed", [])
+                        f"commit-prepared` or `rollback-prepared`); nothing was changed",
+                        []))

@@ -1208,8 +1208,10 @@ class WalstoreSession:
                     if isinstance(to, str):
                         raise self._unknown_point(to, point, e) from None
                     raise
-                except ConflictError:
-                    if attempt == _RETRIES:
+                except ConflictError as e:
+                    # (held off by a prepared transaction of the scope: no retry clears
+                    # that until it is decided, so said at once, not after ~1.3 s)
+                    if attempt == _RETRIES or getattr(e, "held_by", None) is not None:
                         raise
                     time.sleep(0.005 * 2 ** attempt)
         if dry_run:
