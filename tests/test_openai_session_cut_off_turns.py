@@ -27,35 +27,9 @@ from tools.faults import FaultBackend, installed  # noqa: E402
 
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
+from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
-WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
-
-
-def book(store, session, what, world):
-    """A tool's booking: an action declared in the session's scope, its effect in
-    ``world``."""
-    with store.transaction() as tx:
-        with tx.action("book", args={"what": what}, compensate="cancel",
-                       scope=session.scope) as act:
-            world.append(f"book {what}")
-            act.result = what
-        tx.put(session.key(f"bookings/{what}"), "confirmed")
 
 
 def spy_on_waits(monkeypatch) -> threading.Event:
@@ -265,7 +239,6 @@ def test_a_runner_whose_tool_booked_before_a_rewind_fails_instead_of_saving_book
     asyncio.run(go())
     assert world == ["book Rome", "cancel Rome"]
     assert [(a.name, a.state) for a in store.actions()] == [("book", "compensated")]
-
 
 
 def test_a_compensator_writing_from_a_thread_of_its_own_does_not_wait_for_its_rewind(

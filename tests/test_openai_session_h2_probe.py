@@ -38,24 +38,9 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
+from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
-WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
 
 
 def example():
@@ -64,17 +49,6 @@ def example():
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     return ex
-
-
-def book(store, session, what, world):
-    """A tool's booking: an action declared in the session's scope, its effect in
-    ``world``."""
-    with store.transaction() as tx:
-        with tx.action("book", args={"what": what}, compensate="cancel",
-                       scope=session.scope) as act:
-            world.append(f"book {what}")
-            act.result = what
-        tx.put(session.key(f"bookings/{what}"), "confirmed")
 
 
 def shown(items):

@@ -23,23 +23,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-
-WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
+from session_support import WAIT_S, assistant, store, user  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("how", ["session.rewind", "store.rewind"])

@@ -20,19 +20,7 @@ pytest.importorskip("agents")
 
 import walstore  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-
-WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
+from session_support import WAIT_S, store, user  # noqa: E402,F401
 
 
 def states(store):

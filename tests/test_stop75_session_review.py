@@ -32,32 +32,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 from walstore.agent import scope as agent_scope  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-
-WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
-
-
-def book(store, session, what, world):
-    with store.transaction() as tx:
-        with tx.action("book", args={"what": what}, compensate="cancel",
-                       scope=session.scope) as act:
-            world.append(f"book {what}")
-            act.result = what
-        tx.put(session.key(f"bookings/{what}"), "confirmed")
+from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
 
 
 # ---- 1. an interrupted undo that committed ------------------------------------------------

@@ -1,0 +1,44 @@
+"""What the OpenAI Agents session tests share (stops 74-75): SDK-shaped items, a store
+fixture, and a tool's booking declared in the session's scope.  Imported by the test
+files (``from session_support import ...``); pytest collects no test from it."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import walstore
+
+WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = walstore.open(str(tmp_path / "store"), durability="none")
+    yield s
+    s.close()
+
+
+def book(store, session, what: str, world: list, *,
+         entered: threading.Event | None = None,
+         go_on: threading.Event | None = None) -> None:
+    """A tool's booking: an action declared in the session's scope, its effect in
+    ``world``, the booking noted under ``session.key``; with events, it waits inside the
+    action's body (the booking made) until ``go_on``."""
+    with store.transaction() as tx:
+        with tx.action("book", args={"what": what}, compensate="cancel",
+                       scope=session.scope) as act:
+            world.append(f"book {what}")
+            act.result = what
+            if entered is not None:
+                entered.set()
+                go_on.wait(WAIT_S)
+        tx.put(session.key(f"bookings/{what}"), "confirmed")
