@@ -3,13 +3,27 @@ fixture, and a tool's booking declared in the session's scope.  Imported by the 
 files (``from session_support import ...``); pytest collects no test from it."""
 from __future__ import annotations
 
+import importlib.util
 import threading
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 import walstore
 
 WAIT_S = 30   # (a safety net for a hang, never a timing assertion)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example() -> ModuleType:
+    """``examples/openai_agent_retract.py`` as a module: its ScriptedModel, ``call`` and
+    ``say`` drive the SDK's real Runner offline."""
+    spec = importlib.util.spec_from_file_location(
+        "openai_agent_retract", ROOT / "examples" / "openai_agent_retract.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    return ex
 
 
 def user(text: str) -> dict:

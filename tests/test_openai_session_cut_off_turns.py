@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -27,9 +25,8 @@ from tools.faults import FaultBackend, installed  # noqa: E402
 
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def spy_on_waits(monkeypatch) -> threading.Event:
@@ -197,10 +194,7 @@ def test_a_runner_whose_tool_booked_before_a_rewind_fails_instead_of_saving_book
     Before: the run returned 'Booked Rome.' and saved the call, its output 'booked Rome'
     and the answer after the rewind had cancelled the booking."""
     from agents import Agent, RunConfig, Runner, function_tool
-    spec = importlib.util.spec_from_file_location(
-        "openai_agent_retract", ROOT / "examples" / "openai_agent_retract.py")
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = example()
     world: list[str] = []
     store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
     booked, rewound = threading.Event(), threading.Event()

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import importlib.util
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -38,17 +36,8 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def example():
-    spec = importlib.util.spec_from_file_location(
-        "openai_agent_retract", ROOT / "examples" / "openai_agent_retract.py")
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
-    return ex
 
 
 def shown(items):

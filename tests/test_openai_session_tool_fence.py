@@ -16,9 +16,7 @@ way.  Orderings are forced with events, on real stores and real threads.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -28,9 +26,8 @@ import walstore  # noqa: E402
 from walstore.agent.scope import GUARDS  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
-from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def states(store):
@@ -226,10 +223,7 @@ def test_a_runner_turn_whose_session_is_rewound_before_its_tool_books_books_noth
     Before: the tool booked Oslo and its action committed; the run was refused at its
     save, so the conversation held nothing of a booking that stood for good."""
     from agents import Agent, RunConfig, Runner, function_tool
-    spec = importlib.util.spec_from_file_location(
-        "openai_agent_retract", ROOT / "examples" / "openai_agent_retract.py")
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = example()
     world: list[str] = []
     store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
     thinking, rewound = threading.Event(), threading.Event()
