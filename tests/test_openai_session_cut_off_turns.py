@@ -28,7 +28,6 @@ from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
 
-
 def spy_on_waits(monkeypatch) -> threading.Event:
     """Set when a session write begins waiting for a rewind under way."""
     waiting = threading.Event()

@@ -39,7 +39,6 @@ from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
 
-
 def shown(items):
     """(role or type, text) of each item, for a readable comparison."""
     out = []

@@ -29,7 +29,6 @@ import walstore.integrations.openai_agents as oa  # noqa: E402
 from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
 
 
-
 def states(store):
     return sorted((a.name, a.args["what"], a.state) for a in store.actions())
 
