@@ -215,7 +215,8 @@ def _holds_anything(store: "Store", prefix: str) -> bool:
 class _WriterLock:
     """A session's writer lock, held by its WalstoreSession objects (a ``threading.Lock``
     cannot be weakly referenced), and the session's rewinds in this process: ``epoch``
-    counts those that committed (``rewind``, ``erase``), ``underway`` holds those running
+    counts those that committed (``rewind``, ``erase``, and ``store.rewind`` or
+    ``store.purge`` reaching its scope: ``_watch_undo``), ``underway`` holds those running
     (commit and compensations), so a caller whose turn began before one is cut off
     (``_SEEN``, ``WalstoreSession._guarded``)."""
     __slots__ = ("_lock", "epoch", "underway", "done", "__weakref__")
@@ -913,7 +914,9 @@ class WalstoreSession:
         return await self._read(read, "head" if branch is None else "kept")
 
     async def add_items(self, items: list[Any]) -> None:
-        """Append ``items`` to the current branch, all in one transaction."""
+        """Append ``items``, all in one transaction, to the caller's branch: the one it
+        last read or wrote (``_SEEN``; the current branch for a caller that never read
+        the session)."""
         self._check_open()
         if not items:
             return
@@ -933,7 +936,8 @@ class WalstoreSession:
         await self._write_made("add_items", make)
 
     async def pop_item(self) -> Any | None:
-        """Remove and return the newest item of the current branch (None when it is empty)."""
+        """Remove and return the newest item of the caller's branch (as ``add_items``;
+        None when it is empty)."""
         popped = await self.pop_items(1)
         return popped[0] if popped else None
 
@@ -1063,7 +1067,8 @@ class WalstoreSession:
 
     # ---- more than the protocol -------------------------------------------------------------
     async def pop_items(self, n: int) -> list[Any]:
-        """Remove the newest ``n`` items of the current branch in one transaction.
+        """Remove the newest ``n`` items of the caller's branch (as ``add_items``) in one
+        transaction.
 
         Returns them oldest first (what ``get_items(n)`` returned); fewer when the branch
         holds fewer, ``[]`` for ``n == 0``.
@@ -1113,6 +1118,8 @@ class WalstoreSession:
                         pass   # dropped meanwhile by another caller
             return dropped
 
+        purged = [False]
+
         def work() -> None:
             # (the purge first: the points went first before, and a purge failing at its
             # commit left them gone with the items all there, audit 68)
@@ -1124,9 +1131,13 @@ class WalstoreSession:
                 except WalstoreError:
                     pass   # (a read-only store: the purge's error says so; a retry ends it)
                 raise
+            # (committed from here: an error out of the drops or the second purge, a full
+            # disk, was taken for an erase that changed nothing, and a turn in flight
+            # wrote into the erased session: stop 75 h1)
+            purged[0] = True
             if drop_points():  # (their drop records name them: erased with the WAL they
                 self.store.purge(self._prefix)  # are in, by the purge's checkpoint)
-        await self._removal(work, lambda _result: True)
+        await self._removal(work, lambda _result: True, lambda: purged[0])
 
     # ---- restore points and rewind ----------------------------------------------------------
     async def restore_point(self, name: str) -> LSN:
@@ -1219,12 +1230,15 @@ class WalstoreSession:
         return await self._removal(work, lambda result: result is not None)
 
     async def _removal(self, work: Callable[[], _T],
-                       committed: Callable[[_T], bool]) -> _T:
+                       committed: Callable[[_T], bool],
+                       committed_before_error: Callable[[], bool] | None = None) -> _T:
         """``work()`` (a rewind or erase of the session) marked under way for its whole
         run, compensations included: the session's writes by other callers wait for its
         end, and, when it committed, those of callers that read or wrote the session
         before it are refused (``_guarded``).  Its own context (its compensators) is
-        exempt.  It failed without committing: nobody is refused."""
+        exempt.  It failed without committing: nobody is refused.  ``work`` of several
+        store calls says with ``committed_before_error()`` that one committed before
+        what it raised."""
         state = self._lock
         outcome: list[Any] = [False, 0]   # (committed, the epoch its end left)
 
@@ -1240,7 +1254,8 @@ class WalstoreSession:
                 # (committed all the same: compensations or an erasure owed, an outcome
                 # unknown, an interrupt in a compensator — that one was taken for a
                 # rewind that changed nothing, and a turn in flight saved after it)
-                done = undo_committed(e)
+                done = undo_committed(e) or bool(committed_before_error
+                                                 and committed_before_error())
                 raise
             finally:
                 _REWINDING.reset(rewinding)
