@@ -56,3 +56,17 @@ def book(store, session, what: str, world: list, *,
                 entered.set()
                 go_on.wait(WAIT_S)
         tx.put(session.key(f"bookings/{what}"), "confirmed")
+
+
+def held_cancel(store, world: list) -> tuple[threading.Event, threading.Event]:
+    """Register compensator "cancel": it notes ``cancel <what>`` in ``world``, sets the
+    first event and holds until the second is set (a rewind still compensating).
+    Returns (compensating, release)."""
+    compensating, release = threading.Event(), threading.Event()
+
+    @store.compensator("cancel")
+    def cancel(action):
+        world.append(f"cancel {action.args['what']}")
+        compensating.set()
+        release.wait(WAIT_S)
+    return compensating, release

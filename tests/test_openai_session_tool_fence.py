@@ -26,7 +26,7 @@ import walstore  # noqa: E402
 from walstore.agent.scope import GUARDS  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
-from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, example, held_cancel, assistant, book, store, user  # noqa: E402,F401
 
 
 def states(store):
@@ -109,13 +109,7 @@ def test_a_booking_while_a_rewind_of_its_session_is_under_way_is_refused(store):
     """The rewind committed and is still compensating when the tool books: refused at
     once (it cannot wait in a transaction that may be on the event loop), nothing ran."""
     world: list[str] = []
-    compensating, release = threading.Event(), threading.Event()
-
-    @store.compensator("cancel")
-    def cancel(action):
-        world.append(f"cancel {action.args['what']}")
-        compensating.set()
-        release.wait(WAIT_S)
+    compensating, release = held_cancel(store, world)
 
     async def go():
         s = WalstoreSession("u", store)
@@ -309,13 +303,7 @@ def test_a_turns_save_that_outwaits_a_slow_rewind_is_refused_not_written(store,
     cancellation had begun (the conversation said booked, the world cancelled)."""
     monkeypatch.setattr(oa, "_REWIND_WAIT_S", 0.2)
     world: list[str] = []
-    compensating, release = threading.Event(), threading.Event()
-
-    @store.compensator("cancel")
-    def cancel(action):
-        world.append(f"cancel {action.args['what']}")
-        compensating.set()
-        release.wait(WAIT_S)
+    compensating, release = held_cancel(store, world)
 
     async def go():
         s = WalstoreSession("u", store)
