@@ -9,7 +9,7 @@ A provider may also check each transaction it named the scope of as it begins (`
 read keys in it, so that the ordinary read-set validation refuses its commit if they
 changed (LangGraph: the checkpoint its step builds on, which a rewind of the thread
 removes), or refuse it outright, or fence it against undo of its scope
-(``tx.undo_fence = scope``: a rewind reaching into the scope, or a purge across it,
+(``add_undo_fence(tx, scope)``: a rewind reaching into the scope, or a purge across it,
 committed after the transaction's snapshot makes its commit conflict, whatever it read;
 read ``tx.snapshot`` then, so the fence dates from the begin).
 ``scope=NO_SCOPE`` begins one that belongs to no scope whatever a provider names (work

@@ -757,7 +757,7 @@ class WalstoreSession:
         checked: list[int] = []
 
         def guarded(tx: "Transaction") -> _T:
-            tx.undo_fence = self._prefix
+            add_undo_fence(tx, self._prefix)
             tx.snapshot   # (taken now, before the checks: the fence dates from it)
             if wait and state.underway:
                 raise _RewindUnderway

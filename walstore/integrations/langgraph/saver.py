@@ -1347,7 +1347,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         does that)."""
         if not self.fencing:
             return
-        tx.undo_fence = ns.thread_prefix
+        add_undo_fence(tx, ns.thread_prefix)
         _ = tx.snapshot
         self._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what, undo=False)
 
