@@ -39,6 +39,7 @@ from .agent.retention import Retention
 from .agent.scope import NO_SCOPE, WatchedUndo, check_scope, guard_scope, provided_scope
 from .agent.scope import GUARDS as _scope_guards  # (changed in place only)
 from .agent.scope import UNDO_WATCHERS as _undo_watchers  # (changed in place only)
+from .agent.scope import REVERT_WATCHERS as _revert_watchers  # (changed in place only)
 from .agent.scope import PROVIDERS as _scope_providers  # (changed in place only)
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
@@ -850,13 +851,23 @@ class Store:
                ) -> TxnInfo | UndoPlan | None:
         """Undo one committed transaction as a new transaction (and compensate its
         actions); None when nothing is left to undo.  See walstore.agent.undo for scope,
-        dry_run, force, and how an undo finishes under concurrent writers."""
+        dry_run, force, and how an undo finishes under concurrent writers.  Once planned,
+        before it commits, the registered undo watchers are told what it reaches: the
+        scopes and keys of what it undoes, cascade included
+        (``walstore.agent.scope.register_undo_watcher``, ``on_revert``: OpenAI sessions
+        cut off their turns in flight whose work it undoes)."""
         self._engine.check_open()
         self._finishing.enter()
         try:
             for flag, value in (("cascade", cascade), ("dry_run", dry_run), ("force", force)):
                 check_flag(flag, value)
-            return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
+            if dry_run or not _revert_watchers:
+                return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
+            with WatchedUndo(self, scope, revert=True) as watched:
+                result = self._undo.revert(txid, cascade, scope, dry_run, force, meta,
+                                           watched.reach)
+                watched.committed = result is not None
+                return result
         finally:
             self._finishing.leave()
 

@@ -18,10 +18,12 @@ Work that declares its scope itself (``scope=`` at the begin, or an action's) is
 the registered *scope guards* (``register_scope_guard``): the integration owning a kind of
 scope may fence or refuse it (OpenAI sessions: a tool's work for a turn a rewind of the
 session cut off).  Registered *undo watchers* (``register_undo_watcher``) are told of each
-rewind and purge before it begins and when it ends, compensations included, in the
-undoing thread: the integration owning a kind of scope counts an undo reaching one of its
-scopes however it was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``
-cuts off the session's turns in flight as ``session.rewind`` does).
+rewind and purge before it begins, of each revert once it planned (what it reaches:
+``UndoReach``), and of each one's end, compensations included, in the undoing thread: the
+integration owning a kind of scope counts an undo reaching one of its scopes however it
+was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``, or a
+``store.revert`` of a turn's booking, cuts off the session's turns in flight as
+``session.rewind`` does).
 """
 from __future__ import annotations
 
@@ -147,9 +149,50 @@ def guard_scope(store: Any, tx: Any, scope: Any) -> None:
 # The registered undo watchers, in registration order (``register_undo_watcher``; changed
 # in place only, under ``_lock``).  Public to read, never to change.
 UNDO_WATCHERS: list[Callable[[Any, Any], "Callable[[bool], None] | None"]] = []
+# The ``on_revert`` of those registered with one, in the same order (changed in place
+# only, under ``_lock``): ``Store.revert`` tests it before watching (no such watcher: no
+# cost).  Public to read, never to change.
+REVERT_WATCHERS: list[Callable[[Any, "UndoReach"], "Callable[[bool], None] | None"]] = []
+_on_revert: dict[Callable[[Any, Any], Any], Callable[[Any, "UndoReach"], Any]] = {}
 
 
-def register_undo_watcher(fn: Callable[[Any, Any], "Callable[[bool], None] | None"]
+class UndoReach:
+    """What a ``store.revert`` reaches, told to the undo watchers' ``on_revert`` once it
+    planned (``register_undo_watcher``): ``scope``, the revert's ``scope=`` (None:
+    unscoped); ``scopes``, the scopes of the work it undoes (the scope its transactions
+    were begun in, those its compensated or needs-redo-marked actions were declared in,
+    those of the workspaces whose files it puts back; with ``scope=``, each inside it, or
+    ``scope`` itself for one around it); ``keys``, the keys it puts back (as the user gave
+    them, cascade included).  All of it comes from the revert's own plan: its size is the
+    revert's, whatever the store's age.  A revert undoing nothing tells nobody."""
+
+    __slots__ = ("scope", "scopes", "keys")
+
+    def __init__(self, scope: Any, scopes: Any = (), keys: Any = ()) -> None:
+        self.scope = scope
+        self.scopes: tuple = tuple(scopes)
+        self.keys: tuple = tuple(keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.scopes or self.keys)
+
+    def __repr__(self) -> str:
+        return (f"UndoReach(scope={self.scope!r}, scopes={self.scopes!r}, "
+                f"keys={self.keys[:5]!r}{'...' if len(self.keys) > 5 else ''})")
+
+    def reaches(self, prefix: Any) -> bool:
+        """Does the revert reach scope ``prefix``: a key under it, or a scope nesting
+        with it (inside it, or around it)?  (O(its keys): an integration with many
+        scopes looks each key's up instead, as OpenAI sessions do.)"""
+        return (any(_inside(s, prefix) or _inside(prefix, s) for s in self.scopes)
+                or any(_inside(k, prefix) for k in self.keys))
+
+
+_End = Callable[[bool], None]
+
+
+def register_undo_watcher(fn: Callable[[Any, Any], "_End | None"],
+                          on_revert: "Callable[[Any, UndoReach], _End | None] | None" = None
                           ) -> None:
     """Register ``fn(store, scope) -> end | None``, called in the undoing thread (and
     context) before a ``store.rewind`` (``scope``: its scope, None for an unscoped one;
@@ -159,24 +202,47 @@ def register_undo_watcher(fn: Callable[[Any, Any], "Callable[[bool], None] | Non
     False when it changed nothing.  An integration owning a kind of scope registers one
     to count an undo reaching its scopes however it was called (OpenAI sessions: a turn
     in flight across ``store.rewind(..., scope=session.scope)`` is cut off).  What
-    ``fn`` raises refuses the undo (nothing begun).  Registering the same function
-    again changes nothing."""
+    ``fn`` raises refuses the undo (nothing begun).
+
+    ``on_revert(store, reach) -> end | None``, when given, is told of each
+    ``store.revert`` (not a dry run): a revert's reach is known only once it planned, so
+    it is called then, in the undoing thread, before the revert commits, with what it
+    reaches (``UndoReach``: the scopes and keys of what it undoes; never for one that
+    undoes nothing).  A revert that plans again (a commit raced it) tells it only what
+    the new plan reaches beyond the first.  Its ``end`` is called as ``fn``'s is, once
+    the revert ended (``committed`` False when it raised before its commit).  It runs
+    with the revert's transaction open, perhaps with every other thread's commits held
+    out: it must not wait for another thread's commit.  What it raises refuses the
+    revert (nothing committed).  ``fn`` is never called for a revert, and a watcher
+    registered without ``on_revert`` is not told of one (as before stop 76).
+    Registering the same ``fn`` again only replaces its ``on_revert``."""
     with _lock:
         if fn not in UNDO_WATCHERS:
             UNDO_WATCHERS.append(fn)
+        if on_revert is not None:
+            _on_revert[fn] = on_revert
+        else:
+            _on_revert.pop(fn, None)
+        REVERT_WATCHERS[:] = [_on_revert[f] for f in UNDO_WATCHERS if f in _on_revert]
 
 
 class WatchedUndo:
     """``with WatchedUndo(store, scope) as w:`` around a rewind or purge: the registered
     undo watchers told of it (see ``register_undo_watcher``); set ``w.committed`` when it
     returns.  An error out of it tells them whether the undo committed all the same (a
-    compensation or an erasure owed after the commit, an outcome unknown)."""
+    compensation or an erasure owed after the commit, an outcome unknown).
+    ``WatchedUndo(store, scope, revert=True)`` around a revert tells nobody as it begins:
+    the revert calls ``w.reach(UndoReach)`` once it planned (``on_revert``)."""
 
-    __slots__ = ("ends", "committed")
+    __slots__ = ("ends", "committed", "store", "_told")
 
-    def __init__(self, store: Any, scope: Any) -> None:
+    def __init__(self, store: Any, scope: Any, revert: bool = False) -> None:
         self.committed = False
         self.ends: list[Callable[[bool], None]] = []
+        self.store = store
+        self._told: tuple[set, set] = (set(), set())   # (scopes, keys) told (a revert)
+        if revert:
+            return
         try:
             for fn in list(UNDO_WATCHERS):
                 end = fn(store, scope)
@@ -188,6 +254,24 @@ class WatchedUndo:
             except BaseException:  # noqa: BLE001 - (the refusing watcher's error is said)
                 pass
             raise
+
+    def reach(self, reach: UndoReach) -> None:
+        """A revert planned to undo ``reach``: the ``on_revert`` watchers told of what of
+        it they were not told yet (a second plan, after a conflict, may reach further).
+        What one raises propagates (the revert is refused); the ends of those told are
+        called by ``__exit__``."""
+        scopes, keys = self._told
+        new = UndoReach(reach.scope,
+                        [s for s in dict.fromkeys(reach.scopes) if s not in scopes],
+                        [k for k in reach.keys if k not in keys])
+        if not new:
+            return
+        for fn in list(REVERT_WATCHERS):
+            end = fn(self.store, new)
+            if end is not None:
+                self.ends.append(end)
+        scopes.update(new.scopes)
+        keys.update(new.keys)
 
     def __enter__(self) -> "WatchedUndo":
         return self
@@ -210,6 +294,17 @@ class WatchedUndo:
                 error = error or e
         if error is not None:
             raise error
+
+
+def reached_scope(declared: Any, scope: Any) -> Any:
+    """The part of scope ``declared`` a revert limited to ``scope`` (None: unlimited)
+    reaches: ``declared`` when inside ``scope``, ``scope`` when inside ``declared`` (work
+    declared around it, taken only within it), else None (another scope's)."""
+    if declared is None or scope is None:
+        return declared
+    if _inside(declared, scope):
+        return declared
+    return scope if _inside(scope, declared) else None
 
 
 def undo_committed(e: BaseException) -> bool:

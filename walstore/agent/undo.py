@@ -119,7 +119,7 @@ from ..files.paths import parent_of
 from .actions import Action, Saga, newest_first
 from .files import FileUndo, abs_display
 from .history import History
-from .scope import ScopeRange, check_scope
+from .scope import ScopeRange, UndoReach, check_scope, reached_scope
 from .txlog import TxnInfo, info_from_row
 
 if TYPE_CHECKING:
@@ -188,8 +188,11 @@ class Undo:
 
     # ---- public verbs ---------------------------------------------------------------------
     def revert(self, txid: int, cascade: bool = False, scope: Any = None,
-               dry_run: bool = False, force: bool = False, meta: Any = None
-               ) -> TxnInfo | UndoPlan | None:
+               dry_run: bool = False, force: bool = False, meta: Any = None,
+               reached: Any = None) -> TxnInfo | UndoPlan | None:
+        """``reached(UndoReach)``, when given, is called once the revert planned, before
+        it commits (again after each new plan): the undo watchers told what it reaches
+        (``WatchedUndo.reach``); what it raises refuses the revert."""
         scope = check_scope(scope)
         if isinstance(txid, bool) or not isinstance(txid, int):
             raise PointTypeError(f"revert takes a txid (int), not {type(txid).__name__}", txid)
@@ -205,7 +208,8 @@ class Undo:
         meta = meta if meta is not None else {"revert": int(txid)}
         reserved: list[str] = []  # (the claimed actions' compensations: see _commit)
         return self._run(lambda: self._revert_once(txid, cascade, scope, False, force,
-                                                   self._begin_undo(meta), reserved),
+                                                   self._begin_undo(meta), reserved,
+                                                   reached),
                          reserved)
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
@@ -422,8 +426,8 @@ class Undo:
                 f"store is now read-only and no compensation ran", txid) from e
 
     def _revert_once(self, txid: int, cascade: bool, scope: Any, dry_run: bool, force: bool,
-                     tx: "Transaction | _PlanSnapshot", reserved: list[str] | None = None
-                     ) -> tuple[TxnInfo | UndoPlan | None, list]:
+                     tx: "Transaction | _PlanSnapshot", reserved: list[str] | None = None,
+                     reached: Any = None) -> tuple[TxnInfo | UndoPlan | None, list]:
         with tx:
             target = self.history.txn_info(txid)
             fileio.fault_point("undo.resolved")
@@ -481,10 +485,30 @@ class Undo:
             undone = set(plan.txids)  # (a list: membership in it was O(n) a test, and a
             # cascade of 46,000 transactions spent 30 s here — probe of stop 45)
             tags = {i.scope for i in infos if i.txid in undone}
+            if reached is not None:  # (the undo watchers: a session's turns in flight
+                # are cut off by a revert of its work as by a rewind of it — they wrote
+                # on after it, "booked" beside a refunded booking: stop 76)
+                reached(self._reach(plan, tags, scope))
             if scope is None and len(tags) == 1 and None not in tags:
                 extra["scope"] = tags.pop()
             fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
             return self._commit(tx, plan, extra, reserved)
+
+    def _reach(self, plan: UndoPlan, tags: set, scope: Any) -> UndoReach:
+        """What a revert's ``plan`` reaches (``UndoReach``): the scopes its undone
+        transactions were begun in (``tags``), those of the actions it compensates or
+        whose needs-redo marks it moves, those of the workspaces it puts files back in —
+        each as far as ``scope`` lets it reach — and the keys it puts back.  Read from
+        the plan alone (and the rows of its marked actions): the revert's size, not the
+        store's age."""
+        views = self.engine.views
+        marked = (views.action_row(aid) for aid in (*plan.needs_redo, *plan.unredo))
+        declared = [*tags, *(a.scope for a in plan.compensations),
+                    *(Action.from_row(r).scope for r in marked if r is not None),
+                    *(getattr(i.ws, "scope", None) for i in plan._files)]  # type: ignore
+        scopes = dict.fromkeys(s for s in (reached_scope(d, scope) for d in declared)
+                               if s is not None)
+        return UndoReach(scope, scopes, plan.keys)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
                      tx: "Transaction | _PlanSnapshot", kept: frozenset = frozenset(),

@@ -70,9 +70,12 @@ scope or to a prefix of it, an unscoped ``store.rewind``, ``store.purge`` of suc
 prefix; the context that called it is not cut off by it (a task that ran it through
 ``asyncio.to_thread`` is: it reads the session again).  They were not counted, and a turn
 in flight saved "booked" items after ``store.rewind`` had cancelled its booking, or
-wrote into a purged session (probe h2, stop 75).  ``store.revert(txid)`` undoes one
-transaction, not the turns after a point: it cuts off nothing (a turn in flight goes on,
-as one that had just ended would stand).  The cut-off follows a context: a sync caller
+wrote into a purged session (probe h2, stop 75).  So does a ``store.revert`` undoing
+work of the session (its keys, an action declared in its scope, a transaction begun in
+it; cascade or ``scope=`` too: ``_watch_revert``, told once the revert planned, before
+it commits); one that changes nothing or undoes another session's work cuts off nobody
+(it cut off nothing, and a turn in flight saved "booked" beside the booking a revert had
+just refunded: stop 76).  The cut-off follows a context: a sync caller
 that wraps each call in ``asyncio.run`` gives each a fresh context and is never cut off
 (run a turn in one coroutine, or pass one context to ``asyncio.Runner.run(coro,
 context=ctx)`` and run its tools with ``ctx.run``).
@@ -215,8 +218,9 @@ def _holds_anything(store: "Store", prefix: str) -> bool:
 class _WriterLock:
     """A session's writer lock, held by its WalstoreSession objects (a ``threading.Lock``
     cannot be weakly referenced), and the session's rewinds in this process: ``epoch``
-    counts those that committed (``rewind``, ``erase``, and ``store.rewind`` or
-    ``store.purge`` reaching its scope: ``_watch_undo``), ``underway`` holds those running
+    counts those that committed (``rewind``, ``erase``, and ``store.rewind``,
+    ``store.purge`` or ``store.revert`` reaching its scope: ``_watch_undo``,
+    ``_watch_revert``), ``underway`` holds those running
     (commit and compensations), so a caller whose turn began before one is cut off
     (``_SEEN``, ``WalstoreSession._guarded``)."""
     __slots__ = ("_lock", "epoch", "underway", "done", "__weakref__")
@@ -449,6 +453,68 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
         else:
             reached = [state for prefix, state in list(per_store.items())
                        if state not in mine and (scope is None or prefix.startswith(scope))]
+    return _cut_off_sessions(reached, mine)
+
+
+def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
+    """walstore calls this once a ``store.revert`` planned, before it commits, in the
+    reverting thread (``register_undo_watcher``'s ``on_revert``), with what it reaches
+    (``walstore.agent.scope.UndoReach``): a session of this process whose keys it puts
+    back (the session's items, tool state: its own writes are begun in no scope), that
+    holds a scope of what it undoes (an action declared in ``session.scope``, a
+    transaction begun in it) or lies in one (``"oa/"``) is counted as by a rewind of it
+    (``_watch_undo``): a turn in flight is cut off by a revert of a booking of the
+    session's earlier turn, as by a rewind — it saved "booked" beside the refunded
+    booking (stop 76).  A revert of nothing of a session's cuts off nobody.  Each key
+    and scope is looked up by its own prefixes (``_session_of_scope``): the cost is the
+    revert's size, not the number of sessions (a scope around sessions, ``"oa/"``, tries
+    each, as ``_watch_undo`` does)."""
+    with _locks_guard:
+        per_store = _locks.get(store)
+        if not per_store:
+            return None
+        mine = _REWINDING.get()
+        found: dict[str, _WriterLock] = {}
+        last = None   # (the prefix of the previous key's session: keys come sorted)
+        for key in reach.keys:
+            if not isinstance(key, str) or (last is not None and key.startswith(last)):
+                continue
+            hit = _enclosing_session(per_store, key)
+            if hit is not None:
+                last = hit[0]
+                found.setdefault(*hit)
+        for scope in reach.scopes:
+            if not isinstance(scope, str):
+                continue
+            hit = _enclosing_session(per_store, scope)
+            if hit is not None:
+                found.setdefault(*hit)
+            elif scope not in found:
+                for prefix, state in list(per_store.items()):
+                    if prefix.startswith(scope):
+                        found.setdefault(prefix, state)
+        reached = [state for state in found.values() if state not in mine]
+    return _cut_off_sessions(reached, mine)
+
+
+def _enclosing_session(per_store: Any, text: str) -> tuple[str, _WriterLock] | None:
+    """(prefix, writer lock) of the session in ``per_store`` whose scope holds the key
+    or scope ``text``, or None: each of its ``/``-ended prefixes looked up (a session's
+    scope ends at a ``/``, and none holds another's)."""
+    end = text.find("/")
+    while end != -1:
+        prefix = text[:end + 1]
+        state = per_store.get(prefix)
+        if state is not None:
+            return prefix, state
+        end = text.find("/", end + 1)
+    return None
+
+
+def _cut_off_sessions(reached: list[_WriterLock], mine: tuple
+                      ) -> Callable[[bool], None] | None:
+    """The sessions ``reached`` marked under way (their writes wait; this context, its
+    compensators, is exempt); returns the end that counts the undo if it committed."""
     if not reached:
         return None
     tokens = [(state, state.begin()) for state in reached]
@@ -469,7 +535,7 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
 
 def _register_undo_watcher() -> bool:
     from ..agent.scope import register_undo_watcher
-    register_undo_watcher(_watch_undo)
+    register_undo_watcher(_watch_undo, on_revert=_watch_revert)
     return True
 
 
