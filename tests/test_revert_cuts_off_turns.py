@@ -355,3 +355,24 @@ def test_on_revert_is_told_the_scopes_and_keys_a_revert_reaches_once_planned(sto
     calls.clear()
     store.rewind(store.log(limit=1)[0].lsn, scope="q/")
     assert calls == [("undo", "q/")]
+
+
+def test_a_rewind_scoped_inside_the_session_cuts_off_its_turn_in_flight(store):
+    """``store.rewind(point, scope=session.scope + "k/")`` (the session's tool state)
+    compensates the session's bookings (declared around that scope).  Before: only a
+    rewind scoped to the session's scope or around it cut off the turn; this one let it
+    save "booked" after the refund."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        point = store.log(limit=1)[0].lsn
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()
+        assert await asyncio.to_thread(store.rewind, point, scope=s.scope + "k/")
+        with pytest.raises(walstore.ConflictError, match=CUT_OFF):
+            await s.add_items([assistant("oslo is booked")])
+    asyncio.run(go())
+    assert world == ["book oslo", "cancel oslo"]

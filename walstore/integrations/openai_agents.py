@@ -66,18 +66,18 @@ above; a rewind still under way refuses it too (a tool's transaction may be on t
 loop: no waiting).  Such a booking used to commit after the rewind and stand for good.
 An undo not made through the session counts the same (``_watch_undo``, registered with
 ``walstore.agent.scope.register_undo_watcher``): ``store.rewind`` scoped to the session's
-scope or to a prefix of it, an unscoped ``store.rewind``, ``store.purge`` of such a
-prefix; the context that called it is not cut off by it (a task that ran it through
-``asyncio.to_thread`` is: it reads the session again).  They were not counted, and a turn
-in flight saved "booked" items after ``store.rewind`` had cancelled its booking, or
-wrote into a purged session (probe h2, stop 75).  So does a ``store.revert`` undoing
-work of the session (its keys, an action declared in its scope, a transaction begun in
-it; cascade or ``scope=`` too: ``_watch_revert``, told once the revert planned, before
-it commits); one that changes nothing or undoes another session's work cuts off nobody
-(it cut off nothing, and a turn in flight saved "booked" beside the booking a revert had
-just refunded: stop 76).  The cut-off follows a context: a sync caller
-that wraps each call in ``asyncio.run`` gives each a fresh context and is never cut off
-(run a turn in one coroutine, or pass one context to ``asyncio.Runner.run(coro,
+scope, to a prefix of it or to a scope inside it, an unscoped ``store.rewind``,
+``store.purge`` of such a prefix; the context that called it is not cut off by it (a task
+that ran it through ``asyncio.to_thread`` is: it reads the session again).  They were not
+counted, and a turn in flight saved "booked" items after ``store.rewind`` had cancelled
+its booking, or wrote into a purged session (probe h2, stop 75).  A ``store.revert``
+undoing work of the session counts the same (its keys, an action declared in its scope, a
+transaction begun in it; cascade or ``scope=`` too: ``_watch_revert``, told once the
+revert planned, before it commits); one that changes nothing or undoes another session's
+work cuts off nobody (it cut off nothing, and a turn in flight saved "booked" beside the
+booking a revert had just refunded: stop 76).  The cut-off follows a context: a sync
+caller that wraps each call in ``asyncio.run`` gives each a fresh context and is never
+cut off (run a turn in one coroutine, or pass one context to ``asyncio.Runner.run(coro,
 context=ctx)`` and run its tools with ``ctx.run``).
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
@@ -430,9 +430,10 @@ def _register_scope_guard() -> bool:
 def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
     """walstore calls this before a ``store.rewind`` or ``store.purge`` begins, in the
     undoing thread (``walstore.agent.scope.register_undo_watcher``): one reaching the
-    scope of a session of this process (unscoped, or scoped to a prefix of the session's
-    scope: as the undo fence counts it) not made by the session itself (``rewind``,
-    ``erase``: ``_removal`` counts those) is counted as the session's own rewinds are,
+    scope of a session of this process (unscoped, scoped to a prefix of the session's
+    scope, as the undo fence counts it, or to a scope inside it) not made by the
+    session itself (``rewind``, ``erase``: ``_removal`` counts those) is counted as the
+    session's own rewinds are,
     so a turn in flight is cut off by ``store.rewind(point, scope=session.scope)`` too:
     its writes wait while it runs, and are refused once it committed; its compensators
     (this context) are exempt.  Returns its end (None: it reaches no session)."""
@@ -450,6 +451,11 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
             # (_check_namespace).  (Every live session was tried: 10 ms an undo with
             # 20,000 of them in the process.)
             reached = [exact] if exact not in mine else []
+        elif scope is not None and (inner := _enclosing_session(per_store, scope)):
+            # a scope inside a session's (``session.key`` state, "oa/S/k/"): its rewind
+            # compensates the session's bookings (declared around it) — it cut off
+            # nothing, the turn in flight saved "booked" after it (stop 76)
+            reached = [inner[1]] if inner[1] not in mine else []
         else:
             reached = [state for prefix, state in list(per_store.items())
                        if state not in mine and (scope is None or prefix.startswith(scope))]
