@@ -54,8 +54,18 @@ the session before a rewind or erase that committed raises ``ConflictError``, no
 written, once that undo is done (a context that never touched the session neither
 waits nor is refused); it was added after the rewind (during its
 compensations even): items saying "booked" beside a booking the rewind cancelled (probe
-h4, stop 74).  A context that reads the session again writes on; one waiting on a rewind
-that failed without committing writes.  (``_WriterLock`` keeps the per-session count of
+h4, stop 74).  A context that reads the session again writes on (the next ``Runner.run``
+of a task reads it first), once the turn it was cut off in is over: a read inside the
+SDK run (``Runner.run``, ``run_streamed``) in which the context last read or wrote the
+session, while that run goes on, leaves it cut off — a tool's ``get_items``, the
+Runner's own mid-run reads (before it saves a turn's finished tools when another tool
+raised), a run nested in a tool (``as_tool(session=...)``).  Such reads cleared it: the
+tool's booking, or the turn's items, landed after the rewind (stop 76 h1).  A caller
+outside any run reads on as before.  (The SDK marks each run with a contextvar, private
+to it: ``_sdk_run_var``.  With an SDK that marks none, every read clears the cut-off, as
+before; asyncio tasks cannot stand in for runs: a tool's task is a child of its run's,
+but so is a request's task of the task that spawned it.)  One waiting on a rewind that
+failed without committing writes.  (``_WriterLock`` keeps the per-session count of
 rewinds, ``_SEEN`` what each context last saw; session writes are fenced against undo of
 the scope, ``undo_fence``.)  A turn's tools are cut off too when they declare their work
 in the session's scope (``tx.action(..., scope=session.scope)``, or a transaction begun
@@ -139,7 +149,8 @@ another caller's: stop 75 h3); one that never read the session works on the curr
 branch.  Automatic compaction replaces the items of the branch the run wrote to.
 Limit: the SDK's own mid-run ``get_items()`` (``OpenAIResponsesCompactionSession``'s
 first check after a save, the Runner's retry cleanup) is a read of the current branch:
-a switch by another caller during such a run still moves the rest of it.
+a switch by another caller during such a run still moves the rest of it (a rewind does
+not: the read leaves a cut-off run cut off, above).
 """
 from __future__ import annotations
 
@@ -273,17 +284,70 @@ class _WriterLock:
 _REWIND_WAIT_S = 120.0
 
 # What this context (an asyncio task, or a thread) last saw of each session it touched:
-# (weakref to the session's _WriterLock, its ``epoch`` then, the branch it was on),
-# newest last.  A write from a context that saw an older epoch is refused: a rewind by
-# another caller committed since, so the turn it writes for may be one the rewind
-# retracted and compensated (its bookings cancelled while its "booked" items landed
-# after: probe h4, stop 74).  The branch, ``(name, its "ns" stamp)`` (None: follow the
-# current branch), is where the context's writes land (``_pinned_branch``): the branch
-# whose history its turn read, not one another caller switched to meanwhile.  Copied on
-# change (never mutated): a task's children (gather, create_task) see their parent's.
-_SEEN: "contextvars.ContextVar[tuple[tuple[Any, int, Any], ...]]" = contextvars.ContextVar(
-    "walstore_openai_session_seen", default=())
+# (weakref to the session's _WriterLock, its ``epoch`` then, the branch it was on, the
+# SDK run it was in: ``_turn_now``), newest last.  A write from a context that saw an older
+# epoch is refused: a rewind by another caller committed since, so the turn it writes for
+# may be one the rewind retracted and compensated (its bookings cancelled while its
+# "booked" items landed after: probe h4, stop 74).  A read notes the epoch it read, so
+# the caller writes on (the next ``Runner.run`` of a task reads the session first), but
+# not while the run of the stale note goes on (``_turn_over``): a tool of the
+# cut-off turn that read the history booked after the rewind, and the Runner's own read
+# before saving a turn's finished tools saved them after it (stop 76 h1).  The branch,
+# ``(name, its "ns" stamp)`` (None: follow the current branch), is where the context's
+# writes land (``_pinned_branch``): the branch whose history its turn read, not one
+# another caller switched to meanwhile.  Copied on change (never mutated): a task's
+# children (gather, create_task, the SDK's tool tasks) see their parent's.
+_SEEN: "contextvars.ContextVar[tuple[tuple[Any, int, Any, Any], ...]]" = \
+    contextvars.ContextVar("walstore_openai_session_seen", default=())
 _SEEN_MAX = 64   # (sessions remembered per context; one forgotten is not checked)
+
+# The SDK's mark of the run a context is in (``Runner.run``, ``run_streamed``): a fresh
+# object per run, set in the run's context for its whole length (its input read, its
+# tools' tasks, which copy it, its saves, a run nested in a tool sets its own) and
+# ``closed`` when the run ends.  Private to the SDK (0.24: ``agents.run_internal.
+# agent_tool_configuration._current_run``): with an SDK without it, no read counts as
+# one inside a run (a read clears a cut-off, as before stop 76; the tests check that the
+# installed SDK has it).  Looked up once, at the first note.
+_UNRESOLVED = object()
+_run_var: Any = _UNRESOLVED
+
+
+def _sdk_run_var() -> "contextvars.ContextVar[Any] | None":
+    global _run_var
+    if _run_var is _UNRESOLVED:
+        var = None
+        try:
+            from agents.run_internal import agent_tool_configuration as conf
+            if (isinstance(conf._current_run, contextvars.ContextVar)
+                    and "closed" in getattr(conf._ToolConfigurationRun,
+                                            "__dataclass_fields__", ())):
+                var = conf._current_run
+        except Exception:   # (another SDK: no run marked)
+            pass
+        _run_var = var
+    return _run_var
+
+
+def _turn_now() -> Any:
+    """The SDK run this context is in (its tools' tasks and threads included), or None."""
+    var = _sdk_run_var()
+    return var.get() if var is not None else None
+
+
+def _in_flight(turn: Any) -> bool:
+    """Whether the run ``_turn_now`` gave goes on (not closed; one collected ended)."""
+    return turn is not None and getattr(turn, "closed", True) is False
+
+
+def _ref(obj: Any) -> Callable[[], Any]:
+    if obj is None:
+        return lambda: None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
 # The sessions (their _WriterLock) whose rewind this context runs: its compensators'
 # writes to the session neither wait for it nor are refused.
 _REWINDING: "contextvars.ContextVar[tuple[Any, ...]]" = contextvars.ContextVar(
@@ -291,7 +355,7 @@ _REWINDING: "contextvars.ContextVar[tuple[Any, ...]]" = contextvars.ContextVar(
 
 
 def _seen(state: _WriterLock) -> int | None:
-    for ref, epoch, _branch in _SEEN.get():
+    for ref, epoch, _branch, _turn in _SEEN.get():
         if ref() is state:
             return epoch
     return None
@@ -299,15 +363,40 @@ def _seen(state: _WriterLock) -> int | None:
 
 def _seen_branch(state: _WriterLock) -> Any:
     """The branch (name, ns) this context last read or wrote of the session, or None."""
-    for ref, _epoch, branch in _SEEN.get():
+    for ref, _epoch, branch, _turn in _SEEN.get():
         if ref() is state:
             return branch
     return None
 
 
+def _seen_turn(state: _WriterLock) -> Any:
+    """The SDK run (``_turn_now``) in which this context last read or wrote the session."""
+    for ref, _epoch, _branch, turn in _SEEN.get():
+        if ref() is state:
+            return turn()
+    return None
+
+
 def _note_seen(state: _WriterLock, epoch: int, branch: Any = None) -> None:
+    # the run noted: the one of the context's last note while that goes on (a run nested
+    # in one of its tools is part of its turn), else the current one (None: no run)
+    turn = _seen_turn(state)
+    if not _in_flight(turn):
+        turn = _turn_now()
     kept = tuple(p for p in _SEEN.get() if p[0]() is not state and p[0]() is not None)
-    _SEEN.set((kept + ((weakref.ref(state), epoch, branch),))[-_SEEN_MAX:])
+    _SEEN.set((kept + ((weakref.ref(state), epoch, branch, _ref(turn)),))[-_SEEN_MAX:])
+
+
+def _turn_over(state: _WriterLock, epoch: int) -> bool:
+    """Whether a read of the session at ``epoch`` counts as this context reading it
+    again (noted: it writes on): always, unless the context is cut off (it saw an older
+    epoch) and the SDK run of its last note goes on: a read by that run — its tools,
+    the Runner's own mid-run reads, a run nested in it — leaves it cut off.  A new run,
+    or a caller outside any run, reads on."""
+    seen = _seen(state)
+    if seen is None or seen == epoch:
+        return True
+    return not _in_flight(_seen_turn(state))
 
 
 # The branch a session write of this context lands on (set by ``_guarded`` around the
@@ -417,8 +506,8 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
             f"scope {scope!r}: a rewind or erase of session scope {prefix!r} by another "
             f"caller {'is under way' if underway else 'committed'} after this caller last "
             f"read or wrote the session, so this work may be for a turn it retracted: "
-            f"refused, nothing ran or was written (read the session again with get_items "
-            f"and run the turn anew)")
+            f"refused, nothing ran or was written (read the session again with get_items, "
+            f"outside the run that was cut off, and run the turn anew)")
 
 
 def _register_scope_guard() -> bool:
@@ -776,7 +865,8 @@ class WalstoreSession:
             raise AssertionError("unreachable")  # pragma: no cover
         state = self._lock
         result, epoch, branch = await asyncio.to_thread(work)
-        if note is not None:
+        # (a read inside a turn that a rewind cut off leaves it cut off: _turn_over)
+        if note is not None and _turn_over(state, epoch):
             _note_seen(state, epoch, branch if note == "head" else _seen_branch(state))
         return result
 
@@ -884,7 +974,8 @@ class WalstoreSession:
                     f"session {self.session_id!r} was rewound by another caller after this "
                     f"caller last read or wrote it (the turns after the point were retracted "
                     f"and their tools' actions compensated): nothing was written "
-                    f"({op}); read the session again (get_items) and run the turn anew"
+                    f"({op}); read the session again (get_items, outside the run that was cut "
+                    f"off: a new Runner.run does) and run the turn anew"
                     ) from None
 
     # ---- reading inside a transaction -------------------------------------------------------
