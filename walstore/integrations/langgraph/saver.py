@@ -57,6 +57,20 @@ which thread a transaction begun inside a graph node belongs to.
   (``_await_removal``): a refusal never tells a run its step was undone before it is (a
   node transaction begun on an event loop's thread is refused instead: waiting there
   stopped the loop).
+- **Undo made on the store itself** counts the same: the saver registers an undo watcher
+  with walstore when it is made (``_watch_undo``, ``_watch_revert``:
+  ``walstore.agent.scope.register_undo_watcher``), so ``store.rewind`` scoped to a
+  thread's prefix, to a scope inside it or to one around threads (``b"lg"``), an
+  unscoped one (every thread), and ``store.purge`` of such a prefix, cut off the runs in
+  flight of each thread they reach with the same marks ``rewind`` makes (``_CutOff``; a
+  scope around threads is marked once, ``_WIDE``, no thread listed); a ``store.revert``
+  undoing work of a thread (its keys, a node transaction, a booking declared in its
+  scope) cuts off its runs too, and their unsaved steps' node transactions are reverted
+  when refused (``_undo_lost_step``, as a lost run's: the revert undid other work, and
+  theirs stood with no checkpoint).  Before (stop 76) a run in flight saved the step a
+  ``store.rewind`` had just undone.  The undoing context is not cut off (its
+  compensators write to the thread unhindered; an undo made in a node of the thread
+  leaves that run going on); an undo that failed before its commit cuts off nothing.
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -102,7 +116,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.agent.scope import NO_SCOPE, add_undo_fence, fenced_for
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
-                             HistoryTrimmed, PointTypeError, WalstoreError,
+                             HistoryTrimmed, PointTypeError, RevertConflict, WalstoreError,
                              type_and_message)
 
 from .._async import finish_despite_cancel
@@ -292,15 +306,16 @@ class _RemovalUnderway:
     undone, its booking standing: probe h3).  One nested in the same Python thread (a
     compensator rewinding the thread) goes on: it ends first."""
 
-    def __init__(self, store: Any, prefix: bytes) -> None:
+    def __init__(self, store: Any, prefix: bytes, wait: bool = True) -> None:
         self.store, self.prefix = store, prefix
         self.token: Any = None
+        self.wait = wait   # (False: a revert's watcher, which must not wait: _CutOff)
 
     def __enter__(self) -> None:
         me = threading.get_ident()
         deadline = time.monotonic() + _REMOVAL_WAIT_S
         with _UNDERWAY_DONE:   # (the look and the entry in one hold of the lock)
-            while not _removing_here(self.store, self.prefix):
+            while self.wait and not _removing_here(self.store, self.prefix):
                 threads = _UNDERWAY.get(self.store, {}).get(self.prefix)
                 left = deadline - time.monotonic()
                 if not threads or me in threads or left <= 0:
@@ -323,13 +338,29 @@ class _RemovalUnderway:
 
 # (store id, thread prefix) of the removals the code running now works for: a
 # compensator of one, and the threads it starts carrying its context (LangGraph's own, a
-# graph it runs on the thread it undoes: its background saves), never wait for it
+# graph it runs on the thread it undoes: its background saves), never wait for it.  The
+# prefix may be a scope around threads (an undo made on the store: ``_CutOff``): every
+# thread under it counts.
 _REMOVING_HERE: "contextvars.ContextVar[tuple]" = contextvars.ContextVar(
     "walstore_langgraph_removing", default=())
 
 
 def _removing_here(store: Any, prefix: bytes) -> bool:
-    return (id(store), prefix) in _REMOVING_HERE.get()
+    here = _REMOVING_HERE.get()
+    if not here:
+        return False
+    sid = id(store)
+    return any(s == sid and prefix.startswith(p) for s, p in here)
+
+
+def _others_removing(store: Any, prefix: bytes, me: int) -> bool:
+    """Does another Python thread than ``me`` remove the thread ``prefix`` (or undo a scope
+    around it) right now?  (Under ``_UNDERWAY_DONE``.)"""
+    per_store = _UNDERWAY.get(store)
+    if not per_store:
+        return False
+    return any(threads and me not in threads and prefix.startswith(key)
+               for key, threads in per_store.items())
 
 
 _REMOVAL_WAIT_S = 120.0  # (then as before: a compensator of the rewind that runs a graph
@@ -354,8 +385,7 @@ def _await_removal(store: Any, prefix: bytes, budget: dict | None = None) -> boo
     budget = {} if budget is None else budget
     with _UNDERWAY_DONE:
         while True:
-            threads = _UNDERWAY.get(store, {}).get(prefix)
-            if not threads or me in threads:
+            if not _others_removing(store, prefix, me):
                 return waited
             now = time.monotonic()
             deadline = budget.setdefault("deadline", now + _REMOVAL_WAIT_S)
@@ -368,8 +398,7 @@ def _await_removal(store: Any, prefix: bytes, budget: dict | None = None) -> boo
 def _removal_underway(store: Any, prefix: bytes) -> bool:
     """Does a rewind or delete of the thread ``prefix`` run in another Python thread?"""
     with _UNDERWAY_DONE:
-        threads = _UNDERWAY.get(store, {}).get(prefix)
-        return (bool(threads) and threading.get_ident() not in threads
+        return (_others_removing(store, prefix, threading.get_ident())
                 and not _removing_here(store, prefix))
 
 
@@ -394,15 +423,67 @@ def _rewinds(store: Any) -> dict[bytes, float]:
 _MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
 
 
-def _note_mark(marks: dict, key: bytes, value: Any) -> None:
-    """``marks[key] = value``, the newest last; beyond ``_MARKS_MAX`` threads the oldest
+def _note_mark(marks: dict, key: bytes, value: Any, limit: int = _MARKS_MAX) -> None:
+    """``marks[key] = value``, the newest last; beyond ``limit`` threads the oldest
     mark is forgotten (a run that loaded that thread before it and still runs is then
     fenced only by its checkpoints and its node transactions' undo fence)."""
     with _REMOVALS_LOCK:
         marks.pop(key, None)
         marks[key] = value
-        while len(marks) > _MARKS_MAX:
+        while len(marks) > limit:
             del marks[next(iter(marks))]
+
+
+_REVERTS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
+
+
+def _reverts(store: Any) -> dict[bytes, float]:
+    """thread prefix -> when a ``store.revert`` reaching it last began to commit in this
+    process (per store object; ``_watch_revert``): a run that loaded the thread before is
+    cut off as by a rewind, and its unsaved steps' work is reverted (``_cut_off``)."""
+    with _REMOVALS_LOCK:
+        got = _REVERTS.get(store)
+        if got is None:
+            got = _REVERTS[store] = {}
+        return got
+
+
+# Marks of undos made on the store that reach a scope AROUND threads (an unscoped
+# ``store.rewind``: b""; one scoped to ``b"lg"``): per store object, kind ("removals",
+# "rewinds", "reverts") -> scope -> mark, as the per-thread dicts hold them.  Marking
+# each thread under the scope would read every thread of the store; a lookup tries each
+# scope here instead (``_mark_of``): normally none, a few at most (a committed one
+# drops those inside it; beyond ``_WIDE_MAX`` the oldest is forgotten).
+_WIDE: "weakref.WeakKeyDictionary[Any, dict[str, dict[bytes, Any]]]" = \
+    weakref.WeakKeyDictionary()
+_WIDE_MAX = 64
+_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "reverts": _REVERTS}
+
+
+def _wide(store: Any, kind: str) -> dict[bytes, Any]:
+    with _REMOVALS_LOCK:
+        return _WIDE.setdefault(store, {}).setdefault(kind, {})
+
+
+def _mark_of(store: Any, kind: str, prefix: bytes) -> Any:
+    """The newest mark of ``kind`` for thread ``prefix``: its own, or one of a scope
+    around it (``_WIDE``); None when none.  (Read without the lock: single dict reads.)"""
+    own = _PER_THREAD[kind].get(store)
+    got = own.get(prefix) if own else None
+    wide = _WIDE.get(store)
+    marks = wide.get(kind) if wide else None
+    if marks:
+        for scope, mark in list(marks.items()):
+            if prefix.startswith(scope) and (got is None or mark > got):
+                got = mark
+    return got
+
+
+def _removal_mark(store: Any) -> tuple[int, int]:
+    """A removal mark made now (``WalstoreSaver._removing``): the timestamp of a LangGraph
+    id made now and the LSN of the newest commit."""
+    newest = store.log(limit=1)
+    return (_uuid6_ticks(str(uuid6())), int(newest[0].lsn) if newest else -1)
 
 
 def _loaded_at(token: Any) -> float | None:
@@ -680,6 +761,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
                                compress=compress, value_cache_bytes=value_cache_bytes)
         self._owns_store = False
+        _note_saver(self)   # (an undo made on the store cuts off its runs: _watch_undo)
 
     @classmethod
     def from_path(cls, path: str, *, saver_options: dict | None = None,
@@ -1220,8 +1302,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             except StaleCheckpointError as e:
                 if self._removal_failed(e, conf, ns_name, ns, budget):
                     continue
-                if e.head is None and token is not None and token in _lost_runs(self.store):
-                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                if e.head is None and self._undoes_its_steps(conf, ns_name, ns):
+                    self._undo_lost_step(e, ns, token)  # (a lost race, a revert)
                 if e.head is not None and token is not None:  # (a rival's race, not a rewind)
                     lost = _lost_runs(self.store)
                     with _REMOVALS_LOCK:
@@ -1312,6 +1394,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         why = self._cut_off(conf, ns_name, ns)
         if why == "removed":
             self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
+        if why == "reverted":
+            raise StaleCheckpointError(
+                f"thread {thread_id!r} (namespace {ns_name!r}): a store.revert undid work "
+                f"of the thread while this run worked on what it had loaded, so {what} "
+                f"checkpoint {cid!r} {'were' if what.startswith('pending') else 'was'} "
+                f"refused and nothing was written (reload the thread and retry)",
+                thread_id, ns_name, cid, None)
         if why == "lost":
             error = StaleCheckpointError(
                 f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
@@ -1325,19 +1414,37 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     def _cut_off(self, conf: Mapping, ns_name: str, ns: Namespace) -> str | None:
         """Why the run ``conf`` names is cut off: "removed" (it loaded the thread before a
-        rewind or delete of it began in this process), "lost" (it lost a race), or None."""
+        rewind or delete of it began in this process: ``saver.rewind``, ``delete_thread``,
+        or a ``store.rewind``/``store.purge`` reaching the thread, ``_watch_undo``),
+        "reverted" (before a ``store.revert`` undoing work of the thread began to commit:
+        ``_watch_revert``), "lost" (it lost a race), or None."""
         if not self.fencing:
             return None
         token = conf.get(RUN_TOKEN + ns_name)
         if token is None:
             return None
         loaded = _loaded_at(token)
-        rewound = _rewinds(self.store).get(ns.thread_prefix)
-        if loaded is not None and rewound is not None and loaded < rewound:
-            return "removed"
+        if loaded is not None:
+            rewound = _mark_of(self.store, "rewinds", ns.thread_prefix)
+            if rewound is not None and loaded < rewound:
+                return "removed"
+            reverted = _mark_of(self.store, "reverts", ns.thread_prefix)
+            if reverted is not None and loaded < reverted:
+                return "reverted"
         if token in _lost_runs(self.store):
             return "lost"
         return None
+
+    def _undoes_its_steps(self, conf: Mapping, ns_name: str, ns: Namespace) -> bool:
+        """Is the run ``conf`` names refused wholly by the saver itself, its unsaved
+        steps' node transactions reverted (``_undo_lost_step``)?  A run that lost a race
+        (those steps never happened), and one a ``store.revert`` cut off: the revert
+        undid other work of the thread, not the run's, whose step's booking stood with
+        no checkpoint saying so (a retry booked it again).  A rewind or delete undoes
+        the run's work itself."""
+        token = conf.get(RUN_TOKEN + ns_name) if self.fencing else None
+        return token is not None and (token in _lost_runs(self.store)
+                                      or self._cut_off(conf, ns_name, ns) == "reverted")
 
     def _cut_off_in(self, tx: Any, conf: Mapping, thread_id: str, ns_name: str,
                     ns: Namespace, cid: str | None, what: str) -> None:
@@ -1371,20 +1478,28 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 for key in [k for k in registry if k[0] == ns.thread_prefix
                             and k[1] == error.checkpoint_ns and k[3] == token]:
                     txids += registry.pop(key)
-            for txid in sorted(set(txids), reverse=True):
-                try:
-                    self.store.txn_info(txid)
-                except (KeyError, WalstoreError):
-                    continue  # (never committed: its actions, if any, were compensated)
-                try:
-                    self.store.revert(txid, scope=ns.thread_prefix,
-                                      meta=self._meta("undo_lost_step",
-                                                      thread_id=error.thread_id,
-                                                      checkpoint_id=error.parent,
-                                                      txid=txid))
-                    run.undone.append(txid)
-                except WalstoreError as e:
-                    run.left.append(f"{txid} ({type_and_message(e)})")
+            own = _SAVER_REVERTING.set(_SAVER_REVERTING.get()
+                                       + ((id(self.store), ns.thread_prefix),))
+            try:
+                for txid in sorted(set(txids), reverse=True):
+                    try:
+                        self.store.txn_info(txid)
+                    except (KeyError, WalstoreError):
+                        continue  # (never committed: its actions, if any, compensated)
+                    try:
+                        if self.store.revert(txid, scope=ns.thread_prefix,
+                                             meta=self._meta("undo_lost_step",
+                                                             thread_id=error.thread_id,
+                                                             checkpoint_id=error.parent,
+                                                             txid=txid)) is not None:
+                            run.undone.append(txid)
+                    except RevertConflict as e:
+                        if not self._undone_already(txid, e):
+                            run.left.append(f"{txid} ({type_and_message(e)})")
+                    except WalstoreError as e:
+                        run.left.append(f"{txid} ({type_and_message(e)})")
+            finally:
+                _SAVER_REVERTING.reset(own)
             undone, left = sorted(run.undone, reverse=True), list(run.left)
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
@@ -1393,6 +1508,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if left:
             error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
                           f"what they did outside): {'; '.join(left)}",) + error.args[1:]
+
+    def _undone_already(self, txid: int, error: RevertConflict) -> bool:
+        """Does ``error`` (a revert of ``txid`` refused) say that ``txid`` was undone
+        already: every later writer it names is an undo of it (its commit's ``reverts``
+        names it: the revert that cut the run off reverted the run's own booking)?"""
+        try:
+            return bool(error.txids) and all(
+                txid in (self.store.txn_info(t).extra.get("reverts") or ())
+                for t in error.txids)
+        except (KeyError, WalstoreError):
+            return False
 
     def _checkpoint_removed(self, ns: Namespace, cid: str) -> bool:
         """Was checkpoint ``cid`` (not in the store now) removed, rather than not saved
@@ -1406,7 +1532,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         made = _uuid6_time(cid)
         if made is None:
             return False  # (not LangGraph's ids: when it was made is unknown)
-        removed = _removals(self.store).get(ns.thread_prefix)
+        removed = _mark_of(self.store, "removals", ns.thread_prefix)
         if removed is not None and removed[0] > _uuid6_ticks(cid):
             return True
         # (a removal of this process is judged by its mark alone: marked again once
@@ -1505,9 +1631,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         after the clock stepped back an hour (audit 67): their ids, made after the
         removal, carried earlier times.  With it, the LSN of the newest commit then (the
         log is read after it only, see _checkpoint_removed)."""
-        newest = self.store.log(limit=1)
-        _note_mark(_removals(self.store), thread_prefix,
-                   (_uuid6_ticks(str(uuid6())), int(newest[0].lsn) if newest else -1))
+        _note_mark(_removals(self.store), thread_prefix, _removal_mark(self.store))
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
@@ -1575,8 +1699,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             except StaleCheckpointError as e:
                 if self._removal_failed(e, _conf(config), ns_name, ns, budget):
                     continue
-                if token is not None and token in _lost_runs(self.store):
-                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                if self._undoes_its_steps(_conf(config), ns_name, ns):
+                    self._undo_lost_step(e, ns, token)  # (a lost race, a revert)
                 raise
 
     def _removal_failed(self, error: StaleCheckpointError, conf: Mapping, ns_name: str,
@@ -1598,7 +1722,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Erase the thread with ``store.purge``: its keys and every past version gone from
         every API, their bytes from every file of the store (the purge's checkpoint).  Runs
         of the thread loaded before it are cut off — unless the purge failed without
-        committing (a full disk): then nothing changed, for them either."""
+        committing (a full disk): then nothing changed, for them either.  A
+        ``store.purge`` of the thread's prefix (or of one around it) made directly cuts
+        them off the same way (``_watch_undo``)."""
         prefix = self.thread_scope(thread_id)
         if current_thread_scope() == prefix:
             # (it failed with a StaleCheckpointError saying the run's checkpoint was gone
@@ -2339,6 +2465,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         process) is refused at its next checkpoint and pending writes, whatever checkpoint
         the rewind kept (``_refuse_cut_off``).  Called from a node of the thread's own
         run, it raises ValueError and changes nothing (as ``delete_thread`` does).
+        ``store.rewind(to, scope=self.thread_scope(t))`` made by another caller cuts off
+        the thread's runs the same way (the saver's undo watcher, ``_watch_undo``), as
+        does an unscoped rewind, a ``store.purge`` of the thread and a ``store.revert``
+        of its work (``_watch_revert``).
         """
         thread_id, _ns, _cid = _rewind_where(config)
         if dry_run:
@@ -2612,3 +2742,229 @@ def _register_scope_provider() -> bool:
 
 
 SCOPE_PROVIDER_REGISTERED = _register_scope_provider()
+
+
+# ---- undos made on the store itself -----------------------------------------------------
+# (store id, thread prefix) of the reverts the saver makes itself (``_undo_lost_step``):
+# they cut off no run (the run they undo for is refused already)
+_SAVER_REVERTING: "contextvars.ContextVar[tuple]" = contextvars.ContextVar(
+    "walstore_langgraph_saver_reverting", default=())
+
+# the live savers of each store object: the key roots the undo watchers look threads up
+# under, the codecs whose caches a committed undo clears
+_SAVERS: "weakref.WeakKeyDictionary[Any, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_WATCHING = False
+
+
+def _note_saver(saver: "WalstoreSaver") -> None:
+    """Note ``saver`` among its store's (``_SAVERS``) and, with the process's first saver,
+    register the undo watchers with walstore."""
+    global _WATCHING
+    with _REMOVALS_LOCK:
+        _SAVERS.setdefault(saver.store, weakref.WeakSet()).add(saver)
+        first, _WATCHING = not _WATCHING, True
+    if first:
+        from walstore.agent.scope import register_undo_watcher
+        register_undo_watcher(_watch_undo, on_revert=_watch_revert)
+
+
+def _savers_of(store: Any) -> list["WalstoreSaver"]:
+    with _REMOVALS_LOCK:
+        savers = _SAVERS.get(store)
+        return list(savers) if savers else []
+
+
+def _own_thread(store: Any) -> bytes | None:
+    """The thread prefix of the LangGraph run whose node this code runs in, when its
+    checkpointer is a saver of ``store``; else None."""
+    try:
+        from langgraph.config import get_config
+        conf = get_config().get("configurable") or {}
+    except (ImportError, RuntimeError):
+        return None
+    saver = conf.get(CHECKPOINTER_KEY)
+    thread_id = conf.get("thread_id")
+    if isinstance(saver, WalstoreSaver) and saver.store is store and thread_id is not None:
+        return saver.thread_scope(str(thread_id))
+    return None
+
+
+def _thread_prefix_of(root: bytes, key: bytes) -> bytes | None:
+    """The prefix of the thread ``key`` (a key or scope starting with a saver's ``root``)
+    lies in; None when it stops inside the thread's own part (a scope around some
+    threads).  Read from the key alone: no lookup."""
+    try:
+        _thread_id, end = read_part(key, len(root))
+    except (IndexError, ValueError):
+        return None
+    return key[:end] if end <= len(key) else None
+
+
+def _reached_by(roots: set[bytes], scope: Any, targets: dict[bytes, bool]) -> None:
+    """Add to ``targets`` (key -> wide) what an undo of ``scope`` (None: unscoped) reaches
+    of the threads under ``roots``: a thread's prefix (a scope equal to it or inside it),
+    or a scope around threads (``wide``: unscoped, ``b"lg"``, a part of a thread's part)."""
+    if scope is None:
+        targets[b""] = True
+        return
+    if not isinstance(scope, bytes):
+        return   # (a str scope holds no thread's bytes keys)
+    for root in roots:
+        if root.startswith(scope):
+            targets[scope] = True
+        elif scope.startswith(root):
+            prefix = _thread_prefix_of(root, scope)
+            if prefix is None:
+                targets[scope] = True
+            else:
+                targets.setdefault(prefix, False)
+
+
+class _CutOff:
+    """The cut-off of the runs of the threads under ``key`` (a thread's prefix, or a scope
+    around threads: ``wide``) by an undo made on the store, in this process: the same
+    marks ``WalstoreSaver.rewind`` makes for its thread (``_rewind``), kind "rewinds"
+    (a rewind or purge) or "reverts" (a revert: ``_cut_off`` says "reverted"), made as
+    the undo begins (a revert: once planned), renewed once it committed, put back as they
+    were when it changed nothing; and ``_RemovalUnderway`` meanwhile (the thread's saves
+    and node transactions in other Python threads wait for its end, compensations
+    included; the undoing context's own, its compensators', do not)."""
+
+    def __init__(self, store: Any, key: bytes, wide: bool, kind: str, wait: bool) -> None:
+        self.store, self.key, self.wide, self.kind = store, key, wide, kind
+        self.underway = _RemovalUnderway(store, key, wait)
+        self.marked: tuple = ()
+
+    def _dicts(self) -> tuple[dict, dict]:
+        if self.wide:
+            return _wide(self.store, "removals"), _wide(self.store, self.kind)
+        return _removals(self.store), (_rewinds if self.kind == "rewinds"
+                                       else _reverts)(self.store)
+
+    def begin(self) -> None:
+        self.underway.__enter__()
+        try:
+            limit = _WIDE_MAX if self.wide else _MARKS_MAX
+            removals, cuts = self._dicts()
+            before = (removals.get(self.key), cuts.get(self.key))
+            mine = (_removal_mark(self.store), time.monotonic())
+            _note_mark(removals, self.key, mine[0], limit)
+            _note_mark(cuts, self.key, mine[1], limit)
+            self.marked = (before, mine)
+        except BaseException:
+            self.underway.__exit__(None, None, None)
+            raise
+
+    def end(self, committed: bool) -> None:
+        try:
+            removals, cuts = self._dicts()
+            if committed:  # (marked again: a run that loaded the thread meanwhile too)
+                limit = _WIDE_MAX if self.wide else _MARKS_MAX
+                _note_mark(removals, self.key, _removal_mark(self.store), limit)
+                _note_mark(cuts, self.key, time.monotonic(), limit)
+                if self.wide:   # (what a scope inside it marked is older: dropped)
+                    with _REMOVALS_LOCK:
+                        for marks in (removals, cuts):
+                            for k in [k for k in marks
+                                      if k != self.key and k.startswith(self.key)]:
+                                del marks[k]
+                for saver in _savers_of(self.store):
+                    saver.codec.forget(self.key)
+            else:          # (nothing undone: the marks as they were, unless renewed since)
+                before, mine = self.marked
+                for marks, was, mark in zip((removals, cuts), before, mine):
+                    if marks.get(self.key) == mark:
+                        if was is None:
+                            marks.pop(self.key, None)
+                        else:
+                            _note_mark(marks, self.key, was,
+                                       _WIDE_MAX if self.wide else _MARKS_MAX)
+        finally:
+            self.underway.__exit__(None, None, None)
+
+
+def _cut_off_runs(store: Any, targets: dict[bytes, bool], kind: str,
+                  wait: bool) -> Callable[[bool], None] | None:
+    """Cut off the runs of ``targets`` (``_CutOff``), except a thread the undo is made
+    for by the saver itself (``saver.rewind``, ``delete_thread``, ``_undo_lost_step``) and
+    the thread of the node this undo is made in (its own run goes on, as a session's turn
+    that rewinds its session); returns the end the undo watchers call."""
+    if not targets:
+        return None
+    own = _own_thread(store)
+    mine = _SAVER_REVERTING.get()
+    cuts: list[_CutOff] = []
+    try:
+        for key, wide in sorted(targets.items()):
+            if _removing_here(store, key) or (id(store), key) in mine or (
+                    not wide and key == own):
+                continue
+            cut = _CutOff(store, key, wide, kind, wait)
+            cut.begin()
+            cuts.append(cut)
+    except BaseException:
+        for cut in reversed(cuts):
+            cut.end(False)
+        raise
+    if not cuts:
+        return None
+
+    def end(committed: bool) -> None:
+        error: BaseException | None = None
+        for cut in reversed(cuts):   # (each one's end, whatever another's raised)
+            try:
+                cut.end(committed)
+            except BaseException as e:  # noqa: BLE001 - (raised once all ended)
+                error = error or e
+        if error is not None:
+            raise error
+    return end
+
+
+def _roots(store: Any) -> set[bytes]:
+    return {saver.keys.root for saver in _savers_of(store)}
+
+
+def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
+    """walstore calls this before a ``store.rewind`` or ``store.purge`` begins, in the
+    undoing thread (``walstore.agent.scope.register_undo_watcher``): the runs in flight
+    of each thread it reaches (scoped to the thread's prefix, to a scope inside it or to
+    one around it; unscoped: every thread) are cut off as by ``saver.rewind`` of the
+    thread.  Its cost is that of a few dict updates: a thread is found from the scope's
+    own bytes, and a scope around threads is marked once (``_WIDE``), no thread listed.
+    Returns its end (None: the undo reaches no thread of a saver of ``store``)."""
+    roots = _roots(store)
+    if not roots:
+        return None
+    targets: dict[bytes, bool] = {}
+    _reached_by(roots, scope, targets)
+    return _cut_off_runs(store, targets, "rewinds", wait=True)
+
+
+def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
+    """walstore calls this once a ``store.revert`` planned, before it commits, in the
+    reverting thread (``register_undo_watcher``'s ``on_revert``), with what it reaches
+    (``walstore.agent.scope.UndoReach``): a thread whose keys it puts back, or holding a
+    scope of the work it undoes (a node transaction's, a booking declared in the thread's
+    scope), or lying in one, has its runs in flight cut off (``_cut_off`` "reverted"),
+    their unsaved steps' work reverted when refused (``_undo_lost_step``).  Each key and
+    scope is read for its thread from its own bytes: the cost is the revert's size.  It
+    must not wait (the revert may hold every other thread's commits out): it marks
+    without taking turns with another removal of the thread."""
+    roots = _roots(store)
+    if not roots:
+        return None
+    targets: dict[bytes, bool] = {}
+    last = None   # (the previous key's thread prefix: keys of one thread come together)
+    for key in reach.keys:
+        if not isinstance(key, bytes) or (last is not None and key.startswith(last)):
+            continue
+        for root in roots:
+            if key.startswith(root):
+                last = _thread_prefix_of(root, key)
+                if last is not None:
+                    targets.setdefault(last, False)
+                break
+    for scope in reach.scopes:
+        _reached_by(roots, scope, targets)
+    return _cut_off_runs(store, targets, "reverts", wait=False)
