@@ -228,7 +228,7 @@ def test_a_turn_in_flight_across_a_direct_purge_writes_nothing_into_the_erased_s
         await s.add_items([user("my secret")])
         await s.get_items()
         await asyncio.to_thread(store.purge, s.scope if prefix == "scope" else prefix)
-        with pytest.raises(walstore.ConflictError, match="was rewound by another caller"):
+        with pytest.raises(walstore.ConflictError, match="was purged by another caller"):
             await s.add_items([assistant("noted your secret")])
         assert list(store.scan(prefix=s.scope)) == []
     asyncio.run(go())

@@ -29,7 +29,7 @@ from walstore.agent.scope import register_undo_watcher  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 from session_support import WAIT_S, assistant, book, example, store, user  # noqa: E402,F401
 
-CUT_OFF = "was rewound by another caller"
+CUT_OFF = "was reverted by another caller"
 
 
 def booking_txid(store, what: str) -> int:
@@ -372,7 +372,7 @@ def test_a_rewind_scoped_inside_the_session_cuts_off_its_turn_in_flight(store):
         await asyncio.to_thread(book, store, s, "oslo", world)
         await s.get_items()
         assert await asyncio.to_thread(store.rewind, point, scope=s.scope + "k/")
-        with pytest.raises(walstore.ConflictError, match=CUT_OFF):
+        with pytest.raises(walstore.ConflictError, match="was rewound by another caller"):
             await s.add_items([assistant("oslo is booked")])
     asyncio.run(go())
     assert world == ["book oslo", "cancel oslo"]

@@ -916,7 +916,7 @@ class Store:
                                 f"{progress!r}")
             if not _undo_watchers:
                 return self._purge.purge(prefix, progress)
-            with WatchedUndo(self, prefix) as watched:
+            with WatchedUndo(self, prefix, purge=True) as watched:
                 done = self._purge.purge(prefix, progress)
                 watched.committed = True
                 return done

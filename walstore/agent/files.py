@@ -59,6 +59,7 @@ from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, disp
                            fs_bytes, parent_of)
 from ..log.format import RecordType
 from ..signals import deferred
+from .scope import add_commit_check
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -981,7 +982,8 @@ class Files:
         if reads is None:
             reads = tx.file_reads = {}
             ref = weakref.ref(tx)  # (no cycle: a dropped transaction must still be freed
-            tx.commit_check = lambda: self._check_reads(ref(), None)  # at once, see _live)
+            # at once, see _live; added to the checks already set, a session's: stop 76)
+            add_commit_check(tx, lambda: self._check_reads(ref(), None))
         reads[key] = (owner, _fingerprint(ws.root_b, rel))
 
     def committed(self, txid: int) -> None:
@@ -1069,7 +1071,7 @@ class Files:
         if reads is None:
             reads = tx.file_reads = {}
             ref = weakref.ref(tx)
-            tx.commit_check = lambda: self._check_reads(ref(), None)
+            add_commit_check(tx, lambda: self._check_reads(ref(), None))
         reads[key] = (None, names)
 
     def _check_reads(self, tx: "Transaction", keys: list | None) -> None:

@@ -17,8 +17,10 @@ done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app
 Work that declares its scope itself (``scope=`` at the begin, or an action's) is shown to
 the registered *scope guards* (``register_scope_guard``): the integration owning a kind of
 scope may fence or refuse it (OpenAI sessions: a tool's work for a turn a rewind of the
-session cut off).  Registered *undo watchers* (``register_undo_watcher``) are told of each
-rewind and purge before it begins, of each revert once it planned (what it reaches:
+session cut off), or add a check its commit runs as it appends (``add_commit_check``,
+chained with those already set: a workspace's read check).  Registered *undo watchers*
+(``register_undo_watcher``) are told of each rewind and purge before it begins
+(``undo_kind`` tells which), of each revert once it planned (what it reaches:
 ``UndoReach``), and of each one's end, compensations included, in the undoing thread: the
 integration owning a kind of scope counts an undo reaching one of its scopes however it
 was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``, or a
@@ -27,6 +29,7 @@ was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``, or a
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from typing import Any, Callable
@@ -123,6 +126,40 @@ def add_undo_fence(tx: Any, scope: Any) -> None:
         tx.undo_fence = fences + (scope,)
 
 
+class CommitChecks(list):
+    """The checks one transaction's commit runs (``add_commit_check``), in order: a
+    flat list, so a transaction checked a thousand times nests no calls."""
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        for check in self:
+            check()
+
+
+def add_commit_check(tx: Any, check: Callable[[], None]) -> None:
+    """Add ``check`` to what ``tx``'s commit (or prepare) runs under the journal lock as
+    it appends (``Transaction.commit_check``; what it raises, ConflictError, refuses the
+    commit: the transaction rolls back, its actions compensated): after those already
+    set (a workspace's read check, an integration's), never replacing one.  It must be
+    quick, take no lock and hold no reference to ``tx`` (a dropped transaction is freed
+    at once)."""
+    current = tx.commit_check
+    if current is None:
+        tx.commit_check = check
+    elif isinstance(current, CommitChecks):
+        current.append(check)
+    else:
+        tx.commit_check = CommitChecks((current, check))
+
+
+def commit_checks(tx: Any) -> list[Callable[[], None]]:
+    """The checks ``add_commit_check`` gave ``tx`` (a copy; [] when none)."""
+    current = tx.commit_check
+    if current is None:
+        return []
+    return list(current) if isinstance(current, CommitChecks) else [current]
+
+
 def fenced_for(tx: Any, scope: Any) -> bool:
     """Is ``tx`` fenced against undo of ``scope`` (its fence names it or a scope inside
     it)?"""
@@ -190,6 +227,17 @@ class UndoReach:
 
 _End = Callable[[bool], None]
 
+# Which undo the watchers are being told of, set around their calls (``undo_kind``).
+_UNDOING: "contextvars.ContextVar[str | None]" = contextvars.ContextVar(
+    "walstore_undo_kind", default=None)
+
+
+def undo_kind() -> str | None:
+    """Inside an undo watcher's call (``register_undo_watcher``): which undo it is told
+    of, ``"rewind"``, ``"purge"`` or ``"revert"``; None elsewhere.  (OpenAI sessions name
+    it in their refusals: a turn cut off by a purge was said to be "rewound".)"""
+    return _UNDOING.get()
+
 
 def register_undo_watcher(fn: Callable[[Any, Any], "_End | None"],
                           on_revert: "Callable[[Any, UndoReach], _End | None] | None" = None
@@ -202,7 +250,8 @@ def register_undo_watcher(fn: Callable[[Any, Any], "_End | None"],
     False when it changed nothing.  An integration owning a kind of scope registers one
     to count an undo reaching its scopes however it was called (OpenAI sessions: a turn
     in flight across ``store.rewind(..., scope=session.scope)`` is cut off).  What
-    ``fn`` raises refuses the undo (nothing begun).
+    ``fn`` raises refuses the undo (nothing begun).  ``undo_kind()``, read in ``fn``,
+    tells a rewind from a purge.
 
     ``on_revert(store, reach) -> end | None``, when given, is told of each
     ``store.revert`` (not a dry run): a revert's reach is known only once it planned, so
@@ -232,17 +281,20 @@ class WatchedUndo:
     returns.  An error out of it tells them whether the undo committed all the same (a
     compensation or an erasure owed after the commit, an outcome unknown).
     ``WatchedUndo(store, scope, revert=True)`` around a revert tells nobody as it begins:
-    the revert calls ``w.reach(UndoReach)`` once it planned (``on_revert``)."""
+    the revert calls ``w.reach(UndoReach)`` once it planned (``on_revert``);
+    ``purge=True`` around a purge (``undo_kind``)."""
 
     __slots__ = ("ends", "committed", "store", "_told")
 
-    def __init__(self, store: Any, scope: Any, revert: bool = False) -> None:
+    def __init__(self, store: Any, scope: Any, revert: bool = False,
+                 purge: bool = False) -> None:
         self.committed = False
         self.ends: list[Callable[[bool], None]] = []
         self.store = store
         self._told: tuple[set, set] = (set(), set())   # (scopes, keys) told (a revert)
         if revert:
             return
+        kind = _UNDOING.set("purge" if purge else "rewind")
         try:
             for fn in list(UNDO_WATCHERS):
                 end = fn(store, scope)
@@ -254,6 +306,8 @@ class WatchedUndo:
             except BaseException:  # noqa: BLE001 - (the refusing watcher's error is said)
                 pass
             raise
+        finally:
+            _UNDOING.reset(kind)
 
     def reach(self, reach: UndoReach) -> None:
         """A revert planned to undo ``reach``: the ``on_revert`` watchers told of what of
@@ -266,10 +320,14 @@ class WatchedUndo:
                         [k for k in reach.keys if k not in keys])
         if not new:
             return
-        for fn in list(REVERT_WATCHERS):
-            end = fn(self.store, new)
-            if end is not None:
-                self.ends.append(end)
+        kind = _UNDOING.set("revert")
+        try:
+            for fn in list(REVERT_WATCHERS):
+                end = fn(self.store, new)
+                if end is not None:
+                    self.ends.append(end)
+        finally:
+            _UNDOING.reset(kind)
         scopes.update(new.scopes)
         keys.update(new.keys)
 

@@ -323,7 +323,8 @@ class Transaction:
     # - ``file_reads``, ``commit_check``: workspace paths this transaction read
     #   (``tx.files(ws).read``/``exists``), and the check its commit runs on them under
     #   the journal lock (CommitRequest.check): set by walstore.agent.files at the first
-    #   such read
+    #   such read, and by integrations (an OpenAI session's undo check), each added to
+    #   those set (walstore.agent.scope.add_commit_check)
     # - ``_serial``: numbers its savepoints
     # - ``_order_gen``: counts the rollback_to()s that took keys out of the write set: a
     #   key order made before one (perhaps by another thread's scan, while its keys were

@@ -85,10 +85,14 @@ undoing work of the session counts the same (its keys, an action declared in its
 transaction begun in it; cascade or ``scope=`` too: ``_watch_revert``, told once the
 revert planned, before it commits); one that changes nothing or undoes another session's
 work cuts off nobody (it cut off nothing, and a turn in flight saved "booked" beside the
-booking a revert had just refunded: stop 76).  The cut-off follows a context: a sync
-caller that wraps each call in ``asyncio.run`` gives each a fresh context and is never
-cut off (run a turn in one coroutine, or pass one context to ``asyncio.Runner.run(coro,
-context=ctx)`` and run its tools with ``ctx.run``).
+booking a revert had just refunded: stop 76).  A revert's commit does not meet the undo
+fence, so the session's checked writes and the guard's transactions also check at their
+commit (``_UndoCheck``, under the journal lock) that no undo of the session was marked
+since their check: one that passed it before a revert planned and committed after it
+stood (stop 76 h4).  The refusals name what cut the turn off (``_SAID``).  The cut-off
+follows a context: a sync caller that wraps each call in ``asyncio.run`` gives each a
+fresh context and is never cut off (run a turn in one coroutine, or pass one context to
+``asyncio.Runner.run(coro, context=ctx)`` and run its tools with ``ctx.run``).
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
@@ -168,7 +172,8 @@ from urllib.parse import quote, unquote
 from .. import (LSN, ConflictError, ErasureOwed, SnapshotTooOld, TxnInfo, UnknownPoint,
                WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
-from ..agent.scope import add_undo_fence, undo_committed
+from ..agent.scope import (add_commit_check, add_undo_fence, commit_checks, undo_committed,
+                           undo_kind)
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
 
@@ -233,13 +238,18 @@ class _WriterLock:
     ``store.purge`` or ``store.revert`` reaching its scope: ``_watch_undo``,
     ``_watch_revert``), ``underway`` holds those running
     (commit and compensations), so a caller whose turn began before one is cut off
-    (``_SEEN``, ``WalstoreSession._guarded``)."""
-    __slots__ = ("_lock", "epoch", "underway", "done", "__weakref__")
+    (``_SEEN``, ``WalstoreSession._guarded``).  ``marks`` counts those marked under way
+    (begun): a transaction checked at ``marks`` is refused at its commit when it changed
+    since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
+    (``"rewind"``, ``"erase"``, ``"purge"``, ``"revert"``), for the refusals to say."""
+    __slots__ = ("_lock", "epoch", "underway", "done", "marks", "kinds", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.epoch = 0
-        self.underway: list[object] = []
+        self.marks = 0
+        self.kinds: tuple[str, ...] = ()   # (of the newest _KINDS_KEPT epochs)
+        self.underway: list[_Undo] = []
         self.done = threading.Condition(threading.Lock())
 
     def __enter__(self) -> bool:
@@ -248,21 +258,32 @@ class _WriterLock:
     def __exit__(self, *exc: Any) -> None:
         self._lock.__exit__(*exc)
 
-    def begin(self) -> object:
-        token = object()
+    def begin(self, kind: str) -> "_Undo":
+        token = _Undo(kind)
         with self.done:
+            self.marks += 1
             self.underway.append(token)
         return token
 
-    def end(self, token: object, committed: bool) -> int:
+    def end(self, token: "_Undo", committed: bool) -> int:
         """The rewind ``token`` ended; the epoch it left, for its own context to note
         (read later, it counted another caller's rewind ended meanwhile as its own)."""
         with self.done:
             self.underway.remove(token)
             if committed:
                 self.epoch += 1
+                self.kinds = (self.kinds + (token.kind,))[-_KINDS_KEPT:]
             self.done.notify_all()
             return self.epoch
+
+    def kinds_since(self, epoch: int) -> tuple[str, ...]:
+        """What the undos counted after ``epoch`` were (() when not all are kept)."""
+        with self.done:
+            n = self.epoch - epoch
+            return self.kinds[-n:] if 0 < n <= len(self.kinds) else ()
+
+    def kinds_underway(self) -> tuple[str, ...]:
+        return tuple(t.kind for t in list(self.underway))
 
     def await_rewinds(self) -> bool:
         """Wait until no rewind of the session runs (at most ``_REWIND_WAIT_S``); False
@@ -276,6 +297,40 @@ class _WriterLock:
                     return False
                 self.done.wait(deadline - now)
         return True
+
+
+class _Undo:
+    """One rewind, erase, purge or revert of a session under way (``_WriterLock.begin``)."""
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+_KINDS_KEPT = 8
+# How each kind of undo is said in a refusal: (noun, participle, what it did).
+_SAID = {"rewind": ("a rewind", "rewound", "the turns after the point were retracted and "
+                    "their tools' actions compensated"),
+         "revert": ("a revert", "reverted", "store.revert undid work of its turns and "
+                    "compensated their tools' actions"),
+         "erase": ("an erase", "erased", "session.erase deleted it for good"),
+         "purge": ("a purge", "purged", "store.purge erased its keys for good")}
+
+
+def _undo_nouns(kinds: tuple[str, ...]) -> str:
+    """``kinds`` as "a rewind", "a revert and an erase"; unknown (()): every kind."""
+    said = [_SAID[k][0] for k in dict.fromkeys(kinds) if k in _SAID]
+    return " and ".join(said) if said else "a rewind, revert or erase"
+
+
+def _undo_said(kinds: tuple[str, ...]) -> tuple[str, str]:
+    """(participles, what they did) for the undos ``kinds``: ("reverted", "store.revert
+    undid ..."); unknown (()): every kind."""
+    said = [_SAID[k] for k in dict.fromkeys(kinds) if k in _SAID]
+    if not said:
+        return ("rewound, reverted or erased",
+                "work of its turns was undone and their tools' actions compensated")
+    return " and ".join(s[1] for s in said), "; ".join(s[2] for s in said)
 
 
 # How long a session write of a caller that read the session waits for a rewind or erase
@@ -469,6 +524,49 @@ def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
     return None
 
 
+class _UndoCheck:
+    """A transaction's commit-time check (``add_commit_check``, run under the journal lock
+    as it appends): ConflictError when a rewind, erase, purge or revert of a session it
+    was checked for (``_guarded``, ``_guard_session_scope``) by another caller was
+    marked under way since that check.  The check ran as the transaction did; a revert
+    planned after it and committed before the transaction's commit (a revert's commit
+    does not meet the undo fence: it undoes no later work) let a turn's save, or its
+    tool's booking, land after the revert had refunded the turn's booking, and stand
+    (stop 76 h4).  Its undo watcher marks the session before it commits, so the check
+    at the append closes that window: a session write is retried (and then refused as
+    cut off), a tool's transaction rolls back, its actions compensated."""
+    __slots__ = ("checked",)
+
+    def __init__(self) -> None:
+        # session -> (its ``marks`` and ``epoch`` at the check, its scope, who is refused)
+        self.checked: dict[_WriterLock, tuple[int, int, str, str]] = {}
+
+    def __call__(self) -> None:
+        for state, (marks, epoch, prefix, what) in self.checked.items():
+            if state.marks != marks:
+                kinds = state.kinds_underway() + state.kinds_since(epoch)
+                raise ConflictError(
+                    f"{what}: {_undo_nouns(kinds)} of session scope {prefix!r} by another "
+                    f"caller began after this transaction was checked and before its "
+                    f"commit, so its work may be for a turn that cut off: refused at "
+                    f"commit, nothing written (its actions compensated); read the session "
+                    f"again (get_items, outside the run that was cut off) and run the "
+                    f"turn anew")
+
+
+def _check_at_commit(tx: Any, state: _WriterLock, marks: int, epoch: int, prefix: str,
+                     what: str) -> None:
+    """``tx``'s commit refused when an undo of the session marked after ``marks`` (the
+    check ``tx`` passed) began before it (``_UndoCheck``; one per transaction)."""
+    for check in commit_checks(tx):
+        if isinstance(check, _UndoCheck):
+            check.checked.setdefault(state, (marks, epoch, prefix, what))
+            return
+    check = _UndoCheck()
+    check.checked[state] = (marks, epoch, prefix, what)
+    add_commit_check(tx, check)
+
+
 def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     """walstore asks this when a transaction is begun with ``scope=`` or declares an action
     in a scope (``walstore.agent.scope.register_scope_guard``).  In a session's scope:
@@ -478,8 +576,10 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     read or wrote the session before a rewind or erase of it by another caller that
     committed since or is still under way: the tool work of a turn the rewind retracted
     (a booking made after the rewind that cancelled the turn's, standing for good:
-    stop 75).  A rewind's own context (its compensators) passes, not fenced, and a
-    context that never touched the session passes, fenced."""
+    stop 75).  Let through, its commit is refused too when an undo of the session (a
+    revert too, whose commit the fence does not meet) was marked under way since
+    (``_UndoCheck``).  A rewind's own context (its compensators) passes, not fenced, and
+    a context that never touched the session passes, fenced."""
     if not isinstance(scope, str):
         return
     found = _session_of_scope(store, scope)
@@ -500,14 +600,17 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     if seen is None:
         return   # (never touched the session: no turn of it to cut off)
     with state.done:
-        underway, epoch = bool(state.underway), state.epoch
+        marks, underway, epoch = state.marks, bool(state.underway), state.epoch
     if underway or epoch != seen:
+        kinds = state.kinds_underway() if underway else state.kinds_since(seen)
         raise ConflictError(
-            f"scope {scope!r}: a rewind or erase of session scope {prefix!r} by another "
+            f"scope {scope!r}: {_undo_nouns(kinds)} of session scope {prefix!r} by another "
             f"caller {'is under way' if underway else 'committed'} after this caller last "
-            f"read or wrote the session, so this work may be for a turn it retracted: "
+            f"read or wrote the session, so this work may be for a turn it cut off: "
             f"refused, nothing ran or was written (read the session again with get_items, "
             f"outside the run that was cut off, and run the turn anew)")
+    # (and at its commit: one marked from now on refuses it then, _UndoCheck)
+    _check_at_commit(tx, state, marks, epoch, prefix, f"scope {scope!r}")
 
 
 def _register_scope_guard() -> bool:
@@ -548,7 +651,7 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
         else:
             reached = [state for prefix, state in list(per_store.items())
                        if state not in mine and (scope is None or prefix.startswith(scope))]
-    return _cut_off_sessions(reached, mine)
+    return _cut_off_sessions(reached, mine, undo_kind() or "rewind")
 
 
 def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
@@ -589,7 +692,7 @@ def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
                     if prefix.startswith(scope):
                         found.setdefault(prefix, state)
         reached = [state for state in found.values() if state not in mine]
-    return _cut_off_sessions(reached, mine)
+    return _cut_off_sessions(reached, mine, "revert")
 
 
 def _enclosing_session(per_store: Any, text: str) -> tuple[str, _WriterLock] | None:
@@ -606,13 +709,14 @@ def _enclosing_session(per_store: Any, text: str) -> tuple[str, _WriterLock] | N
     return None
 
 
-def _cut_off_sessions(reached: list[_WriterLock], mine: tuple
+def _cut_off_sessions(reached: list[_WriterLock], mine: tuple, kind: str
                       ) -> Callable[[bool], None] | None:
-    """The sessions ``reached`` marked under way (their writes wait; this context, its
-    compensators, is exempt); returns the end that counts the undo if it committed."""
+    """The sessions ``reached`` marked under way by an undo of ``kind`` (their writes
+    wait; this context, its compensators, is exempt); returns the end that counts the
+    undo if it committed."""
     if not reached:
         return None
-    tokens = [(state, state.begin()) for state in reached]
+    tokens = [(state, state.begin(kind)) for state in reached]
     rewinding = _REWINDING.set(mine + tuple(reached))
 
     def end(committed: bool) -> None:
@@ -904,9 +1008,10 @@ class WalstoreSession:
         another context) is refused (ConflictError), nothing written: the turn it writes
         for may be one the rewind retracted and compensated.  The transaction is fenced
         against undo of the scope (``undo_fence``), so a rewind committing while it runs
-        makes it conflict and be checked again.  A compensator of the rewind (its
-        context), and a context that never read or wrote the session, neither wait nor
-        are refused."""
+        makes it conflict and be checked again; a checked one's commit also conflicts
+        when any undo of the session, a revert too, was marked under way since the check
+        (``_UndoCheck``).  A compensator of the rewind (its context), and a context that
+        never read or wrote the session, neither wait nor are refused."""
         state = self._lock
         exempt = state in _REWINDING.get()
         seen = None if exempt else _seen(state)
@@ -921,11 +1026,18 @@ class WalstoreSession:
         def guarded(tx: "Transaction") -> _T:
             add_undo_fence(tx, self._prefix)
             tx.snapshot   # (taken now, before the checks: the fence dates from it)
+            marks = state.marks   # (first: one marked after it refuses the commit)
             if wait and state.underway:
                 raise _RewindUnderway
             epoch = state.epoch
-            if seen is not None and epoch != seen:
-                raise _CutOff
+            if seen is not None:
+                if epoch != seen:
+                    raise _CutOff(state.kinds_since(seen))
+                # (a revert of the session planned from now on, committed before this
+                # commit: it stood, "booked" saved after the refund — refused at the
+                # append instead, and retried: _UndoCheck)
+                _check_at_commit(tx, state, marks, epoch, self._prefix,
+                                 f"session {self.session_id!r}")
             pin = [pinned, False]
             token = _PIN.set(pin)
             try:
@@ -953,8 +1065,9 @@ class WalstoreSession:
                 # A compensator writing from a thread without the rewind's context
                 # never gets here: it never read the session, so it does not wait)
                 raise ConflictError(
-                    f"session {self.session_id!r}: a rewind or erase of it by another "
-                    f"caller has run for over {_REWIND_WAIT_S:.0f} s (its compensations) "
+                    f"session {self.session_id!r}: {_undo_nouns(state.kinds_underway())} of "
+                    f"it by another caller has run for over {_REWIND_WAIT_S:.0f} s (its "
+                    f"compensations) "
                     f"since this caller last read or wrote it: nothing was written "
                     f"({op}); read the session again (get_items) once it ended")
             try:
@@ -969,11 +1082,11 @@ class WalstoreSession:
                     f"another caller (delete_branch, clear_session, run_compaction) after "
                     f"this caller last read or wrote it: nothing was written ({op}); read "
                     f"the session again (get_items) and run the turn anew") from None
-            except _CutOff:
+            except _CutOff as e:
+                was, did = _undo_said(e.args[0])
                 raise ConflictError(
-                    f"session {self.session_id!r} was rewound by another caller after this "
-                    f"caller last read or wrote it (the turns after the point were retracted "
-                    f"and their tools' actions compensated): nothing was written "
+                    f"session {self.session_id!r} was {was} by another caller after this "
+                    f"caller last read or wrote it ({did}): nothing was written "
                     f"({op}); read the session again (get_items, outside the run that was cut "
                     f"off: a new Runner.run does) and run the turn anew"
                     ) from None
@@ -1300,7 +1413,7 @@ class WalstoreSession:
             purged[0] = True
             if drop_points():  # (their drop records name them: erased with the WAL they
                 self.store.purge(self._prefix)  # are in, by the purge's checkpoint)
-        await self._removal(work, lambda _result: True, lambda: purged[0])
+        await self._removal("erase", work, lambda _result: True, lambda: purged[0])
 
     # ---- restore points and rewind ----------------------------------------------------------
     async def restore_point(self, name: str) -> LSN:
@@ -1390,9 +1503,9 @@ class WalstoreSession:
                     time.sleep(0.005 * 2 ** attempt)
         if dry_run:
             return await asyncio.to_thread(work)
-        return await self._removal(work, lambda result: result is not None)
+        return await self._removal("rewind", work, lambda result: result is not None)
 
-    async def _removal(self, work: Callable[[], _T],
+    async def _removal(self, kind: str, work: Callable[[], _T],
                        committed: Callable[[_T], bool],
                        committed_before_error: Callable[[], bool] | None = None) -> _T:
         """``work()`` (a rewind or erase of the session) marked under way for its whole
@@ -1406,7 +1519,7 @@ class WalstoreSession:
         outcome: list[Any] = [False, 0]   # (committed, the epoch its end left)
 
         def marked() -> _T:
-            token = state.begin()
+            token = state.begin(kind)
             done = False
             rewinding = _REWINDING.set(_REWINDING.get() + (state,))
             try:

@@ -1,0 +1,260 @@
+"""Review of stop 76's session cut-offs (h4): reverts racing a session's writes.
+
+A session write (and a tool's transaction in the session's scope) checks, as it runs,
+that no rewind, erase or revert of the session by another caller is under way or
+committed since its caller last read or wrote it.  A revert's commit does not meet the
+write's undo fence (that counts rewinds and purges, and a revert by its semantics does
+not undo later work), so a write whose check passed before a ``store.revert`` of the
+session's work planned and that committed after the revert committed stood: the turn
+saved "booked" beside the refunded booking, or its tool booked after it for good.  Now
+each checked transaction gets a commit-time check (``Transaction.commit_check``, run
+under the journal lock as it appends) that refuses it when such an undo was marked
+under way since its check; the retried session write is then refused as cut off, and a
+tool's transaction is rolled back, its booking compensated.
+
+Orderings are forced with events and the store's fault points, on real stores and real
+threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+pytest.importorskip("agents")
+
+import walstore  # noqa: E402
+import walstore.integrations.openai_agents as oa  # noqa: E402
+from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
+from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+
+def booking_txid(store, what: str) -> int:
+    return next(a.txid for a in store.actions() if a.args["what"] == what)
+
+
+def states(store):
+    return sorted((a.args["what"], a.state) for a in store.actions())
+
+
+def pause_after_check(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """The next session write that passed its check (``_guarded``) signals the first
+    event from inside its transaction function and holds there until the second."""
+    checked, go_on = threading.Event(), threading.Event()
+    orig = oa.WalstoreSession._pinned_branch
+    once = [True]
+
+    def pinned(self, tx):
+        if once[0]:
+            once[0] = False
+            checked.set()
+            go_on.wait(WAIT_S)
+        return orig(self, tx)
+    monkeypatch.setattr(oa.WalstoreSession, "_pinned_branch", pinned)
+    return checked, go_on
+
+
+def test_a_session_write_checked_before_a_revert_planned_is_refused_at_commit(
+        store, monkeypatch):
+    """The turn's save passed its check; then a revert of the turn's booking planned,
+    committed and refunded it; then the save commits.  Before: it stood ("booked oslo"
+    after the refund: the revert's commit does not meet the write's undo fence).  Now
+    the commit-time check refuses it, and its retry is refused as cut off."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("book oslo")])
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()                               # the turn begins
+        checked, go_on = pause_after_check(monkeypatch)
+        save = asyncio.create_task(s.add_items([assistant("booked oslo")]))
+        try:
+            assert await asyncio.to_thread(checked.wait, WAIT_S)
+            assert await asyncio.to_thread(store.revert, booking_txid(store, "oslo"))
+        finally:
+            go_on.set()
+        with pytest.raises(walstore.ConflictError, match="was reverted by another caller"):
+            await save
+        assert await s.get_items() == [user("book oslo")]
+    asyncio.run(go())
+    assert world == ["book oslo", "cancel oslo"]
+
+
+def test_a_revert_replanning_under_the_gate_refuses_a_write_checked_meanwhile(
+        store, monkeypatch):
+    """The revert's first plan reaches no session (a shared key); a tool's booking in
+    the session's scope lands on that key as it commits (conflict), so it plans again,
+    every other commit held out, and its cascade now reaches the session.  The turn's
+    save passes its check while the revert replans (the session not yet marked) and
+    waits at the gate.  Before: it committed after the revert and stood."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    s = WalstoreSession("u", store)
+    with store.transaction() as tx:
+        tx.put("inventory/oslo", 5)
+    base = tx.id
+    started: list[asyncio.Task] = []
+    checked: list[threading.Event] = []
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def racing(_name):   # (undo.planned, first plan: a tool books on the shared key)
+        def tool():
+            with store.transaction() as tx:
+                tx.put("inventory/oslo", 4)
+                with tx.action("book", args={"what": "oslo"}, compensate="cancel",
+                               scope=s.scope) as act:
+                    world.append("book oslo")
+                    act.result = "oslo"
+        t = threading.Thread(target=tool)
+        t.start()
+        t.join(WAIT_S)
+
+    def save_now(_name):   # (undo.resolved, second plan: the gate is held)
+        loop = loop_box[0]
+        loop.call_soon_threadsafe(
+            lambda: started.append(loop.create_task(
+                s.add_items([assistant("oslo is booked")]))))
+        assert checked[0].wait(WAIT_S)
+
+    fb = FaultBackend()
+    planned = fb.at_point("undo.planned", racing)
+    resolved = fb.at_point("undo.resolved", save_now, nth=2)
+
+    async def go():
+        loop_box.append(asyncio.get_running_loop())
+        await s.add_items([user("book oslo")])
+        await s.get_items()                               # the turn begins
+        checked.extend(pause_after_check(monkeypatch))
+        checked[1].set()   # (only told: the gate holds the save, not the event)
+        with installed(fb):
+            assert await asyncio.to_thread(store.revert, base, cascade=True)
+        assert planned.seen == 2 and resolved.seen == 2   # (planned twice)
+        while not started:
+            await asyncio.sleep(0)
+        with pytest.raises(walstore.ConflictError, match="was reverted by another caller"):
+            await started[0]
+        assert await s.get_items() == [user("book oslo")]
+    asyncio.run(go())
+    assert world == ["book oslo", "cancel oslo"]
+    assert store.get("inventory/oslo") is None
+
+
+def test_a_tools_booking_let_through_before_a_revert_is_rolled_back_at_commit(store):
+    """A tool of the turn declares its booking in the session's scope (the guard lets it
+    through: nothing under way) and books; a revert of the turn's earlier booking runs
+    whole; then the tool's transaction commits.  Before: the new booking stood after the
+    revert, never compensated.  Now its commit is refused and it rolls back: its
+    compensation runs (the booking cancelled)."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    entered, go_on = threading.Event(), threading.Event()
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("book oslo and rome")])
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()                               # the turn goes on
+        tool = asyncio.create_task(asyncio.to_thread(
+            book, store, s, "rome", world, entered=entered, go_on=go_on))
+        try:
+            assert await asyncio.to_thread(entered.wait, WAIT_S)
+            assert await asyncio.to_thread(store.revert, booking_txid(store, "oslo"))
+        finally:
+            go_on.set()
+        with pytest.raises(walstore.ConflictError, match="refused at commit"):
+            await tool
+    asyncio.run(go())
+    assert world == ["book oslo", "book rome", "cancel oslo", "cancel rome"]
+    assert states(store) == [("oslo", "compensated"), ("rome", "compensated")]
+    assert store.get(WalstoreSession("u", store).key("bookings/rome")) is None
+
+
+def test_a_tools_transaction_that_reads_a_workspace_keeps_the_sessions_commit_check(
+        store, tmp_path):
+    """The tool's transaction reads a workspace file after its booking was let through:
+    the file layer's own commit check (set at the first read) replaced the transaction's
+    ``commit_check`` instead of adding to it, so the session's went, and the booking
+    stood after the revert.  Both are kept now (``add_commit_check``)."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "plan.txt").write_text("rome")
+    ws = store.workspace(str(root))
+    entered, go_on = threading.Event(), threading.Event()
+
+    def tool(s):
+        with store.transaction() as tx:
+            with tx.action("book", args={"what": "rome"}, compensate="cancel",
+                           scope=s.scope) as act:
+                world.append("book rome")
+                act.result = "rome"
+            assert tx.files(ws).read("plan.txt") == b"rome"
+            entered.set()
+            go_on.wait(WAIT_S)
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("book oslo and rome")])
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()
+        booking = asyncio.create_task(asyncio.to_thread(tool, s))
+        try:
+            assert await asyncio.to_thread(entered.wait, WAIT_S)
+            assert await asyncio.to_thread(store.revert, booking_txid(store, "oslo"))
+        finally:
+            go_on.set()
+        with pytest.raises(walstore.ConflictError, match="a revert of session scope"):
+            await booking
+    asyncio.run(go())
+    assert world == ["book oslo", "book rome", "cancel oslo", "cancel rome"]
+
+
+@pytest.mark.parametrize("how,said,noun", [
+    ("session.rewind", "was rewound", "a rewind"),
+    ("store.rewind", "was rewound", "a rewind"),
+    ("session.erase", "was erased", "an erase"),
+    ("store.purge", "was purged", "a purge"),
+    ("store.revert", "was reverted", "a revert"),
+])
+def test_the_refusals_name_the_undo_that_cut_the_turn_off(store, how, said, noun):
+    """Before: the turn's save was told the session "was rewound ... (the turns after the
+    point were retracted ...)", and its tool "a rewind or erase", whatever cut it off: a
+    revert of one booking, a purge.  Now each names it."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+
+    async def go():
+        s = WalstoreSession("u", store)
+        other = WalstoreSession("u", store)   # (another caller's object, its own task)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()                               # the turn begins
+        if how == "session.rewind":
+            await asyncio.create_task(other.rewind("p"))
+        elif how == "session.erase":
+            await asyncio.create_task(other.erase())
+        elif how == "store.rewind":
+            point = (await s.restore_points())["p"]
+            await asyncio.to_thread(store.rewind, point, scope=s.scope)
+        elif how == "store.purge":
+            await asyncio.to_thread(store.purge, s.scope)
+        else:
+            await asyncio.to_thread(store.revert, booking_txid(store, "oslo"))
+        with pytest.raises(walstore.ConflictError) as e:
+            await s.add_items([assistant("oslo is booked")])
+        message = str(e.value)
+        assert f"{said} by another caller" in message and "\n" not in message
+        for other_said in {"was rewound", "was erased", "was purged", "was reverted"} - {said}:
+            assert other_said not in message
+        with pytest.raises(walstore.ConflictError) as e:
+            await asyncio.to_thread(book, store, s, "rome", world)
+        assert f"{noun} of session scope" in str(e.value)
+        assert "refused, nothing ran" in str(e.value)
+    asyncio.run(go())
+    assert "book rome" not in world
