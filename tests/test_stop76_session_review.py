@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import pytest
 
@@ -258,3 +259,47 @@ def test_the_refusals_name_the_undo_that_cut_the_turn_off(store, how, said, noun
         assert "refused, nothing ran" in str(e.value)
     asyncio.run(go())
     assert "book rome" not in world
+
+
+class _CountingLocks(weakref.WeakValueDictionary):
+    """A store's sessions (``oa._locks[store]``), counting the walks over all of them."""
+    walks = 0
+
+    def items(self):
+        self.walks += 1
+        return super().items()
+
+
+def test_a_revert_reaching_many_scopes_walks_the_sessions_once(store):
+    """A revert whose work was declared in many scopes outside every session (a tool's
+    bookings for other agents, LangGraph threads) walked every live session once per
+    such scope: 2,000 scopes with 20,000 sessions held the reverting thread (its
+    transaction open, perhaps every other commit held out) 16 s.  Now once in all,
+    sorted (a scope around sessions, ``oa/``, still reaches each of them)."""
+    store.compensator("cancel")(lambda a: None)
+    sessions = [WalstoreSession(f"u{i}", store) for i in range(30)]
+    per_store = oa._locks[store]
+    counting = _CountingLocks()
+    counting.update(per_store)
+    oa._locks[store] = counting
+    with store.transaction() as tx:
+        for i in range(40):
+            with tx.action("book", args={"what": f"t{i}"}, compensate="cancel",
+                           scope=f"agents/a{i}/"):
+                pass
+        with tx.action("book", args={"what": "u7"}, compensate="cancel",
+                       scope=sessions[7].scope):
+            pass
+    booked = tx.id
+    with store.transaction(scope="oa/") as tx:   # (work for every session)
+        tx.put("oa/config", 1)
+    every = tx.id
+    epochs = [s._lock.epoch for s in sessions]
+    counting.walks = 0
+    assert store.revert(booked) is not None
+    assert counting.walks <= 1
+    assert [s._lock.epoch - e for s, e in zip(sessions, epochs)] == [
+        int(i == 7) for i in range(30)]
+    assert store.revert(every) is not None
+    assert [s._lock.epoch - e for s, e in zip(sessions, epochs)] == [
+        1 + int(i == 7) for i in range(30)]
