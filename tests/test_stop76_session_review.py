@@ -18,6 +18,7 @@ threads.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import weakref
 
@@ -303,3 +304,71 @@ def test_a_revert_reaching_many_scopes_walks_the_sessions_once(store):
     assert store.revert(every) is not None
     assert [s._lock.epoch - e for s, e in zip(sessions, epochs)] == [
         1 + int(i == 7) for i in range(30)]
+
+
+def _interrupted(k: int, files: set, fn, *args):
+    """``fn(*args)`` in this (the main) thread with a KeyboardInterrupt at the k-th point
+    where a signal handler could run ("call", "c_return": see test_interrupt_points)
+    inside a function of ``files``, none while walstore holds signals off
+    (``walstore.signals.deferred``); where it landed, or None when ``fn`` ran through."""
+    from walstore import signals
+    at = {"n": 0, "where": None}
+
+    def hook(frame, event, arg):
+        if (at["where"] or signals._DEFERRED.depth or event not in ("call", "c_return")
+                or frame.f_code.co_filename not in files):
+            return
+        if at["n"] == k:
+            at["where"] = f"{event} {frame.f_code.co_name}:{frame.f_lineno}"
+            raise KeyboardInterrupt(at["where"])
+        at["n"] += 1
+    sys.setprofile(hook)
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        if at["where"] is None:
+            raise
+    finally:
+        sys.setprofile(None)
+    return at["where"]
+
+
+@pytest.mark.parametrize("undo", ["revert", "rewind"])
+def test_an_interrupt_anywhere_in_the_undo_watching_leaves_the_session_sound(store, undo):
+    """Ctrl-C in a sync program's ``store.revert`` of a session's booking (or
+    ``store.rewind`` of the session's scope past it), at every point of the undo
+    watchers' code (walstore.agent.scope, the session's watchers and their ends, the
+    session's lock's): the session is never left marked under way (its every write
+    waited 120 s then was refused, every tool refused, for good), its lock never held,
+    the thread never left exempt (``_REWINDING``: its writes to the session never cut
+    off again), and it is counted as cut off exactly when the undo committed.  Before:
+    an interrupt at the start of ``WatchedUndo.__exit__`` or before its ends ran, in
+    ``_cut_off_sessions`` between its marks and its end, in the end between two of its
+    steps, or right after the lock's Condition took it, left it so."""
+    from walstore.agent import scope
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    s = WalstoreSession("u", store)
+    asyncio.run(s.add_items([user("hi")]))
+    state = s._lock
+    files = {oa.__file__, scope.__file__, threading.__file__}
+    landed = []
+    for k in range(10_000):
+        point = store.log(limit=1)[0].lsn
+        book(store, s, f"b{k}", world)
+        epoch = state.epoch
+        if undo == "revert":
+            where = _interrupted(k, files, store.revert, booking_txid(store, f"b{k}"))
+        else:
+            where = _interrupted(k, files, store.rewind, point, s.scope)
+        committed = dict(states(store))[f"b{k}"] != "committed"
+        assert state.underway == [], where
+        assert state.done._lock.acquire(False), where
+        state.done._lock.release()
+        assert oa._REWINDING.get() == (), where
+        assert scope.undo_kind() is None, where
+        assert state.epoch == epoch + committed, where
+        if where is None:
+            break
+        landed.append(where)
+    assert len(landed) > 20   # (the sweep walked the watchers' code)

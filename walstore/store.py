@@ -863,11 +863,15 @@ class Store:
                 check_flag(flag, value)
             if dry_run or not _revert_watchers:
                 return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
-            with WatchedUndo(self, scope, revert=True) as watched:
-                result = self._undo.revert(txid, cascade, scope, dry_run, force, meta,
-                                           watched.reach)
-                watched.committed = result is not None
-                return result
+            watched = WatchedUndo(self, scope, revert=True)
+            try:
+                with watched:
+                    result = self._undo.revert(txid, cascade, scope, dry_run, force, meta,
+                                               watched.reach)
+                    watched.committed = result is not None
+                    return result
+            finally:
+                watched.left()   # (an interrupt at the start of its exit: WatchedUndo)
         finally:
             self._finishing.leave()
 
@@ -892,10 +896,15 @@ class Store:
             check_flag("force", force)
             if dry_run or not _undo_watchers:
                 return self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
-            with WatchedUndo(self, scope) as watched:
-                result = self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
-                watched.committed = result is not None
-                return result
+            watched = WatchedUndo(self, scope)
+            try:
+                with watched:
+                    result = self._undo.rewind(to, scope, dry_run, force, meta, keep,
+                                               include)
+                    watched.committed = result is not None
+                    return result
+            finally:
+                watched.left()   # (an interrupt at the start of its exit: WatchedUndo)
         finally:
             self._finishing.leave()
 
@@ -916,10 +925,14 @@ class Store:
                                 f"{progress!r}")
             if not _undo_watchers:
                 return self._purge.purge(prefix, progress)
-            with WatchedUndo(self, prefix, purge=True) as watched:
-                done = self._purge.purge(prefix, progress)
-                watched.committed = True
-                return done
+            watched = WatchedUndo(self, prefix, purge=True)
+            try:
+                with watched:
+                    done = self._purge.purge(prefix, progress)
+                    watched.committed = True
+                    return done
+            finally:
+                watched.left()   # (an interrupt at the start of its exit: WatchedUndo)
         finally:
             self._finishing.leave()
 

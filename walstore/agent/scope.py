@@ -37,6 +37,7 @@ from typing import Any, Callable
 from ..codec import MAX_KEY_BYTES, encode_prefix, prefix_end
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, EmptyArgumentError,
                       ErasureOwed)
+from ..signals import deferred
 
 # The registered providers, in registration order: ``register_scope_provider`` appends to
 # it, under ``_lock``, and nothing else changes it.  Public to read, never to change: one
@@ -251,7 +252,9 @@ def register_undo_watcher(fn: Callable[[Any, Any], "_End | None"],
     to count an undo reaching its scopes however it was called (OpenAI sessions: a turn
     in flight across ``store.rewind(..., scope=session.scope)`` is cut off).  What
     ``fn`` raises refuses the undo (nothing begun).  ``undo_kind()``, read in ``fn``,
-    tells a rewind from a purge.
+    tells a rewind from a purge.  ``fn``, ``on_revert`` and the ends run with
+    asynchronous signals held off (``walstore.signals.deferred``: a Ctrl-C comes in
+    after them, never between a watcher's marks and its end): keep them quick.
 
     ``on_revert(store, reach) -> end | None``, when given, is told of each
     ``store.revert`` (not a dry run): a revert's reach is known only once it planned, so
@@ -282,7 +285,8 @@ class WatchedUndo:
     compensation or an erasure owed after the commit, an outcome unknown).
     ``WatchedUndo(store, scope, revert=True)`` around a revert tells nobody as it begins:
     the revert calls ``w.reach(UndoReach)`` once it planned (``on_revert``);
-    ``purge=True`` around a purge (``undo_kind``)."""
+    ``purge=True`` around a purge (``undo_kind``).  Call ``w.left()`` in a ``finally``
+    around the ``with``."""
 
     __slots__ = ("ends", "committed", "store", "_told")
 
@@ -294,20 +298,31 @@ class WatchedUndo:
         self._told: tuple[set, set] = (set(), set())   # (scopes, keys) told (a revert)
         if revert:
             return
-        kind = _UNDOING.set("purge" if purge else "rewind")
-        try:
-            for fn in list(UNDO_WATCHERS):
-                end = fn(store, scope)
-                if end is not None:
-                    self.ends.append(end)
-        except BaseException:
+        self._tell(lambda fn: fn(store, scope), UNDO_WATCHERS,
+                   "purge" if purge else "rewind", refused=True)
+
+    def _tell(self, call: Callable[[Any], Any], watchers: list, kind: str,
+              refused: bool = False) -> None:
+        """Each of ``watchers`` told (``call(fn)``), its end kept, with asynchronous
+        signals held off (walstore.signals): a Ctrl-C between a watcher's marks and its
+        end kept left an OpenAI session under way for good, its every write refused
+        after 120 s (stop 76 h4).  ``refused``: what one raises ends those told."""
+        with deferred():
+            token = _UNDOING.set(kind)
             try:
-                self._end(False)
-            except BaseException:  # noqa: BLE001 - (the refusing watcher's error is said)
-                pass
-            raise
-        finally:
-            _UNDOING.reset(kind)
+                for fn in list(watchers):
+                    end = call(fn)
+                    if end is not None:
+                        self.ends.append(end)
+            except BaseException:
+                if refused:
+                    try:
+                        self._end(False)
+                    except BaseException:  # noqa: BLE001 - (the refusing watcher's
+                        pass               # error is said)
+                raise
+            finally:
+                _UNDOING.reset(token)
 
     def reach(self, reach: UndoReach) -> None:
         """A revert planned to undo ``reach``: the ``on_revert`` watchers told of what of
@@ -320,14 +335,7 @@ class WatchedUndo:
                         [k for k in reach.keys if k not in keys])
         if not new:
             return
-        kind = _UNDOING.set("revert")
-        try:
-            for fn in list(REVERT_WATCHERS):
-                end = fn(self.store, new)
-                if end is not None:
-                    self.ends.append(end)
-        finally:
-            _UNDOING.reset(kind)
+        self._tell(lambda fn: fn(self.store, new), REVERT_WATCHERS, "revert")
         scopes.update(new.scopes)
         keys.update(new.keys)
 
@@ -335,9 +343,17 @@ class WatchedUndo:
         return self
 
     def __exit__(self, et: Any, e: Any, tb: Any) -> None:
-        if e is not None:
-            self.committed = undo_committed(e)
-        self._end(self.committed)
+        with deferred():   # (an interrupt before or between the ends: see _tell)
+            if e is not None:
+                self.committed = undo_committed(e)
+            self._end(self.committed)
+
+    def left(self) -> None:
+        """Called in a ``finally`` around the ``with``: the ends an interrupt at the very
+        start of ``__exit__`` (before its section) kept from running, run as the undo
+        left ``committed``; nothing when they ran."""
+        if self.ends:
+            self._end(self.committed)
 
     def _end(self, committed: bool) -> None:
         """Every end called, even when one raises (the first error raised after): one

@@ -243,7 +243,8 @@ class _WriterLock:
     (begun): a transaction checked at ``marks`` is refused at its commit when it changed
     since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
     (``"rewind"``, ``"erase"``, ``"purge"``, ``"revert"``), for the refusals to say."""
-    __slots__ = ("_lock", "epoch", "underway", "done", "marks", "kinds", "__weakref__")
+    __slots__ = ("_lock", "epoch", "underway", "done", "_mutex", "marks", "kinds",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -251,7 +252,12 @@ class _WriterLock:
         self.marks = 0
         self.kinds: tuple[str, ...] = ()   # (of the newest _KINDS_KEPT epochs)
         self.underway: list[_Undo] = []
-        self.done = threading.Condition(threading.Lock())
+        # ``done``'s lock, taken by a ``with`` on the C lock itself: through the
+        # Condition's Python ``__enter__`` an interrupt (Ctrl-C in a sync program's
+        # store.revert or tool) could land right after the acquire, the lock then held
+        # for good and every write and undo of the session stuck (walstore.signals)
+        self._mutex = threading.Lock()
+        self.done = threading.Condition(self._mutex)
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
@@ -261,7 +267,7 @@ class _WriterLock:
 
     def begin(self, kind: str) -> "_Undo":
         token = _Undo(kind)
-        with self.done:
+        with self._mutex:
             self.marks += 1
             self.underway.append(token)
         return token
@@ -269,7 +275,7 @@ class _WriterLock:
     def end(self, token: "_Undo", committed: bool) -> int:
         """The rewind ``token`` ended; the epoch it left, for its own context to note
         (read later, it counted another caller's rewind ended meanwhile as its own)."""
-        with self.done:
+        with self._mutex:
             self.underway.remove(token)
             if committed:
                 self.epoch += 1
@@ -279,18 +285,23 @@ class _WriterLock:
 
     def kinds_since(self, epoch: int) -> tuple[str, ...]:
         """What the undos counted after ``epoch`` were (() when not all are kept)."""
-        with self.done:
+        with self._mutex:
             n = self.epoch - epoch
             return self.kinds[-n:] if 0 < n <= len(self.kinds) else ()
 
     def kinds_underway(self) -> tuple[str, ...]:
         return tuple(t.kind for t in list(self.underway))
 
+    def now(self) -> tuple[int, bool, int]:
+        """(``marks``, whether an undo is under way, ``epoch``), read together."""
+        with self._mutex:
+            return self.marks, bool(self.underway), self.epoch
+
     def await_rewinds(self) -> bool:
         """Wait until no rewind of the session runs (at most ``_REWIND_WAIT_S``); False
         when one still runs then."""
         deadline = None
-        with self.done:
+        with self._mutex:
             while self.underway:
                 now = time.monotonic()
                 deadline = deadline or now + _REWIND_WAIT_S
@@ -600,8 +611,7 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     seen = _seen(state)
     if seen is None:
         return   # (never touched the session: no turn of it to cut off)
-    with state.done:
-        marks, underway, epoch = state.marks, bool(state.underway), state.epoch
+    marks, underway, epoch = state.now()
     if underway or epoch != seen:
         kinds = state.kinds_underway() if underway else state.kinds_since(seen)
         raise ConflictError(
@@ -731,11 +741,17 @@ def _cut_off_sessions(reached: list[_WriterLock], mine: tuple, kind: str
     undo if it committed."""
     if not reached:
         return None
+    # (walstore tells the watchers and calls their ends with signals held off: an
+    # interrupt between two marks here, or in the end between two sessions' ends, left
+    # a session under way for good — WatchedUndo)
     tokens = [(state, state.begin(kind)) for state in reached]
     rewinding = _REWINDING.set(mine + tuple(reached))
 
     def end(committed: bool) -> None:
-        _REWINDING.reset(rewinding)
+        try:
+            _REWINDING.reset(rewinding)
+        except ValueError:   # (called in another context: an exit cut short at its
+            pass             # start, ended by WatchedUndo.__del__; the ends still run)
         for state, token in tokens:
             epoch = state.end(token, committed)
             # (the undoing context is not cut off by it; one that changed nothing leaves
