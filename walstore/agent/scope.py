@@ -295,7 +295,9 @@ class WatchedUndo:
         self.committed = False
         self.ends: list[Callable[[bool], None]] = []
         self.store = store
-        self._told: tuple[set, set] = (set(), set())   # (scopes, keys) told (a revert)
+        # (a revert) each on_revert's (scopes, keys) it was told, kept per watcher: one
+        # refusing with ConflictError, which the revert retries, was told nothing
+        self._told: dict[Any, tuple[set, set]] = {}
         if revert:
             return
         self._tell(lambda fn: fn(store, scope), UNDO_WATCHERS,
@@ -328,16 +330,22 @@ class WatchedUndo:
         """A revert planned to undo ``reach``: the ``on_revert`` watchers told of what of
         it they were not told yet (a second plan, after a conflict, may reach further).
         What one raises propagates (the revert is refused); the ends of those told are
-        called by ``__exit__``."""
-        scopes, keys = self._told
-        new = UndoReach(reach.scope,
-                        [s for s in dict.fromkeys(reach.scopes) if s not in scopes],
-                        [k for k in reach.keys if k not in keys])
-        if not new:
-            return
-        self._tell(lambda fn: fn(self.store, new), REVERT_WATCHERS, "revert")
-        scopes.update(new.scopes)
-        keys.update(new.keys)
+        called by ``__exit__``.  What each was told is kept as it returns: a watcher
+        refusing with ConflictError (the revert retries it) left those told before it
+        unmarked, and the retry told them again, their ends run twice (stop 76 h4)."""
+        scopes = list(dict.fromkeys(reach.scopes))
+
+        def tell(fn: Callable[[Any, UndoReach], Any]) -> Any:
+            told_scopes, told_keys = self._told.setdefault(fn, (set(), set()))
+            new = UndoReach(reach.scope, [s for s in scopes if s not in told_scopes],
+                            [k for k in reach.keys if k not in told_keys])
+            if not new:
+                return None
+            end = fn(self.store, new)
+            told_scopes.update(new.scopes)
+            told_keys.update(new.keys)
+            return end
+        self._tell(tell, REVERT_WATCHERS, "revert")
 
     def __enter__(self) -> "WatchedUndo":
         return self
