@@ -29,7 +29,8 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, assistant, book, store, user  # noqa: E402,F401
+from session_support import (WAIT_S, assistant, book, held_cancel, store,  # noqa: E402,F401
+                             user)
 from tools.faults import FaultBackend, installed  # noqa: E402
 
 
@@ -58,14 +59,27 @@ def pause_after_check(monkeypatch) -> tuple[threading.Event, threading.Event]:
     return checked, go_on
 
 
+@pytest.mark.parametrize("revert", ["ended", "compensating"])
 def test_a_session_write_checked_before_a_revert_planned_is_refused_at_commit(
-        store, monkeypatch):
+        store, monkeypatch, revert):
     """The turn's save passed its check; then a revert of the turn's booking planned,
-    committed and refunded it; then the save commits.  Before: it stood ("booked oslo"
-    after the refund: the revert's commit does not meet the write's undo fence).  Now
-    the commit-time check refuses it, and its retry is refused as cut off."""
+    committed and refunded it (or is still refunding); then the save commits.  Before:
+    it stood ("booked oslo" after the refund: the revert's commit does not meet the
+    write's undo fence).  Now the commit-time check refuses it, and its retry is
+    refused as cut off (or waits for the refund to end, then is refused)."""
     world: list[str] = []
-    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    if revert == "ended":
+        store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    else:
+        compensating, release = held_cancel(store, world)
+        waiting = threading.Event()
+        orig = oa._WriterLock.await_rewinds
+
+        def await_rewinds(self):
+            if self.underway:
+                waiting.set()
+            return orig(self)
+        monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds)
 
     async def go():
         s = WalstoreSession("u", store)
@@ -74,11 +88,24 @@ def test_a_session_write_checked_before_a_revert_planned_is_refused_at_commit(
         await s.get_items()                               # the turn begins
         checked, go_on = pause_after_check(monkeypatch)
         save = asyncio.create_task(s.add_items([assistant("booked oslo")]))
+        target = booking_txid(store, "oslo")
         try:
             assert await asyncio.to_thread(checked.wait, WAIT_S)
-            assert await asyncio.to_thread(store.revert, booking_txid(store, "oslo"))
+            if revert == "ended":
+                assert await asyncio.to_thread(store.revert, target)
+            else:
+                t = threading.Thread(target=store.revert, args=(target,))
+                t.start()
+                assert await asyncio.to_thread(compensating.wait, WAIT_S)
+                go_on.set()    # (the save commits while the refund runs: it waits)
+                assert await asyncio.to_thread(waiting.wait, WAIT_S)
+                assert not save.done()
+                release.set()
+                await asyncio.to_thread(t.join, WAIT_S)
         finally:
             go_on.set()
+            if revert != "ended":
+                release.set()
         with pytest.raises(walstore.ConflictError, match="was reverted by another caller"):
             await save
         assert await s.get_items() == [user("book oslo")]

@@ -556,7 +556,9 @@ class _UndoCheck:
     def __call__(self) -> None:
         for state, (marks, epoch, prefix, what) in self.checked.items():
             if state.marks != marks:
-                kinds = state.kinds_underway() + state.kinds_since(epoch)
+                # (no lock taken under the journal lock: the kinds only name it)
+                n, done = state.epoch - epoch, state.kinds
+                kinds = state.kinds_underway() + (done[-n:] if 0 < n <= len(done) else ())
                 raise ConflictError(
                     f"{what}: {_undo_nouns(kinds)} of session scope {prefix!r} by another "
                     f"caller began after this transaction was checked and before its "
