@@ -7,6 +7,10 @@ orderings forced with events:
   with no saver): each thread's cut-off read the newest log entry (the revert's target,
   its 20,000 keys decoded each time), grew the undoing context's tuple by one and
   scanned every value cache; now one undo's cut-offs are marked together;
+- two reverts of a thread's work under way at once, both refused (nothing changed): the
+  one that failed last put back the other's mark, so the run in flight was cut off by
+  no undo at all, and its booking reverted (the same for a ``saver.rewind`` and a
+  revert of the thread both refused: the rewind's mark stayed);
 """
 from __future__ import annotations
 
@@ -58,4 +62,121 @@ def test_a_revert_reaching_20000_threads_costs_its_size_not_its_square(tmp_path)
     assert keys.thread("t0") in reverts and keys.thread("t19999") in reverts
     assert not saver_mod._REMOVING_HERE.get() and not saver_mod._UNDERWAY.get(store)
     assert saver.codec is not None
+    store.close()
+
+
+def _no_watch(store, scope):
+    return None
+
+
+def test_two_reverts_of_a_threads_work_both_refused_cut_off_nothing(tmp_path):
+    """Run 2 of thread "a" is in Rome's step when two reverts of the thread's work (its
+    Paris and Nice bookings, run 1's) are under way at once, and another undo watcher
+    refuses both: the first refused, then the second.  Nothing was reverted, so the run
+    goes on and saves every step (before: the second put back the first's mark, the run
+    was refused "a store.revert undid work of the thread" and Rome refunded)."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    held = Held(store, world, saver)
+    config = {"configurable": {"thread_id": "a"}}
+    held.graph.invoke({"plan": ["Paris", "Nice"], "booked": []}, config, durability="sync")
+    th = held.start("a", ["Rome", "Oslo"])
+    told = {c: threading.Event() for c in ("Paris", "Nice")}
+    go = {c: threading.Event() for c in ("Paris", "Nice")}
+
+    def refuse(store_, reach):
+        city = "Paris" if "booking/Paris" in reach.keys else "Nice"
+        told[city].set()
+        go[city].wait(WAIT_S)
+        raise PermissionError(f"not {city}")
+    refused: list = []
+
+    def revert(city: str) -> None:
+        try:
+            store.revert(booking_of(store, city))
+        except PermissionError as e:
+            refused.append(e)
+    register_undo_watcher(_no_watch, on_revert=refuse)
+    try:
+        first = threading.Thread(target=revert, args=("Paris",))
+        first.start()
+        assert told["Paris"].wait(WAIT_S)
+        second = threading.Thread(target=revert, args=("Nice",))
+        second.start()
+        assert told["Nice"].wait(WAIT_S)
+        go["Paris"].set()
+        first.join(WAIT_S)
+        go["Nice"].set()
+        second.join(WAIT_S)
+    finally:
+        register_undo_watcher(_no_watch)
+    assert len(refused) == 2
+    assert held.finish(th) == []
+    assert held.state("a").values["booked"] == ["Paris", "Nice", "Rome", "Oslo"]
+    assert standing(world) == ["Nice", "Oslo", "Paris", "Rome"]
+    store.close()
+
+
+_HOLDS: dict = {}   # kind ("rewind", "revert") -> hold(kind): the watchers below, when set
+
+
+def _hold_rewinds(store, scope):
+    hold = _HOLDS.get("rewind")
+    return None if hold is None else hold("rewind")
+
+
+def _hold_reverts(store, reach):
+    hold = _HOLDS.get("revert")
+    return None if hold is None else hold("revert")
+
+
+def test_a_saver_rewind_and_a_revert_of_the_thread_both_refused_leave_no_mark(tmp_path):
+    """``saver.rewind`` of thread "a" and a ``store.revert`` of its work under way at once
+    (reverts take no turns with rewinds: their watcher must not wait), both refused, the
+    rewind first: the thread has no mark left (before: the revert put back the rewind's,
+    so a pending write of the run in flight for a checkpoint not saved yet was refused as
+    of a rewound thread)."""
+    from walstore.integrations.langgraph import saver as saver_mod
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    held = Held(store, world, saver)
+    config = {"configurable": {"thread_id": "a"}}
+    held.graph.invoke({"plan": ["Paris", "Nice"], "booked": []}, config, durability="sync")
+    first = next(s for s in held.graph.get_state_history(config)
+                 if s.values.get("booked") == ["Paris"])
+    prefix = saver.thread_scope("a")
+    told = {k: threading.Event() for k in ("rewind", "revert")}
+    go = {k: threading.Event() for k in ("rewind", "revert")}
+
+    def hold(kind):
+        told[kind].set()
+        go[kind].wait(WAIT_S)
+        raise PermissionError(f"no {kind}")
+    refused: list = []
+
+    def attempt(fn) -> None:
+        try:
+            fn()
+        except PermissionError as e:
+            refused.append(e)
+    _HOLDS.update(rewind=hold, revert=hold)
+    register_undo_watcher(_hold_rewinds, on_revert=_hold_reverts)
+    try:
+        rewind = threading.Thread(target=attempt, args=(lambda: saver.rewind(first.config),))
+        rewind.start()
+        assert told["rewind"].wait(WAIT_S)
+        revert = threading.Thread(target=attempt, args=(
+            lambda: store.revert(booking_of(store, "Nice")),))
+        revert.start()
+        assert told["revert"].wait(WAIT_S)
+        go["rewind"].set()
+        rewind.join(WAIT_S)
+        go["revert"].set()
+        revert.join(WAIT_S)
+    finally:
+        _HOLDS.clear()
+        register_undo_watcher(_hold_rewinds)   # (its on_revert dropped; it returns None)
+    assert len(refused) == 2
+    for kind in ("removals", "rewinds", "reverts"):
+        assert saver_mod._mark_of(store, kind, prefix) is None, kind
     store.close()

@@ -448,10 +448,65 @@ def _note_mark(marks: dict, key: bytes, value: Any, limit: int = _MARKS_MAX) -> 
     mark is forgotten (a run that loaded that thread before it and still runs is then
     fenced only by its checkpoints and its node transactions' undo fence)."""
     with _REMOVALS_LOCK:
-        marks.pop(key, None)
-        marks[key] = value
-        while len(marks) > limit:
-            del marks[next(iter(marks))]
+        _set_mark(marks, key, value, limit)
+
+
+def _set_mark(marks: dict, key: bytes, value: Any, limit: int) -> None:
+    """``_note_mark``'s work, under ``_REMOVALS_LOCK``."""
+    marks.pop(key, None)
+    marks[key] = value
+    while len(marks) > limit:
+        del marks[next(iter(marks))]
+
+
+# The marks of the undos under way, per marks dict and key (``_mark_begin``): [the dict,
+# the mark the key had with none under way (a committed one's since), the marks of those
+# under way].  An undo that changed nothing takes its own out, and the key shows the
+# newest left.  (Each put back the mark it had found: two reverts of a thread at once,
+# both refused, the second put back the first's, and the run in flight was cut off by
+# no undo, its booking reverted: reverts take no turns, _watch_revert.)
+_MARKING: dict[tuple[int, bytes], list] = {}
+
+
+def _mark_begin(marks: dict, key: bytes, mine: Any, limit: int = _MARKS_MAX) -> None:
+    """An undo reaching ``key`` begins: ``mine`` marked, the mark it found kept for its
+    end (``_mark_end``)."""
+    with _REMOVALS_LOCK:
+        at = _MARKING.get((id(marks), key))
+        found = marks.get(key)
+        if at is None or at[0] is not marks:
+            at = _MARKING[(id(marks), key)] = [marks, found, []]
+        elif found is not None and found not in at[2]:   # (made meanwhile, not by one
+            at[1] = found if at[1] is None else max(at[1], found)   # under way)
+        at[2].append(mine)
+        _set_mark(marks, key, mine, limit)
+
+
+def _mark_end(marks: dict, key: bytes, mine: Any, renewed: Any,
+              limit: int = _MARKS_MAX) -> None:
+    """The undo that marked ``mine`` ended: committed (or may have), ``renewed`` is
+    marked (a run that loaded meanwhile is cut off too); None: it changed nothing, and
+    the key shows the newest mark of the others under way or of one committed, none when
+    there is none -- unless marked since by something else."""
+    with _REMOVALS_LOCK:
+        at = _MARKING.get((id(marks), key))
+        left: list = []
+        if at is not None and at[0] is marks:
+            if mine in at[2]:
+                at[2].remove(mine)
+            if renewed is not None:
+                at[1] = renewed
+            left = [m for m in (at[1], *at[2]) if m is not None]
+            if not at[2]:
+                del _MARKING[(id(marks), key)]
+        if renewed is not None:   # (never older than one marked since: a committed one's)
+            now = marks.get(key)
+            _set_mark(marks, key, renewed if now is None else max(now, renewed), limit)
+        elif marks.get(key) == mine:
+            if left:
+                _set_mark(marks, key, max(left), limit)
+            else:
+                marks.pop(key, None)
 
 
 _REVERTS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
@@ -1759,34 +1814,25 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             self._delete_thread(prefix)
 
     def _delete_thread(self, prefix: bytes) -> None:
-        removals, rewinds = _removals(self.store), _rewinds(self.store)
-        removed_before, rewound_before = removals.get(prefix), rewinds.get(prefix)
-        self._removing(prefix)
-        removed_mark = removals.get(prefix)
         # (a run of the thread loaded before it is cut off: its later saves are refused,
         # its node transactions too — one in flight conflicts with the purge)
-        rewound_mark = time.monotonic()
-        _note_mark(rewinds, prefix, rewound_mark)
+        cut = _CutOff(self.store, prefix, False, "rewinds")
+        cut.begin(_marks_now(self.store))
         try:
             self.store.purge(prefix)
         except (ErasureOwed, CommitOutcomeUnknown):
-            self._removing(prefix)  # (committed, or may have: the marks stay, renewed)
+            # (committed, or may have: the marks stay, the removal's renewed)
+            cut.end((_removal_mark(self.store), cut.marked[1]))
             raise
         except BaseException:
             # not committed (a full disk, a conflict): the thread is all there, so its
             # runs are not cut off — the marks as they were, as a refused rewind leaves
             # them (else the run in flight lost its next checkpoint, told its step was
-            # undone)
-            for marks, mark, before in ((removals, removed_mark, removed_before),
-                                        (rewinds, rewound_mark, rewound_before)):
-                if marks.get(prefix) == mark:
-                    if before is None:
-                        marks.pop(prefix, None)
-                    else:
-                        _note_mark(marks, prefix, before)
+            # undone), or as another undo under way made them (_mark_end)
+            cut.end(None)
             raise
         else:  # (marked again once committed: an id made after this is of a new run,
-            self._removing(prefix)  # see _checkpoint_removed)
+            cut.end((_removal_mark(self.store), cut.marked[1]))  # see _checkpoint_removed)
         finally:  # (also when it raised: an ErasureOwed purge committed, the thread is
             self.codec.forget(prefix)  # gone; forgetting a live one costs a cache miss)
 
@@ -2510,30 +2556,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 meta: Any) -> Any:
         to, keep, first = self._rewind_plan(config)
         scope = self.thread_scope(thread_id)
-        removals = _removals(self.store)
-        marked = None
+        cut = None
         if not dry_run:
             # noted before it commits too: a node transaction begun just after the commit
             # finds its step's checkpoint missing and must take it as removed
-            before = removals.get(scope)
-            self._removing(scope)
-            marked = removals.get(scope)
-            rewinds = _rewinds(self.store)
-            rewound_before = rewinds.get(scope)
-            rewound_mark = time.monotonic()
-            _note_mark(rewinds, scope, rewound_mark)
-
-        def unmark() -> None:  # (nothing removed: the marks as they were)
-            if removals.get(scope) == marked:
-                if before is None:
-                    removals.pop(scope, None)
-                else:
-                    _note_mark(removals, scope, before)
-            if rewinds.get(scope) == rewound_mark:
-                if rewound_before is None:
-                    rewinds.pop(scope, None)
-                else:
-                    _note_mark(rewinds, scope, rewound_before)
+            cut = _CutOff(self.store, scope, False, "rewinds")
+            cut.begin(_marks_now(self.store))
         try:
             result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
                                        include=[first] if first is not None else None,
@@ -2541,17 +2569,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                        else self._meta("rewind", thread_id=thread_id,
                                                        checkpoint_id=get_checkpoint_id(config)))
         except CommitOutcomeUnknown:
-            raise  # (it may have committed: the marks stay)
-        except BaseException:
-            if not dry_run:  # refused (RevertConflict, ...): nothing was changed
-                unmark()
+            if cut is not None:
+                cut.end(cut.marked)  # (it may have committed: the marks stay)
             raise
-        if not dry_run:
-            if result is not None:
-                self._removing(scope)
-                _note_mark(rewinds, scope, time.monotonic())
-            else:
-                unmark()
+        except BaseException:
+            if cut is not None:  # refused (RevertConflict, ...): nothing was changed
+                cut.end(None)
+            raise
+        if cut is not None:
+            cut.end(_marks_now(self.store) if result is not None else None)
             self.codec.forget(scope)
         return result
 
@@ -2842,11 +2868,11 @@ def _reached_by(roots: set[bytes], scope: Any, targets: dict[bytes, bool]) -> No
 
 class _CutOff:
     """The cut-off of the runs of the threads under ``key`` (a thread's prefix, or a scope
-    around threads: ``wide``) by an undo made on the store, in this process: the same
-    marks ``WalstoreSaver.rewind`` makes for its thread (``_rewind``), kind "rewinds"
-    (a rewind or purge) or "reverts" (a revert: ``_cut_off`` says "reverted"), made as
-    the undo begins (a revert: once planned), renewed once it committed, put back as they
-    were when it changed nothing.  The marks given are made once for all the threads one
+    around threads: ``wide``) by an undo, in this process: ``WalstoreSaver.rewind`` and
+    ``delete_thread`` of the thread, or one made on the store, kind "rewinds" (a rewind
+    or purge) or "reverts" (a revert: ``_cut_off`` says "reverted"), made as the undo
+    begins (a revert: once planned), renewed once it committed, taken out when it changed
+    nothing (``_mark_end``: others under way overlapping keep theirs).  The marks given are made once for all the threads one
     undo reaches (``_cut_off_runs``), and so is ``_RemovalUnderway`` (the threads' saves
     and node transactions in other Python threads wait for its end, compensations
     included; the undoing context's own, its compensators', do not): per thread, a revert
@@ -2867,33 +2893,27 @@ class _CutOff:
         """Mark: ``mine`` is (removal mark, monotonic time) made now."""
         limit = _WIDE_MAX if self.wide else _MARKS_MAX
         removals, cuts = self._dicts()
-        before = (removals.get(self.key), cuts.get(self.key))
-        _note_mark(removals, self.key, mine[0], limit)
-        _note_mark(cuts, self.key, mine[1], limit)
-        self.marked = (before, mine)
+        _mark_begin(removals, self.key, mine[0], limit)
+        try:
+            _mark_begin(cuts, self.key, mine[1], limit)
+        except BaseException:
+            _mark_end(removals, self.key, mine[0], None, limit)
+            raise
+        self.marked = mine
 
     def end(self, renewed: tuple | None) -> None:
         """The undo ended: ``renewed`` (the marks made now) once it committed, None when
-        it changed nothing."""
+        it changed nothing (the marks as they were, unless renewed since)."""
         removals, cuts = self._dicts()
         limit = _WIDE_MAX if self.wide else _MARKS_MAX
-        if renewed is not None:  # (marked again: a run that loaded the thread meanwhile too)
-            _note_mark(removals, self.key, renewed[0], limit)
-            _note_mark(cuts, self.key, renewed[1], limit)
-            if self.wide:   # (what a scope inside it marked is older: dropped)
-                with _REMOVALS_LOCK:
-                    for marks in (removals, cuts):
-                        for k in [k for k in marks
-                                  if k != self.key and k.startswith(self.key)]:
-                            del marks[k]
-        else:          # (nothing undone: the marks as they were, unless renewed since)
-            before, mine = self.marked
-            for marks, was, mark in zip((removals, cuts), before, mine):
-                if marks.get(self.key) == mark:
-                    if was is None:
-                        marks.pop(self.key, None)
-                    else:
-                        _note_mark(marks, self.key, was, limit)
+        for marks, mark, new in zip((removals, cuts), self.marked, renewed or (None, None)):
+            _mark_end(marks, self.key, mark, new, limit)
+        if renewed is not None and self.wide:   # (what a scope inside it marked is older)
+            with _REMOVALS_LOCK:
+                for marks in (removals, cuts):
+                    for k in [k for k in marks if k != self.key and k.startswith(self.key)
+                              and (id(marks), k) not in _MARKING]:
+                        del marks[k]
 
 
 def _marks_now(store: Any) -> tuple:
