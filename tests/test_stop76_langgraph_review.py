@@ -11,6 +11,10 @@ orderings forced with events:
   one that failed last put back the other's mark, so the run in flight was cut off by
   no undo at all, and its booking reverted (the same for a ``saver.rewind`` and a
   revert of the thread both refused: the rewind's mark stayed);
+- an unscoped ``store.rewind`` (or one around threads) made in a graph node was refused
+  with a StaleCheckpointError saying the thread "was rewound or deleted" (its own
+  transaction refused by the cut-off it had just marked): nothing was undone (before the
+  commit it was undone, and the run cut off at its next save, as now);
 """
 from __future__ import annotations
 
@@ -179,4 +183,42 @@ def test_a_saver_rewind_and_a_revert_of_the_thread_both_refused_leave_no_mark(tm
     assert len(refused) == 2
     for kind in ("removals", "rewinds", "reverts"):
         assert saver_mod._mark_of(store, kind, prefix) is None, kind
+    store.close()
+
+
+@pytest.mark.parametrize("scope", [None, b"lg"])
+def test_an_undo_around_threads_made_in_a_node_undoes_and_cuts_off_its_own_run(
+        tmp_path, scope):
+    """A node of thread "a" rewinds the whole store (or every thread: ``b"lg"``) to a
+    point before thread "b"'s Rome booking and "a"'s own Oslo step: the rewind is made
+    (Rome and Oslo refunded) and "a"'s run is refused at its next save, as before the
+    commit under review.  With it, the rewind's own transaction was refused by the
+    cut-off it had just marked (StaleCheckpointError "was rewound or deleted while this
+    run worked"): nothing was undone and the run went on, booking Lima."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    outcome: list = []
+
+    def node(s):
+        here = s["plan"][0]
+        if here == "rewind":
+            try:
+                outcome.append(store.rewind(point, scope=scope) is not None)
+            except walstore.errors.WalstoreError as e:
+                outcome.append(e)
+        else:
+            book_in(store, world, here)
+        return {"plan": s["plan"][1:], "booked": [here]}
+    graph = plan_graph(saver, node)
+    b = {"configurable": {"thread_id": "b"}}
+    graph.invoke({"plan": ["Paris"], "booked": []}, b)
+    point = store.log(limit=1)[0].lsn
+    graph.invoke({"plan": ["Rome"], "booked": []}, b)
+    with pytest.raises(walstore.errors.ConflictError) as e:
+        graph.invoke({"plan": ["Oslo", "rewind", "Lima"], "booked": []},
+                     {"configurable": {"thread_id": "a"}}, durability="sync")
+    assert outcome == [True]
+    assert type(e.value).__name__ == "StaleCheckpointError"
+    assert standing(world) == ["Paris"]
+    assert graph.get_state(b).values["booked"] == ["Paris"]
     store.close()

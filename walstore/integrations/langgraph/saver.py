@@ -70,7 +70,8 @@ which thread a transaction begun inside a graph node belongs to.
   theirs stood with no checkpoint).  Before (stop 76) a run in flight saved the step a
   ``store.rewind`` had just undone.  The undoing context is not cut off (its
   compensators write to the thread unhindered; an undo made in a node of the thread
-  leaves that run going on); an undo that failed before its commit cuts off nothing.
+  leaves that run going on, one around threads made there cuts it off at its next save);
+  an undo that failed before its commit cuts off nothing.
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -2695,6 +2696,15 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
         # a step the rewind undid, begun before it, stood beside the rewound thread
         prefix = saver.thread_scope(thread_id)
         add_undo_fence(tx, prefix)   # (beside a fence a guard set: both)
+        if _removing_here(store, prefix):
+            # (work for an undo reaching the thread made in this context: the undo's own
+            # transaction, begun in a node -- an unscoped store.rewind, or one around
+            # threads, was refused by the cut-off it had just marked, "the thread was
+            # rewound", nothing undone -- or its compensators'.  Neither waits for it
+            # nor is refused by it; the run is cut off at its next save once it
+            # committed)
+            saver._note_step_txn(tx, thread_id, conf, checkpoint_map)
+            return
         # (a rewind or delete of the thread running in another Python thread is
         # waited for, before the transaction reads: one of a run that loaded the
         # thread after the rewind began, committed before it, was undone by it,
