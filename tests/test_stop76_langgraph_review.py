@@ -14,7 +14,10 @@ orderings forced with events:
 - an unscoped ``store.rewind`` (or one around threads) made in a graph node was refused
   with a StaleCheckpointError saying the thread "was rewound or deleted" (its own
   transaction refused by the cut-off it had just marked): nothing was undone (before the
-  commit it was undone, and the run cut off at its next save, as now);
+  commit it was undone, and the run cut off at its next save, as now).
+The automatic revert of a revert-cut-off run's unsaved steps is NOT safe: three strict
+xfails below show it leaving a booking standing with no checkpoint, and refunding
+bookings the thread's saved state (a checkpoint, a task's pending writes) says were made.
 """
 from __future__ import annotations
 
@@ -221,4 +224,208 @@ def test_an_undo_around_threads_made_in_a_node_undoes_and_cuts_off_its_own_run(
     assert type(e.value).__name__ == "StaleCheckpointError"
     assert standing(world) == ["Paris"]
     assert graph.get_state(b).values["booked"] == ["Paris"]
+    store.close()
+
+
+# ---- the automatic revert of a revert-cut-off run's unsaved steps: NOT safe --------------
+# (kept as strict xfails: each asserts what should hold and fails on the code as it is;
+# see the report of stop 76 h5.  The run's unsaved work is taken from a registry of node
+# transactions per step, reverted when one of its saves is refused; for a run cut off by
+# another caller's store.revert that refusal races the run's own saves, its open node
+# transactions and its pending writes already saved, none of which the lost-run path it
+# reuses had to meet: there the refusal comes from the run's own put, and the head moves
+# to the rival's line.)
+UNSAFE = pytest.mark.xfail(strict=True, reason="automatic revert of a revert-cut-off run's "
+                           "unsaved steps (c881fda5): see the stop 76 h5 report")
+
+
+class Fork(TypedDict):
+    booked: Annotated[list, operator.add]
+
+
+def _fork_graph(saver: WalstoreSaver, fast, slow):
+    b = StateGraph(Fork)
+    b.add_node("fast", fast)
+    b.add_node("slow", slow)
+    b.add_edge(START, "fast")
+    b.add_edge(START, "slow")
+    b.add_edge("fast", END)
+    b.add_edge("slow", END)
+    return b.compile(checkpointer=saver)
+
+
+def _book_in_tx(store, world: list, city: str, then=None) -> None:
+    with store.transaction() as tx:
+        with tx.action("book", args={"city": city}, compensate="cancel") as act:
+            world.append(("book", city))
+            act.result = {"ok": True}
+        if then is not None:
+            then()
+
+
+def _run_in_thread(graph, inp, config, durability: str):
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke(inp, config, durability=durability)
+        except Exception as e:  # noqa: BLE001  (the run cut off)
+            errors.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    return th, errors
+
+
+def _note_refusals(monkeypatch, refused: threading.Event) -> None:
+    put_writes = WalstoreSaver.put_writes
+
+    def noted(self, *a, **k):
+        try:
+            return put_writes(self, *a, **k)
+        except walstore.errors.ConflictError:
+            refused.set()
+            raise
+    monkeypatch.setattr(WalstoreSaver, "put_writes", noted)
+
+
+@UNSAFE
+def test_a_node_transaction_still_open_when_a_revert_cut_its_run_off_is_undone_too(
+        tmp_path, monkeypatch):
+    """Run 2 of thread "a" has two branches in one step: "slow" books Rome and waits
+    inside its transaction, "fast" waits outside any.  A revert of run 1's Paris booking
+    cuts the run off; "fast" returns, its pending writes are refused and the run's
+    unsaved work reverted: "slow"'s transaction, not committed yet, is skipped ("never
+    committed"), then commits, and Rome stands with no checkpoint (a retry books it
+    again).  A lost run's node transactions conflict at commit (the saver deletes the
+    key each read as it began); a revert-cut-off run's do not."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    ev = {k: threading.Event() for k in ("slow", "fast", "go_slow", "go_fast", "refused")}
+    second = {"run": False}
+
+    def fast(s):
+        if second["run"]:
+            ev["fast"].set()
+            ev["go_fast"].wait(WAIT_S)
+        return {"booked": []}
+
+    def slow(s):
+        if not second["run"]:
+            book_in(store, world, "Paris")
+            return {"booked": ["Paris"]}
+        _book_in_tx(store, world, "Rome",
+                    then=lambda: (ev["slow"].set(), ev["go_slow"].wait(WAIT_S)))
+        return {"booked": ["Rome"]}
+    graph = _fork_graph(saver, fast, slow)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"booked": []}, config, durability="sync")
+    second["run"] = True
+    _note_refusals(monkeypatch, ev["refused"])
+    th, errors = _run_in_thread(graph, {"booked": []}, config, "sync")
+    assert ev["slow"].wait(WAIT_S) and ev["fast"].wait(WAIT_S)
+    assert store.revert(booking_of(store, "Paris")) is not None
+    ev["go_fast"].set()
+    assert ev["refused"].wait(WAIT_S)
+    ev["go_slow"].set()
+    th.join(WAIT_S)
+    assert not th.is_alive() and errors
+    assert standing(world) == [], world     # (Paris by the revert, Rome by the cut-off)
+    store.close()
+
+
+@UNSAFE
+def test_a_task_whose_writes_were_saved_before_the_revert_keeps_its_booking(
+        tmp_path, monkeypatch):
+    """Two branches of one step: "fast" books Rome and returns (its pending writes saved
+    at once), "slow" is still running when a revert of run 1's Paris booking cuts the
+    run off.  "slow"'s writes are refused and the run's unsaved work reverted -- Rome's
+    booking too, though its task's writes stand: the retry resumes from the same
+    checkpoint with them, does not run "fast" again, and the thread says Rome is booked
+    while the saver itself refunded it."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    ev = {k: threading.Event() for k in ("slow", "go_slow", "refused")}
+    second = {"run": False}
+
+    def fast(s):
+        if second["run"]:
+            _book_in_tx(store, world, "Rome")
+            return {"booked": ["Rome"]}
+        return {"booked": []}
+
+    def slow(s):
+        if not second["run"]:
+            book_in(store, world, "Paris")
+            return {"booked": ["Paris"]}
+        if not ev["go_slow"].is_set():
+            ev["slow"].set()
+            ev["go_slow"].wait(WAIT_S)
+        return {"booked": ["Lima"]}
+    graph = _fork_graph(saver, fast, slow)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"booked": []}, config, durability="sync")
+    second["run"] = True
+    _note_refusals(monkeypatch, ev["refused"])
+    th, errors = _run_in_thread(graph, {"booked": []}, config, "sync")
+    assert ev["slow"].wait(WAIT_S)
+    deadline = time.monotonic() + WAIT_S   # ("fast"'s writes saved)
+    while not any(t.name == "fast" and t.result is not None
+                  for t in graph.get_state(config).tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.revert(booking_of(store, "Paris")) is not None
+    ev["go_slow"].set()
+    th.join(WAIT_S)
+    assert not th.is_alive() and errors and ev["refused"].is_set()
+    graph.invoke(None, config, durability="sync")     # (the retry)
+    booked = graph.get_state(config).values["booked"]
+    assert ("Rome" in booked) == ("Rome" in standing(world)), (booked, world)
+    store.close()
+
+
+@UNSAFE
+def test_a_save_in_flight_when_a_revert_cut_its_run_off_is_refused_not_left_half_undone(
+        tmp_path, monkeypatch):
+    """durability="async": the save of Rome's step has read the marks (none yet) and is
+    held in its transaction when a revert of the thread's work cuts the run off; Oslo's
+    step is refused and the run's unsaved work reverted, Rome's booking among it.  Then
+    the held save commits (a revert's commit meets no undo fence, and nothing the saver
+    does fences it): the thread says "booked Rome", Rome refunded by the saver itself."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    ev = {k: threading.Event() for k in ("held", "go_put", "go_oslo")}
+    rome_on: list = []
+
+    def node(s):
+        here = s["plan"][0]
+        if here == "Oslo" and not ev["go_oslo"].is_set():
+            ev["go_oslo"].wait(WAIT_S)
+        if here == "Rome":
+            from langgraph.config import get_config
+            rome_on.append(get_config()["configurable"]["checkpoint_map"][""])
+        book_noted(store, world, here)
+        return {"plan": s["plan"][1:], "booked": [here]}
+    graph = plan_graph(saver, node)
+    cut_off_in = WalstoreSaver._cut_off_in
+
+    def holding(self, tx, conf, thread_id, ns_name, ns, cid, what):
+        cut_off_in(self, tx, conf, thread_id, ns_name, ns, cid, what)
+        if what.startswith("a checkpoint") and rome_on and cid == rome_on[0] \
+                and not ev["held"].is_set():   # (the save of Rome's step)
+            ev["held"].set()
+            ev["go_put"].wait(WAIT_S)
+    monkeypatch.setattr(WalstoreSaver, "_cut_off_in", holding)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Nice"], "booked": []}, config, durability="sync")
+    th, errors = _run_in_thread(graph, {"plan": ["Paris", "Rome", "Oslo"]}, config, "async")
+    assert ev["held"].wait(WAIT_S)
+    assert store.revert(booking_of(store, "Nice")) is not None
+    ev["go_oslo"].set()
+    deadline = time.monotonic() + WAIT_S   # (Oslo refused, the run's Rome reverted)
+    while ("cancel", "Rome") not in world and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ev["go_put"].set()
+    th.join(WAIT_S)
+    assert not th.is_alive() and errors
+    booked = graph.get_state(config).values["booked"]
+    assert ("Rome" in booked) == ("Rome" in standing(world)), (booked, world)
     store.close()
