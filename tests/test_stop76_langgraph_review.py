@@ -14,7 +14,9 @@ orderings forced with events:
 - an unscoped ``store.rewind`` (or one around threads) made in a graph node was refused
   with a StaleCheckpointError saying the thread "was rewound or deleted" (its own
   transaction refused by the cut-off it had just marked): nothing was undone (before the
-  commit it was undone, and the run cut off at its next save, as now).
+  commit it was undone, and the run cut off at its next save, as now);
+- the marks of undos of scopes around threads were kept for 64 scopes: at the 65th the
+  oldest was forgotten, and a run it had cut off saved the step it undid.
 The automatic revert of a revert-cut-off run's unsaved steps is NOT safe: three strict
 xfails below show it leaving a booking standing with no checkpoint, and refunding
 bookings the thread's saved state (a checkpoint, a task's pending writes) says were made.
@@ -224,6 +226,31 @@ def test_an_undo_around_threads_made_in_a_node_undoes_and_cuts_off_its_own_run(
     assert type(e.value).__name__ == "StaleCheckpointError"
     assert standing(world) == ["Paris"]
     assert graph.get_state(b).values["booked"] == ["Paris"]
+    store.close()
+
+
+def test_a_run_cut_off_by_an_undo_around_threads_stays_cut_off_after_64_others(tmp_path):
+    """A ``store.rewind`` scoped around every thread (``b"lg"``) refunds Rome while the
+    run of thread "a" is in Rome's step; then 64 other undos of scopes around threads
+    (each a prefix of some thread ids) commit.  The run is still refused at its next
+    save (before: such marks were kept for 64 scopes, the oldest forgotten at the 65th,
+    and the run saved "booked Rome" beside the refund, booking Oslo)."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    held = Held(store, world, saver)
+    th = held.start("a", ["Paris", "Rome", "Oslo"])
+    point = saver.rewind_point(held.state("a").config)
+    assert store.rewind(point, scope=b"lg") is not None
+    assert standing(world) == ["Paris"]
+    root = SaverKeys(b"lg").root
+    for i in range(64):   # (b"lg\x00" + the start of a 5-byte thread id: no whole thread)
+        scope = root + b"\xa5z" + bytes([0x30 + i])
+        before = store.log(limit=1)[0].lsn
+        with store.transaction(scope=scope) as tx:
+            tx.put(scope + b"k", i)
+        assert store.rewind(before, scope=scope) is not None
+    assert held.finish(th) == ["StaleCheckpointError"]
+    assert held.state("a").values["booked"] == standing(world) == ["Paris"], world
     store.close()
 
 

@@ -527,12 +527,14 @@ def _reverts(store: Any) -> dict[bytes, float]:
 # Marks of undos made on the store that reach a scope AROUND threads (an unscoped
 # ``store.rewind``: b""; one scoped to ``b"lg"``): per store object, kind ("removals",
 # "rewinds", "reverts") -> scope -> mark, as the per-thread dicts hold them.  Marking
-# each thread under the scope would read every thread of the store; a lookup tries each
-# scope here instead (``_mark_of``): normally none, a few at most (a committed one
-# drops those inside it; beyond ``_WIDE_MAX`` the oldest is forgotten).
+# each thread under the scope would read every thread of the store; a lookup tries the
+# scopes here instead (``_mark_of``): normally none, a few (a committed one drops those
+# inside it), and with many, each prefix of the thread's.  As many are kept as threads'
+# (64 were: at the 65th the oldest was forgotten, and a run it had cut off saved the
+# step it undid; stop 76 h5).
 _WIDE: "weakref.WeakKeyDictionary[Any, dict[str, dict[bytes, Any]]]" = \
     weakref.WeakKeyDictionary()
-_WIDE_MAX = 64
+_WIDE_MAX = _MARKS_MAX
 _PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "reverts": _REVERTS}
 
 
@@ -549,8 +551,11 @@ def _mark_of(store: Any, kind: str, prefix: bytes) -> Any:
     wide = _WIDE.get(store)
     marks = wide.get(kind) if wide else None
     if marks:
-        for scope, mark in list(marks.items()):
-            if prefix.startswith(scope) and (got is None or mark > got):
+        scopes = list(marks) if len(marks) <= 8 else _prefixes_in(prefix, marks)
+        for scope in scopes:
+            mark = marks.get(scope)
+            if mark is not None and prefix.startswith(scope) and (got is None
+                                                                  or mark > got):
                 got = mark
     return got
 
