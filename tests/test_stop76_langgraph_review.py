@@ -139,6 +139,38 @@ def _hold_reverts(store, reach):
     return None if hold is None else hold("revert")
 
 
+def test_an_end_that_raises_for_one_thread_still_ends_the_others(tmp_path, monkeypatch):
+    """A revert reaching threads "a" and "b" is refused after it planned; taking "b"'s
+    marks out raises (an interrupt there): "a"'s marks are taken out all the same and no
+    thread stays under way (its saves would wait 120 s), the error raised after."""
+    from walstore.integrations.langgraph import saver as saver_mod
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    a, b = saver.thread_scope("a"), saver.thread_scope("b")
+    with store.transaction() as tx:
+        tx.put(a + b"x", 1)
+        tx.put(b + b"x", 1)
+    txid = store.log(limit=1)[0].txid
+    end = saver_mod._CutOff.end
+
+    def failing(self, renewed):
+        if self.key == b:
+            raise KeyboardInterrupt
+        return end(self, renewed)
+    monkeypatch.setattr(saver_mod._CutOff, "end", failing)
+    _HOLDS["revert"] = lambda kind: (_ for _ in ()).throw(PermissionError("no"))
+    register_undo_watcher(_hold_rewinds, on_revert=_hold_reverts)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.revert(txid)
+    finally:
+        _HOLDS.clear()
+        register_undo_watcher(_hold_rewinds)
+    assert saver_mod._mark_of(store, "reverts", a) is None
+    assert not saver_mod._UNDERWAY.get(store)
+    store.close()
+
+
 def test_a_saver_rewind_and_a_revert_of_the_thread_both_refused_leave_no_mark(tmp_path):
     """``saver.rewind`` of thread "a" and a ``store.revert`` of its work under way at once
     (reverts take no turns with rewinds: their watcher must not wait), both refused, the

@@ -2968,10 +2968,19 @@ def _cut_off_runs(store: Any, targets: dict[bytes, bool], kind: str,
         raise
 
     def end(committed: bool) -> None:
+        error: BaseException | None = None
         try:
-            renewed = _marks_now(store) if committed else None
-            for cut in reversed(begun):
-                cut.end(renewed)
+            renewed = None
+            if committed:
+                try:
+                    renewed = _marks_now(store)
+                except BaseException as e:  # noqa: BLE001 - (the marks stay as made)
+                    error, renewed = e, begun[0].marked
+            for cut in reversed(begun):   # (each one's end, whatever another's raised)
+                try:
+                    cut.end(renewed)
+                except BaseException as e:  # noqa: BLE001 - (raised once all ended)
+                    error = error or e
             if committed:
                 for saver in _savers_of(store):
                     if len(begun) > 16:   # (one pass over the cache, not one a thread)
@@ -2981,6 +2990,8 @@ def _cut_off_runs(store: Any, targets: dict[bytes, bool], kind: str,
                             saver.codec.forget(cut.key)
         finally:
             underway.__exit__(None, None, None)
+        if error is not None:
+            raise error
     return end
 
 
