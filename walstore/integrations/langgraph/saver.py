@@ -2887,12 +2887,13 @@ class _CutOff:
     ``delete_thread`` of the thread, or one made on the store, kind "rewinds" (a rewind
     or purge) or "reverts" (a revert: ``_cut_off`` says "reverted"), made as the undo
     begins (a revert: once planned), renewed once it committed, taken out when it changed
-    nothing (``_mark_end``: others under way overlapping keep theirs).  The marks given are made once for all the threads one
-    undo reaches (``_cut_off_runs``), and so is ``_RemovalUnderway`` (the threads' saves
-    and node transactions in other Python threads wait for its end, compensations
-    included; the undoing context's own, its compensators', do not): per thread, a revert
-    reaching 20,000 threads read the newest log entry (its target, 20,000 keys decoded)
-    twice, grew the context's tuple and scanned every value cache: 477 s."""
+    nothing (``_mark_end``: others under way overlapping keep theirs).  The marks given
+    are made once for all the threads one undo on the store reaches (``_cut_off_runs``),
+    and so is ``_RemovalUnderway`` (the threads' saves and node transactions in other
+    Python threads wait for its end, compensations included; the undoing context's own,
+    its compensators', do not): made per thread, a revert reaching 20,000 threads read
+    the newest log entry (its target, 20,000 keys decoded) twice a thread, grew the
+    context's tuple and scanned every value cache: 477 s."""
 
     def __init__(self, store: Any, key: bytes, wide: bool, kind: str) -> None:
         self.store, self.key, self.wide, self.kind = store, key, wide, kind
