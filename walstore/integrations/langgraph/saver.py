@@ -57,21 +57,21 @@ which thread a transaction begun inside a graph node belongs to.
   (``_await_removal``): a refusal never tells a run its step was undone before it is (a
   node transaction begun on an event loop's thread is refused instead: waiting there
   stopped the loop).
-- **Undo made on the store itself** counts the same: the saver registers an undo watcher
-  with walstore when it is made (``_watch_undo``, ``_watch_revert``:
+- **Rewinds and purges made on the store itself** count the same: the saver registers an
+  undo watcher with walstore when it is made (``_watch_undo``:
   ``walstore.agent.scope.register_undo_watcher``), so ``store.rewind`` scoped to a
   thread's prefix, to a scope inside it or to one around threads (``b"lg"``), an
   unscoped one (every thread), and ``store.purge`` of such a prefix, cut off the runs in
   flight of each thread they reach with the same marks ``rewind`` makes (``_CutOff``; a
-  scope around threads is marked once, ``_WIDE``, no thread listed); a ``store.revert``
-  undoing work of a thread (its keys, a node transaction, a booking declared in its
-  scope) cuts off its runs too, and their unsaved steps' node transactions are reverted
-  when refused (``_undo_lost_step``, as a lost run's: the revert undid other work, and
-  theirs stood with no checkpoint).  Before (stop 76) a run in flight saved the step a
-  ``store.rewind`` had just undone.  The undoing context is not cut off (its
-  compensators write to the thread unhindered; an undo made in a node of the thread
-  leaves that run going on, one around threads made there cuts it off at its next save);
-  an undo that failed before its commit cuts off nothing.
+  scope around threads is marked once, ``_WIDE``, no thread listed).  Before (stop 76) a
+  run in flight saved the step a ``store.rewind`` had just undone.  The undoing context
+  is not cut off (its compensators write to the thread unhindered; an undo made in a
+  node of the thread leaves that run going on, one around threads made there cuts it
+  off at its next save); an undo that failed before its commit cuts off nothing.
+- **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
+  its bookings and puts back its keys, but the thread's checkpoints, written by separate
+  transactions, still say what the node returned: to undo a thread's steps, rewind the
+  thread (``rewind``), which keeps checkpoints, memory, keys and bookings together.
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -307,14 +307,12 @@ class _RemovalUnderway:
     undone, its booking standing: probe h3).  One nested in the same Python thread (a
     compensator rewinding the thread) goes on: it ends first."""
 
-    def __init__(self, store: Any, prefix: bytes | Sequence[bytes],
-                 wait: bool = True) -> None:
+    def __init__(self, store: Any, prefix: bytes | Sequence[bytes]) -> None:
         # (several prefixes: the threads one undo made on the store reaches, _CutOff;
         # taken in the order given, sorted there, so two such undos never wait in turn)
         self.store = store
         self.prefixes = [prefix] if isinstance(prefix, bytes) else list(prefix)
         self.token: Any = None
-        self.wait = wait   # (False: a revert's watcher, which must not wait: _CutOff)
 
     def __enter__(self) -> None:
         me = threading.get_ident()
@@ -322,7 +320,7 @@ class _RemovalUnderway:
         with _UNDERWAY_DONE:   # (the look and the entry in one hold of the lock)
             per_store = _UNDERWAY.setdefault(self.store, {})
             for prefix in self.prefixes:
-                while self.wait and not _removing_here(self.store, prefix):
+                while not _removing_here(self.store, prefix):
                     threads = per_store.get(prefix)
                     left = deadline - time.monotonic()
                     if not threads or me in threads or left <= 0:
@@ -360,7 +358,7 @@ def _removing_here(store: Any, prefix: bytes) -> bool:
     if not here:
         return False
     sid = id(store)
-    if len(here) > 8:   # (a revert reaching many threads: a lookup per byte of prefix)
+    if len(here) > 8:   # (many removals in this context: a lookup per byte of prefix)
         return any((sid, p) in here for p in _prefixes_in(prefix))
     return any(s == sid and prefix.startswith(p) for s, p in here)
 
@@ -378,7 +376,7 @@ def _others_removing(store: Any, prefix: bytes, me: int) -> bool:
     per_store = _UNDERWAY.get(store)
     if not per_store:
         return False
-    if len(per_store) > 8:  # (a revert reaching 20,000 threads: each save looked at all)
+    if len(per_store) > 8:  # (many removals under way: a lookup per byte of prefix)
         return any(me not in per_store[key] for key in _prefixes_in(prefix, per_store))
     return any(threads and me not in threads and prefix.startswith(key)
                for key, threads in per_store.items())
@@ -463,9 +461,9 @@ def _set_mark(marks: dict, key: bytes, value: Any, limit: int) -> None:
 # The marks of the undos under way, per marks dict and key (``_mark_begin``): [the dict,
 # the mark the key had with none under way (a committed one's since), the marks of those
 # under way].  An undo that changed nothing takes its own out, and the key shows the
-# newest left.  (Each put back the mark it had found: two reverts of a thread at once,
-# both refused, the second put back the first's, and the run in flight was cut off by
-# no undo, its booking reverted: reverts take no turns, _watch_revert.)
+# newest left.  (Each put back the mark it had found: two rewinds of a thread whose
+# turns overlapped (the second waited _REMOVAL_WAIT_S), both refused, the second put
+# back the first's, and the run in flight was cut off by no undo.)
 _MARKING: dict[tuple[int, bytes], list] = {}
 
 
@@ -510,23 +508,9 @@ def _mark_end(marks: dict, key: bytes, mine: Any, renewed: Any,
                 marks.pop(key, None)
 
 
-_REVERTS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
-
-
-def _reverts(store: Any) -> dict[bytes, float]:
-    """thread prefix -> when a ``store.revert`` reaching it last began to commit in this
-    process (per store object; ``_watch_revert``): a run that loaded the thread before is
-    cut off as by a rewind, and its unsaved steps' work is reverted (``_cut_off``)."""
-    with _REMOVALS_LOCK:
-        got = _REVERTS.get(store)
-        if got is None:
-            got = _REVERTS[store] = {}
-        return got
-
-
 # Marks of undos made on the store that reach a scope AROUND threads (an unscoped
 # ``store.rewind``: b""; one scoped to ``b"lg"``): per store object, kind ("removals",
-# "rewinds", "reverts") -> scope -> mark, as the per-thread dicts hold them.  Marking
+# "rewinds") -> scope -> mark, as the per-thread dicts hold them.  Marking
 # each thread under the scope would read every thread of the store; a lookup tries the
 # scopes here instead (``_mark_of``): normally none, a few (a committed one drops those
 # inside it), and with many, each prefix of the thread's.  As many are kept as threads'
@@ -535,7 +519,7 @@ def _reverts(store: Any) -> dict[bytes, float]:
 _WIDE: "weakref.WeakKeyDictionary[Any, dict[str, dict[bytes, Any]]]" = \
     weakref.WeakKeyDictionary()
 _WIDE_MAX = _MARKS_MAX
-_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "reverts": _REVERTS}
+_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS}
 
 
 def _wide(store: Any, kind: str) -> dict[bytes, Any]:
@@ -1383,8 +1367,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             except StaleCheckpointError as e:
                 if self._removal_failed(e, conf, ns_name, ns, budget):
                     continue
-                if e.head is None and self._undoes_its_steps(conf, ns_name, ns):
-                    self._undo_lost_step(e, ns, token)  # (a lost race, a revert)
+                if e.head is None and token is not None and token in _lost_runs(self.store):
+                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
                 if e.head is not None and token is not None:  # (a rival's race, not a rewind)
                     lost = _lost_runs(self.store)
                     with _REMOVALS_LOCK:
@@ -1475,13 +1459,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         why = self._cut_off(conf, ns_name, ns)
         if why == "removed":
             self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
-        if why == "reverted":
-            raise StaleCheckpointError(
-                f"thread {thread_id!r} (namespace {ns_name!r}): a store.revert undid work "
-                f"of the thread while this run worked on what it had loaded, so {what} "
-                f"checkpoint {cid!r} {'were' if what.startswith('pending') else 'was'} "
-                f"refused and nothing was written (reload the thread and retry)",
-                thread_id, ns_name, cid, None)
         if why == "lost":
             error = StaleCheckpointError(
                 f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
@@ -1497,8 +1474,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Why the run ``conf`` names is cut off: "removed" (it loaded the thread before a
         rewind or delete of it began in this process: ``saver.rewind``, ``delete_thread``,
         or a ``store.rewind``/``store.purge`` reaching the thread, ``_watch_undo``),
-        "reverted" (before a ``store.revert`` undoing work of the thread began to commit:
-        ``_watch_revert``), "lost" (it lost a race), or None."""
+        "lost" (it lost a race), or None."""
         if not self.fencing:
             return None
         token = conf.get(RUN_TOKEN + ns_name)
@@ -1509,23 +1485,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             rewound = _mark_of(self.store, "rewinds", ns.thread_prefix)
             if rewound is not None and loaded < rewound:
                 return "removed"
-            reverted = _mark_of(self.store, "reverts", ns.thread_prefix)
-            if reverted is not None and loaded < reverted:
-                return "reverted"
         if token in _lost_runs(self.store):
             return "lost"
         return None
-
-    def _undoes_its_steps(self, conf: Mapping, ns_name: str, ns: Namespace) -> bool:
-        """Is the run ``conf`` names refused wholly by the saver itself, its unsaved
-        steps' node transactions reverted (``_undo_lost_step``)?  A run that lost a race
-        (those steps never happened), and one a ``store.revert`` cut off: the revert
-        undid other work of the thread, not the run's, whose step's booking stood with
-        no checkpoint saying so (a retry booked it again).  A rewind or delete undoes
-        the run's work itself."""
-        token = conf.get(RUN_TOKEN + ns_name) if self.fencing else None
-        return token is not None and (token in _lost_runs(self.store)
-                                      or self._cut_off(conf, ns_name, ns) == "reverted")
 
     def _cut_off_in(self, tx: Any, conf: Mapping, thread_id: str, ns_name: str,
                     ns: Namespace, cid: str | None, what: str) -> None:
@@ -1559,28 +1521,23 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 for key in [k for k in registry if k[0] == ns.thread_prefix
                             and k[1] == error.checkpoint_ns and k[3] == token]:
                     txids += registry.pop(key)
-            own = _SAVER_REVERTING.set(_SAVER_REVERTING.get()
-                                       + ((id(self.store), ns.thread_prefix),))
-            try:
-                for txid in sorted(set(txids), reverse=True):
-                    try:
-                        self.store.txn_info(txid)
-                    except (KeyError, WalstoreError):
-                        continue  # (never committed: its actions, if any, compensated)
-                    try:
-                        if self.store.revert(txid, scope=ns.thread_prefix,
-                                             meta=self._meta("undo_lost_step",
-                                                             thread_id=error.thread_id,
-                                                             checkpoint_id=error.parent,
-                                                             txid=txid)) is not None:
-                            run.undone.append(txid)
-                    except RevertConflict as e:
-                        if not self._undone_already(txid, e):
-                            run.left.append(f"{txid} ({type_and_message(e)})")
-                    except WalstoreError as e:
+            for txid in sorted(set(txids), reverse=True):
+                try:
+                    self.store.txn_info(txid)
+                except (KeyError, WalstoreError):
+                    continue  # (never committed: its actions, if any, were compensated)
+                try:
+                    if self.store.revert(txid, scope=ns.thread_prefix,
+                                         meta=self._meta("undo_lost_step",
+                                                         thread_id=error.thread_id,
+                                                         checkpoint_id=error.parent,
+                                                         txid=txid)) is not None:
+                        run.undone.append(txid)   # (None: undone already, by another)
+                except RevertConflict as e:
+                    if not self._undone_already(txid, e):
                         run.left.append(f"{txid} ({type_and_message(e)})")
-            finally:
-                _SAVER_REVERTING.reset(own)
+                except WalstoreError as e:
+                    run.left.append(f"{txid} ({type_and_message(e)})")
             undone, left = sorted(run.undone, reverse=True), list(run.left)
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
@@ -1593,7 +1550,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def _undone_already(self, txid: int, error: RevertConflict) -> bool:
         """Does ``error`` (a revert of ``txid`` refused) say that ``txid`` was undone
         already: every later writer it names is an undo of it (its commit's ``reverts``
-        names it: the revert that cut the run off reverted the run's own booking)?"""
+        names it: another caller's ``store.revert`` of the run's booking)?"""
         try:
             return bool(error.txids) and all(
                 txid in (self.store.txn_info(t).extra.get("reverts") or ())
@@ -1780,8 +1737,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             except StaleCheckpointError as e:
                 if self._removal_failed(e, _conf(config), ns_name, ns, budget):
                     continue
-                if self._undoes_its_steps(_conf(config), ns_name, ns):
-                    self._undo_lost_step(e, ns, token)  # (a lost race, a revert)
+                if token is not None and token in _lost_runs(self.store):
+                    self._undo_lost_step(e, ns, token)  # (refused for a lost race)
                 raise
 
     def _removal_failed(self, error: StaleCheckpointError, conf: Mapping, ns_name: str,
@@ -1822,7 +1779,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def _delete_thread(self, prefix: bytes) -> None:
         # (a run of the thread loaded before it is cut off: its later saves are refused,
         # its node transactions too — one in flight conflicts with the purge)
-        cut = _CutOff(self.store, prefix, False, "rewinds")
+        cut = _CutOff(self.store, prefix, False)
         cut.begin(_marks_now(self.store))
         try:
             self.store.purge(prefix)
@@ -2539,8 +2496,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         run, it raises ValueError and changes nothing (as ``delete_thread`` does).
         ``store.rewind(to, scope=self.thread_scope(t))`` made by another caller cuts off
         the thread's runs the same way (the saver's undo watcher, ``_watch_undo``), as
-        does an unscoped rewind, a ``store.purge`` of the thread and a ``store.revert``
-        of its work (``_watch_revert``).
+        do an unscoped rewind and a ``store.purge`` of the thread.  A ``store.revert``
+        cuts off no run: reverting a node's transaction compensates its bookings and
+        puts back its keys, but the thread's checkpoints (separate transactions) still
+        say what the node returned; to undo a thread's steps, rewind it (this method).
         """
         thread_id, _ns, _cid = _rewind_where(config)
         if dry_run:
@@ -2566,7 +2525,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not dry_run:
             # noted before it commits too: a node transaction begun just after the commit
             # finds its step's checkpoint missing and must take it as removed
-            cut = _CutOff(self.store, scope, False, "rewinds")
+            cut = _CutOff(self.store, scope, False)
             cut.begin(_marks_now(self.store))
         try:
             result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
@@ -2805,12 +2764,7 @@ def _register_scope_provider() -> bool:
 SCOPE_PROVIDER_REGISTERED = _register_scope_provider()
 
 
-# ---- undos made on the store itself -----------------------------------------------------
-# (store id, thread prefix) of the reverts the saver makes itself (``_undo_lost_step``):
-# they cut off no run (the run they undo for is refused already)
-_SAVER_REVERTING: "contextvars.ContextVar[tuple]" = contextvars.ContextVar(
-    "walstore_langgraph_saver_reverting", default=())
-
+# ---- rewinds and purges made on the store itself -----------------------------------------
 # the live savers of each store object: the key roots the undo watchers look threads up
 # under, the codecs whose caches a committed undo clears
 _SAVERS: "weakref.WeakKeyDictionary[Any, weakref.WeakSet]" = weakref.WeakKeyDictionary()
@@ -2819,14 +2773,14 @@ _WATCHING = False
 
 def _note_saver(saver: "WalstoreSaver") -> None:
     """Note ``saver`` among its store's (``_SAVERS``) and, with the process's first saver,
-    register the undo watchers with walstore."""
+    register the undo watcher with walstore."""
     global _WATCHING
     with _REMOVALS_LOCK:
         _SAVERS.setdefault(saver.store, weakref.WeakSet()).add(saver)
         first, _WATCHING = not _WATCHING, True
     if first:
         from walstore.agent.scope import register_undo_watcher
-        register_undo_watcher(_watch_undo, on_revert=_watch_revert)
+        register_undo_watcher(_watch_undo)
 
 
 def _savers_of(store: Any) -> list["WalstoreSaver"]:
@@ -2884,26 +2838,25 @@ def _reached_by(roots: set[bytes], scope: Any, targets: dict[bytes, bool]) -> No
 class _CutOff:
     """The cut-off of the runs of the threads under ``key`` (a thread's prefix, or a scope
     around threads: ``wide``) by an undo, in this process: ``WalstoreSaver.rewind`` and
-    ``delete_thread`` of the thread, or one made on the store, kind "rewinds" (a rewind
-    or purge) or "reverts" (a revert: ``_cut_off`` says "reverted"), made as the undo
-    begins (a revert: once planned), renewed once it committed, taken out when it changed
-    nothing (``_mark_end``: others under way overlapping keep theirs).  The marks given
-    are made once for all the threads one undo on the store reaches (``_cut_off_runs``),
-    and so is ``_RemovalUnderway`` (the threads' saves and node transactions in other
-    Python threads wait for its end, compensations included; the undoing context's own,
-    its compensators', do not): made per thread, a revert reaching 20,000 threads read
-    the newest log entry (its target, 20,000 keys decoded) twice a thread, grew the
-    context's tuple and scanned every value cache: 477 s."""
+    ``delete_thread`` of the thread, or a ``store.rewind``/``store.purge`` reaching it
+    (``_watch_undo``), made as the undo begins, renewed once it committed, taken out when
+    it changed nothing (``_mark_end``: others under way overlapping keep theirs).  The
+    marks given are made once for all the threads one undo on the store reaches
+    (``_cut_off_runs``: several when savers' roots nest), and so is ``_RemovalUnderway``
+    (the threads' saves and node transactions in other Python threads wait for its end,
+    compensations included; the undoing context's own, its compensators', do not): made
+    per thread, a store.revert reaching 20,000 threads (when reverts were watched) read
+    the newest log entry twice a thread, grew the context's tuple and scanned every
+    value cache (477 s)."""
 
-    def __init__(self, store: Any, key: bytes, wide: bool, kind: str) -> None:
-        self.store, self.key, self.wide, self.kind = store, key, wide, kind
+    def __init__(self, store: Any, key: bytes, wide: bool) -> None:
+        self.store, self.key, self.wide = store, key, wide
         self.marked: tuple = ()
 
     def _dicts(self) -> tuple[dict, dict]:
         if self.wide:
-            return _wide(self.store, "removals"), _wide(self.store, self.kind)
-        return _removals(self.store), (_rewinds if self.kind == "rewinds"
-                                       else _reverts)(self.store)
+            return _wide(self.store, "removals"), _wide(self.store, "rewinds")
+        return _removals(self.store), _rewinds(self.store)
 
     def begin(self, mine: tuple) -> None:
         """Mark: ``mine`` is (removal mark, monotonic time) made now."""
@@ -2937,22 +2890,19 @@ def _marks_now(store: Any) -> tuple:
     return (_removal_mark(store), time.monotonic())
 
 
-def _cut_off_runs(store: Any, targets: dict[bytes, bool], kind: str,
-                  wait: bool) -> Callable[[bool], None] | None:
+def _cut_off_runs(store: Any, targets: dict[bytes, bool]) -> Callable[[bool], None] | None:
     """Cut off the runs of ``targets`` (``_CutOff``), except a thread the undo is made
-    for by the saver itself (``saver.rewind``, ``delete_thread``, ``_undo_lost_step``) and
-    the thread of the node this undo is made in (its own run goes on, as a session's turn
-    that rewinds its session); returns the end the undo watchers call."""
+    for by the saver itself (``saver.rewind``, ``delete_thread``) and the thread of the
+    node this undo is made in (its own run goes on, as a session's turn that rewinds its
+    session); returns the end the undo watcher calls."""
     if not targets:
         return None
     own = _own_thread(store)
-    mine = _SAVER_REVERTING.get()
-    cuts = [_CutOff(store, key, wide, kind) for key, wide in sorted(targets.items())
-            if not (_removing_here(store, key) or (id(store), key) in mine
-                    or (not wide and key == own))]
+    cuts = [_CutOff(store, key, wide) for key, wide in sorted(targets.items())
+            if not (_removing_here(store, key) or (not wide and key == own))]
     if not cuts:
         return None
-    underway = _RemovalUnderway(store, [cut.key for cut in cuts], wait)
+    underway = _RemovalUnderway(store, [cut.key for cut in cuts])
     underway.__enter__()
     begun: list[_CutOff] = []
     try:
@@ -3013,33 +2963,4 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
         return None
     targets: dict[bytes, bool] = {}
     _reached_by(roots, scope, targets)
-    return _cut_off_runs(store, targets, "rewinds", wait=True)
-
-
-def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
-    """walstore calls this once a ``store.revert`` planned, before it commits, in the
-    reverting thread (``register_undo_watcher``'s ``on_revert``), with what it reaches
-    (``walstore.agent.scope.UndoReach``): a thread whose keys it puts back, or holding a
-    scope of the work it undoes (a node transaction's, a booking declared in the thread's
-    scope), or lying in one, has its runs in flight cut off (``_cut_off`` "reverted"),
-    their unsaved steps' work reverted when refused (``_undo_lost_step``).  Each key and
-    scope is read for its thread from its own bytes: the cost is the revert's size.  It
-    must not wait (the revert may hold every other thread's commits out): it marks
-    without taking turns with another removal of the thread."""
-    roots = _roots(store)
-    if not roots:
-        return None
-    targets: dict[bytes, bool] = {}
-    last = None   # (the previous key's thread prefix: keys of one thread come together)
-    for key in reach.keys:
-        if not isinstance(key, bytes) or (last is not None and key.startswith(last)):
-            continue
-        for root in roots:
-            if key.startswith(root):
-                last = _thread_prefix_of(root, key)
-                if last is not None:
-                    targets.setdefault(last, False)
-                break
-    for scope in reach.scopes:
-        _reached_by(roots, scope, targets)
-    return _cut_off_runs(store, targets, "reverts", wait=False)
+    return _cut_off_runs(store, targets)
