@@ -1,8 +1,10 @@
-"""What the OpenAI Agents session tests share (stops 74-75): SDK-shaped items, a store
-fixture, and a tool's booking declared in the session's scope.  Imported by the test
+"""What the OpenAI Agents session tests share (stops 74-76): SDK-shaped items, a store
+fixture, a tool's booking declared in the session's scope, and a scripted model held on
+its first answer.  Imported by the test
 files (``from session_support import ...``); pytest collects no test from it."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import threading
 from pathlib import Path
@@ -70,3 +72,15 @@ def held_cancel(store, world: list) -> tuple[threading.Event, threading.Event]:
         compensating.set()
         release.wait(WAIT_S)
     return compensating, release
+
+
+def held_model(ex: ModuleType, thinking: threading.Event, go_on: threading.Event) -> type:
+    """The example's ScriptedModel (``ex = example()``) whose first answer waits: it sets
+    ``thinking`` and waits for ``go_on`` (a turn held while another caller undoes)."""
+    class HeldModel(ex.ScriptedModel):
+        async def get_response(self, *args, **kwargs):
+            if not thinking.is_set():
+                thinking.set()
+                assert await asyncio.to_thread(go_on.wait, WAIT_S)
+            return await super().get_response(*args, **kwargs)
+    return HeldModel

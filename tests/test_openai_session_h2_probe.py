@@ -36,7 +36,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, held_model, example, assistant, book, store, user  # noqa: E402,F401
 
 
 def shown(items):
@@ -72,12 +72,7 @@ def test_a_runner_turn_keeps_its_items_on_its_branch_when_another_caller_moves_t
     thinking, moved = threading.Event(), threading.Event()
     s = WalstoreSession("u", store)
 
-    class HeldModel(ex.ScriptedModel):
-        async def get_response(self, *args, **kwargs):
-            if not thinking.is_set():
-                thinking.set()
-                assert await asyncio.to_thread(moved.wait, WAIT_S)
-            return await super().get_response(*args, **kwargs)
+    HeldModel = held_model(ex, thinking, moved)
 
     @function_tool
     def book_hotel(city: str) -> str:

@@ -27,7 +27,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, assistant, book, example, store, user  # noqa: E402,F401
+from session_support import WAIT_S, held_model, assistant, book, example, store, user  # noqa: E402,F401
 
 
 def states(store):
@@ -63,13 +63,7 @@ def test_a_tool_that_reads_the_session_in_a_cut_off_turn_books_nothing(store, st
     seen_by_tool: list[list] = []
     tool_errors: list[str] = []
 
-    class HeldModel(ex.ScriptedModel):
-        async def get_response(self, *args, **kwargs):
-            if not thinking.is_set():
-                thinking.set()
-                assert await asyncio.to_thread(rewound.wait, WAIT_S)
-            return await super().get_response(*args, **kwargs)
-
+    class HeldModel(held_model(ex, thinking, rewound)):
         async def stream_response(self, *args, **kwargs):
             output = (await self.get_response(*args, **kwargs)).output
             yield ResponseCompletedEvent(type="response.completed", sequence_number=0,
@@ -207,12 +201,7 @@ def test_a_run_nested_in_a_tool_of_a_cut_off_turn_saves_nothing(store):
     s = WalstoreSession("u", store)
     config = RunConfig(tracing_disabled=True)
 
-    class HeldModel(ex.ScriptedModel):
-        async def get_response(self, *args, **kwargs):
-            if not thinking.is_set():
-                thinking.set()
-                assert await asyncio.to_thread(rewound.wait, WAIT_S)
-            return await super().get_response(*args, **kwargs)
+    HeldModel = held_model(ex, thinking, rewound)
 
     inner = Agent(name="noter", instructions="note it", model=ex.ScriptedModel(
         [[ex.say("noted", 10)]]))

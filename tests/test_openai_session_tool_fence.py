@@ -26,7 +26,7 @@ import walstore  # noqa: E402
 from walstore.agent.scope import GUARDS  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
-from session_support import WAIT_S, example, held_cancel, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, held_model, example, held_cancel, assistant, book, store, user  # noqa: E402,F401
 
 
 def states(store):
@@ -222,12 +222,7 @@ def test_a_runner_turn_whose_session_is_rewound_before_its_tool_books_books_noth
     thinking, rewound = threading.Event(), threading.Event()
     s = WalstoreSession("u", store)
 
-    class HeldModel(ex.ScriptedModel):
-        async def get_response(self, *args, **kwargs):
-            if not thinking.is_set():
-                thinking.set()
-                assert await asyncio.to_thread(rewound.wait, WAIT_S)
-            return await super().get_response(*args, **kwargs)
+    HeldModel = held_model(ex, thinking, rewound)
 
     tool_errors: list[str] = []
 
