@@ -854,8 +854,8 @@ class Store:
         dry_run, force, and how an undo finishes under concurrent writers.  Once planned,
         before it commits, the registered undo watchers are told what it reaches: the
         scopes and keys of what it undoes, cascade included
-        (``walstore.agent.scope.register_undo_watcher``, ``on_revert``: OpenAI sessions
-        cut off their turns in flight whose work it undoes)."""
+        (``walstore.agent.scope.register_undo_watcher``, ``on_revert``; no integration of
+        walstore registers one: a revert edits no session's conversation)."""
         self._engine.check_open()
         self._finishing.enter()
         try:

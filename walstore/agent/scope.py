@@ -23,9 +23,10 @@ chained with those already set: a workspace's read check).  Registered *undo wat
 (``undo_kind`` tells which), of each revert once it planned (what it reaches:
 ``UndoReach``), and of each one's end, compensations included, in the undoing thread: the
 integration owning a kind of scope counts an undo reaching one of its scopes however it
-was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)``, or a
-``store.revert`` of a turn's booking, cuts off the session's turns in flight as
-``session.rewind`` does).
+was called (OpenAI sessions: ``store.rewind(..., scope=session.scope)`` cuts off the
+session's turns in flight as ``session.rewind`` does).  ``on_revert`` is an extension
+point no integration of walstore uses: a revert compensates what it undoes and edits no
+conversation or thread, so OpenAI sessions and the LangGraph saver cut off nothing for it.
 """
 from __future__ import annotations
 
@@ -221,7 +222,7 @@ class UndoReach:
     def reaches(self, prefix: Any) -> bool:
         """Does the revert reach scope ``prefix``: a key under it, or a scope nesting
         with it (inside it, or around it)?  (O(its keys): an integration with many
-        scopes looks each key's up instead, as OpenAI sessions do.)"""
+        scopes looks each key's up by its prefixes instead.)"""
         return (any(_inside(s, prefix) or _inside(prefix, s) for s in self.scopes)
                 or any(_inside(k, prefix) for k in self.keys))
 
@@ -266,7 +267,8 @@ def register_undo_watcher(fn: Callable[[Any, Any], "_End | None"],
     with the revert's transaction open, perhaps with every other thread's commits held
     out: it must not wait for another thread's commit.  What it raises refuses the
     revert (nothing committed).  ``fn`` is never called for a revert, and a watcher
-    registered without ``on_revert`` is not told of one (as before stop 76).
+    registered without ``on_revert`` is not told of one (as before stop 76; walstore's
+    own integrations register none: a revert edits no conversation or thread).
     Registering the same ``fn`` again only replaces its ``on_revert``."""
     with _lock:
         if fn not in UNDO_WATCHERS:

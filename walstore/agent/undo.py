@@ -485,9 +485,8 @@ class Undo:
             undone = set(plan.txids)  # (a list: membership in it was O(n) a test, and a
             # cascade of 46,000 transactions spent 30 s here — probe of stop 45)
             tags = {i.scope for i in infos if i.txid in undone}
-            if reached is not None:  # (the undo watchers: a session's turns in flight
-                # are cut off by a revert of its work as by a rewind of it — they wrote
-                # on after it, "booked" beside a refunded booking: stop 76)
+            if reached is not None:  # (the on_revert undo watchers, told what it
+                # reaches before it commits: register_undo_watcher)
                 reached(self._reach(plan, tags, scope))
             if scope is None and len(tags) == 1 and None not in tags:
                 extra["scope"] = tags.pop()

@@ -80,16 +80,17 @@ scope, to a prefix of it or to a scope inside it, an unscoped ``store.rewind``,
 ``store.purge`` of such a prefix; the context that called it is not cut off by it (a task
 that ran it through ``asyncio.to_thread`` is: it reads the session again).  They were not
 counted, and a turn in flight saved "booked" items after ``store.rewind`` had cancelled
-its booking, or wrote into a purged session (probe h2, stop 75).  A ``store.revert``
-undoing work of the session counts the same (its keys, an action declared in its scope, a
-transaction begun in it; cascade or ``scope=`` too: ``_watch_revert``, told once the
-revert planned, before it commits); one that changes nothing or undoes another session's
-work cuts off nobody (it cut off nothing, and a turn in flight saved "booked" beside the
-booking a revert had just refunded: stop 76).  A revert's commit does not meet the undo
-fence, so the session's checked writes and the guard's transactions also check at their
-commit (``_UndoCheck``, under the journal lock) that no undo of the session was marked
-since their check: one that passed it before a revert planned and committed after it
-stood (stop 76 h4).  The refusals name what cut the turn off (``_SAID``).  The cut-off
+its booking, or wrote into a purged session (probe h2, stop 75).  A rewind scoped inside
+the session's scope does not meet the undo fence (that counts rewinds of the scope or
+around it), so the session's checked writes and the guard's transactions also check at
+their commit (``_UndoCheck``, under the journal lock) that no undo of the session was
+marked since their check.  A ``store.revert`` cuts off no turn, whatever work of the
+session it undoes: it compensates the reverted transaction's actions and puts back its
+keys, and edits no conversation (an earlier turn's items still say what they said); a
+turn in flight saves as it would.  (Cut off, the turn's save was refused after its tool
+had booked, a booking no item holds, booked again when the turn was re-run: stop 76.)
+Undo a conversation's turns with ``session.rewind`` or ``pop_items``.  The refusals name
+what cut the turn off (``_SAID``).  The cut-off
 follows a context: a sync caller that wraps each call in ``asyncio.run`` gives each a
 fresh context and is never cut off (run a turn in one coroutine, or pass one context to
 ``asyncio.Runner.run(coro, context=ctx)`` and run its tools with ``ctx.run``).
@@ -159,7 +160,6 @@ not: the read leaves a cut-off run cut off, above).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextvars
 import hashlib
 import json
@@ -236,13 +236,12 @@ class _WriterLock:
     """A session's writer lock, held by its WalstoreSession objects (a ``threading.Lock``
     cannot be weakly referenced), and the session's rewinds in this process: ``epoch``
     counts those that committed (``rewind``, ``erase``, and ``store.rewind``,
-    ``store.purge`` or ``store.revert`` reaching its scope: ``_watch_undo``,
-    ``_watch_revert``), ``underway`` holds those running
+    ``store.purge`` reaching its scope: ``_watch_undo``), ``underway`` holds those running
     (commit and compensations), so a caller whose turn began before one is cut off
     (``_SEEN``, ``WalstoreSession._guarded``).  ``marks`` counts those marked under way
     (begun): a transaction checked at ``marks`` is refused at its commit when it changed
     since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
-    (``"rewind"``, ``"erase"``, ``"purge"``, ``"revert"``), for the refusals to say."""
+    (``"rewind"``, ``"erase"``, ``"purge"``), for the refusals to say."""
     __slots__ = ("_lock", "epoch", "underway", "done", "_mutex", "marks", "kinds",
                  "__weakref__")
 
@@ -254,7 +253,7 @@ class _WriterLock:
         self.underway: list[_Undo] = []
         # ``done``'s lock, taken by a ``with`` on the C lock itself: through the
         # Condition's Python ``__enter__`` an interrupt (Ctrl-C in a sync program's
-        # store.revert or tool) could land right after the acquire, the lock then held
+        # store.rewind or tool) could land right after the acquire, the lock then held
         # for good and every write and undo of the session stuck (walstore.signals)
         self._mutex = threading.Lock()
         self.done = threading.Condition(self._mutex)
@@ -312,7 +311,7 @@ class _WriterLock:
 
 
 class _Undo:
-    """One rewind, erase, purge or revert of a session under way (``_WriterLock.begin``)."""
+    """One rewind, erase or purge of a session under way (``_WriterLock.begin``)."""
     __slots__ = ("kind",)
 
     def __init__(self, kind: str) -> None:
@@ -323,24 +322,22 @@ _KINDS_KEPT = 8
 # How each kind of undo is said in a refusal: (noun, participle, what it did).
 _SAID = {"rewind": ("a rewind", "rewound", "the turns after the point were retracted and "
                     "their tools' actions compensated"),
-         "revert": ("a revert", "reverted", "store.revert undid work of its turns and "
-                    "compensated their tools' actions"),
          "erase": ("an erase", "erased", "session.erase deleted it for good"),
          "purge": ("a purge", "purged", "store.purge erased its keys for good")}
 
 
 def _undo_nouns(kinds: tuple[str, ...]) -> str:
-    """``kinds`` as "a rewind", "a revert and an erase"; unknown (()): every kind."""
+    """``kinds`` as "a rewind", "a rewind and an erase"; unknown (()): every kind."""
     said = [_SAID[k][0] for k in dict.fromkeys(kinds) if k in _SAID]
-    return " and ".join(said) if said else "a rewind, revert or erase"
+    return " and ".join(said) if said else "a rewind, erase or purge"
 
 
 def _undo_said(kinds: tuple[str, ...]) -> tuple[str, str]:
-    """(participles, what they did) for the undos ``kinds``: ("reverted", "store.revert
-    undid ..."); unknown (()): every kind."""
+    """(participles, what they did) for the undos ``kinds``: ("purged", "store.purge
+    erased ..."); unknown (()): every kind."""
     said = [_SAID[k] for k in dict.fromkeys(kinds) if k in _SAID]
     if not said:
-        return ("rewound, reverted or erased",
+        return ("rewound, erased or purged",
                 "work of its turns was undone and their tools' actions compensated")
     return " and ".join(s[1] for s in said), "; ".join(s[2] for s in said)
 
@@ -538,15 +535,18 @@ def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
 
 class _UndoCheck:
     """A transaction's commit-time check (``add_commit_check``, run under the journal lock
-    as it appends): ConflictError when a rewind, erase, purge or revert of a session it
-    was checked for (``_guarded``, ``_guard_session_scope``) by another caller was
-    marked under way since that check.  The check ran as the transaction did; a revert
-    planned after it and committed before the transaction's commit (a revert's commit
-    does not meet the undo fence: it undoes no later work) let a turn's save, or its
-    tool's booking, land after the revert had refunded the turn's booking, and stand
-    (stop 76 h4).  Its undo watcher marks the session before it commits, so the check
-    at the append closes that window: a session write is retried (and then refused as
-    cut off), a tool's transaction rolls back, its actions compensated."""
+    as it appends): ConflictError when a rewind, erase or purge of a session it was
+    checked for (``_guarded``, ``_guard_session_scope``) by another caller was marked
+    under way since that check.  The check ran as the transaction did; the undo fence
+    refuses the commit of one that passed it before a rewind of the session's scope (or
+    around it) or a purge and committed after it, but a rewind scoped INSIDE the
+    session's scope (``store.rewind(point, scope=session.scope + "k/")``, which
+    compensates the session's bookings) does not meet the fence: a turn's save, or its
+    tool's booking, checked before it landed after it and stood.  Its undo watcher
+    marks the session before it begins, so the check at the append closes that window:
+    a session write is retried (and then refused as cut off), a tool's transaction rolls
+    back, its actions compensated.  (Written for ``store.revert``, which cut off turns
+    then: stop 76 h4.)"""
     __slots__ = ("checked",)
 
     def __init__(self) -> None:
@@ -591,8 +591,8 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     committed since or is still under way: the tool work of a turn the rewind retracted
     (a booking made after the rewind that cancelled the turn's, standing for good:
     stop 75).  Let through, its commit is refused too when an undo of the session (a
-    revert too, whose commit the fence does not meet) was marked under way since
-    (``_UndoCheck``).  A rewind's own context (its compensators) passes, not fenced, and
+    rewind scoped inside it too, whose commit the fence does not meet) was marked under
+    way since (``_UndoCheck``).  A rewind's own context (its compensators) passes, not fenced, and
     a context that never touched the session passes, fenced."""
     if not isinstance(scope, str):
         return
@@ -667,61 +667,6 @@ def _watch_undo(store: Any, scope: Any) -> Callable[[bool], None] | None:
     return _cut_off_sessions(reached, mine, undo_kind() or "rewind")
 
 
-def _watch_revert(store: Any, reach: Any) -> Callable[[bool], None] | None:
-    """walstore calls this once a ``store.revert`` planned, before it commits, in the
-    reverting thread (``register_undo_watcher``'s ``on_revert``), with what it reaches
-    (``walstore.agent.scope.UndoReach``): a session of this process whose keys it puts
-    back (the session's items, tool state: its own writes are begun in no scope), that
-    holds a scope of what it undoes (an action declared in ``session.scope``, a
-    transaction begun in it) or lies in one (``"oa/"``) is counted as by a rewind of it
-    (``_watch_undo``): a turn in flight is cut off by a revert of a booking of the
-    session's earlier turn, as by a rewind — it saved "booked" beside the refunded
-    booking (stop 76).  A revert of nothing of a session's cuts off nobody.  Each key
-    and scope is looked up by its own prefixes (``_session_of_scope``): the cost is the
-    revert's size, not the number of sessions; the scopes in no session (perhaps around
-    some: ``"oa/"``) are looked up in one sorted list of the sessions."""
-    with _locks_guard:
-        per_store = _locks.get(store)
-        if not per_store:
-            return None
-        mine = _REWINDING.get()
-        found: dict[str, _WriterLock] = {}
-        last = None   # (the prefix of the previous key's session: keys come sorted)
-        for key in reach.keys:
-            if not isinstance(key, str) or (last is not None and key.startswith(last)):
-                continue
-            hit = _enclosing_session(per_store, key)
-            if hit is not None:
-                last = hit[0]
-                found.setdefault(*hit)
-        around: list[str] = []   # (scopes in no session: perhaps around some)
-        for scope in reach.scopes:
-            if not isinstance(scope, str):
-                continue
-            hit = _enclosing_session(per_store, scope)
-            if hit is not None:
-                found.setdefault(*hit)
-            else:
-                around.append(scope)
-        if around:
-            # the sessions in each, looked up in ONE sorted walk of them: each such scope
-            # walked them all (2,000 scopes of other agents' work, 20,000 sessions: 16 s
-            # with the revert's transaction open, perhaps every commit held out)
-            ordered = sorted(per_store.items(), key=_first)
-            prefixes = [prefix for prefix, _state in ordered]
-            for scope in around:
-                i = bisect.bisect_left(prefixes, scope)
-                while i < len(prefixes) and prefixes[i].startswith(scope):
-                    found.setdefault(*ordered[i])
-                    i += 1
-        reached = [state for state in found.values() if state not in mine]
-    return _cut_off_sessions(reached, mine, "revert")
-
-
-def _first(pair: tuple[str, Any]) -> str:
-    return pair[0]
-
-
 def _enclosing_session(per_store: Any, text: str) -> tuple[str, _WriterLock] | None:
     """(prefix, writer lock) of the session in ``per_store`` whose scope holds the key
     or scope ``text``, or None: each of its ``/``-ended prefixes looked up (a session's
@@ -767,7 +712,7 @@ def _cut_off_sessions(reached: list[_WriterLock], mine: tuple, kind: str
 
 def _register_undo_watcher() -> bool:
     from ..agent.scope import register_undo_watcher
-    register_undo_watcher(_watch_undo, on_revert=_watch_revert)
+    register_undo_watcher(_watch_undo)
     return True
 
 
@@ -1042,8 +987,8 @@ class WalstoreSession:
         for may be one the rewind retracted and compensated.  The transaction is fenced
         against undo of the scope (``undo_fence``), so a rewind committing while it runs
         makes it conflict and be checked again; a checked one's commit also conflicts
-        when any undo of the session, a revert too, was marked under way since the check
-        (``_UndoCheck``).  A compensator of the rewind (its context), and a context that
+        when any undo of the session, a rewind scoped inside it too, was marked under
+        way since the check (``_UndoCheck``).  A compensator of the rewind (its context), and a context that
         never read or wrote the session, neither wait nor are refused."""
         state = self._lock
         exempt = state in _REWINDING.get()
@@ -1066,9 +1011,9 @@ class WalstoreSession:
             if seen is not None:
                 if epoch != seen:
                     raise _CutOff(state.kinds_since(seen))
-                # (a revert of the session planned from now on, committed before this
-                # commit: it stood, "booked" saved after the refund — refused at the
-                # append instead, and retried: _UndoCheck)
+                # (a rewind scoped inside the session marked from now on, committed
+                # before this commit: the fence misses it, and "booked" stood after the
+                # refund — refused at the append instead, and retried: _UndoCheck)
                 _check_at_commit(tx, state, marks, epoch, self._prefix,
                                  f"session {self.session_id!r}")
             pin = [pinned, False]
