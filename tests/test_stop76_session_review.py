@@ -64,6 +64,27 @@ def pause_after_check(monkeypatch) -> tuple[threading.Event, threading.Event]:
     return checked, go_on
 
 
+def test_a_rewind_scoped_inside_the_session_cuts_off_its_turn_in_flight(store):
+    """``store.rewind(point, scope=session.scope + "k/")`` (the session's tool state)
+    compensates the session's bookings (declared around that scope).  Before: only a
+    rewind scoped to the session's scope or around it cut off the turn; this one let it
+    save "booked" after the refund."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        point = store.log(limit=1)[0].lsn
+        await asyncio.to_thread(book, store, s, "oslo", world)
+        await s.get_items()
+        assert await asyncio.to_thread(store.rewind, point, scope=s.scope + "k/")
+        with pytest.raises(walstore.ConflictError, match="was rewound by another caller"):
+            await s.add_items([assistant("oslo is booked")])
+    asyncio.run(go())
+    assert world == ["book oslo", "cancel oslo"]
+
+
 @pytest.mark.parametrize("undo", ["ended", "compensating"])
 def test_a_session_write_checked_before_a_rewind_inside_it_is_refused_at_commit(
         store, monkeypatch, undo):
