@@ -84,3 +84,37 @@ def held_model(ex: ModuleType, thinking: threading.Event, go_on: threading.Event
                 assert await asyncio.to_thread(go_on.wait, WAIT_S)
             return await super().get_response(*args, **kwargs)
     return HeldModel
+
+
+def booking_tool(store, session, world: list, then=None):
+    """The SDK tool ``book_hotel(city)``: ``book`` in ``session``'s scope, then
+    ``then(city)`` if given (a test holding the turn there); returns "booked <city>"."""
+    from agents import function_tool
+
+    @function_tool
+    def book_hotel(city: str) -> str:
+        """Book a hotel.
+
+        Args:
+            city: where.
+        """
+        book(store, session, city, world)
+        if then is not None:
+            then(city)
+        return f"booked {city}"
+    return book_hotel
+
+
+def spy_rewind_waits(monkeypatch) -> threading.Event:
+    """An event set when a session write starts waiting on a rewind under way
+    (``_WriterLock.await_rewinds`` with ``underway``)."""
+    import walstore.integrations.openai_agents as oa
+    waiting = threading.Event()
+    orig = oa._WriterLock.await_rewinds
+
+    def await_rewinds(self):
+        if self.underway:
+            waiting.set()
+        return orig(self)
+    monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds)
+    return waiting

@@ -36,7 +36,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, held_model, example, assistant, book, store, user  # noqa: E402,F401
+from session_support import WAIT_S, spy_rewind_waits, booking_tool, held_model, example, assistant, book, store, user  # noqa: E402,F401
 
 
 def shown(items):
@@ -66,7 +66,7 @@ def test_a_runner_turn_keeps_its_items_on_its_branch_when_another_caller_moves_t
     """The SDK's Runner on branch A; while its model thinks, another request switches
     the session to main (or branches it).  Before: the tool call, its output and the
     answer landed on that other branch, the question stayed on A unanswered."""
-    from agents import Agent, RunConfig, Runner, function_tool
+    from agents import Agent, RunConfig, Runner
     ex = example()
     world: list[str] = []
     thinking, moved = threading.Event(), threading.Event()
@@ -74,15 +74,7 @@ def test_a_runner_turn_keeps_its_items_on_its_branch_when_another_caller_moves_t
 
     HeldModel = held_model(ex, thinking, moved)
 
-    @function_tool
-    def book_hotel(city: str) -> str:
-        """Book a hotel.
-
-        Args:
-            city: where.
-        """
-        book(store, s, city, world)
-        return f"booked {city}"
+    book_hotel = booking_tool(store, s, world)
 
     async def other_request():
         other = WalstoreSession("u", store)   # (its own object, as a second request's)
@@ -234,24 +226,17 @@ def test_a_runner_turn_across_a_direct_store_rewind_fails_instead_of_saving_book
     with ``store.rewind`` while the model writes its answer.  Before: the run returned
     'Booked Rome.' and saved the call, its output and the answer after the rewind had
     cancelled the booking."""
-    from agents import Agent, RunConfig, Runner, function_tool
+    from agents import Agent, RunConfig, Runner
     ex = example()
     world: list[str] = []
     store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
     booked, rewound = threading.Event(), threading.Event()
     s = WalstoreSession("u", store)
 
-    @function_tool
-    def book_hotel(city: str) -> str:
-        """Book a hotel.
-
-        Args:
-            city: where.
-        """
-        book(store, s, city, world)
+    def hold(city: str) -> None:
         booked.set()
         assert rewound.wait(WAIT_S)
-        return f"booked {city}"
+    book_hotel = booking_tool(store, s, world, hold)
 
     def rewinder():
         assert booked.wait(WAIT_S)
@@ -286,14 +271,7 @@ def test_a_write_while_a_direct_rewind_compensates_waits_for_it_then_is_refused(
     """While ``store.rewind`` runs its compensations, the turn's save waits (then is
     refused); the rewind's compensator writes to the session from the rewinding thread
     without waiting, and the rewinding thread writes on afterwards."""
-    waiting = threading.Event()
-    orig = oa._WriterLock.await_rewinds
-
-    def await_rewinds(self):
-        if self.underway:
-            waiting.set()
-        return orig(self)
-    monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds)
+    waiting = spy_rewind_waits(monkeypatch)
     world: list[str] = []
     compensating, release = threading.Event(), threading.Event()
 

@@ -27,7 +27,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, held_model, assistant, book, example, store, user  # noqa: E402,F401
+from session_support import WAIT_S, booking_tool, held_model, assistant, book, example, store, user  # noqa: E402,F401
 
 
 def states(store):
@@ -143,16 +143,7 @@ def test_the_runners_own_read_in_a_cut_off_turn_does_not_let_it_save(store):
             return await super().get_items(*args, **kwargs)
     turn_session = Counted("u", store)
 
-    @function_tool
-    def book_hotel(city: str) -> str:
-        """Book a hotel.
-
-        Args:
-            city: where.
-        """
-        book(store, turn_session, city, world)
-        booked.set()
-        return f"booked {city}"
+    book_hotel = booking_tool(store, turn_session, world, lambda city: booked.set())
 
     @function_tool(failure_error_function=None)
     async def check_visa(city: str) -> str:

@@ -26,7 +26,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 from walstore.agent.scope import register_undo_watcher  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, assistant, book, example, store, user  # noqa: E402,F401
+from session_support import WAIT_S, booking_tool, assistant, book, example, store, user  # noqa: E402,F401
 
 
 def booking_txid(store, what: str) -> int:
@@ -57,25 +57,18 @@ def test_a_revert_of_turn_1s_booking_while_turn_2_runs_cuts_off_nothing(store, h
     saved once, Oslo refunded once.  Before (stop 76): turn 2's save was refused as cut
     off, Rome booked with no item holding it (and booked twice when the turn was run
     again, as the error advised)."""
-    from agents import Agent, RunConfig, Runner, function_tool
+    from agents import Agent, RunConfig, Runner
     ex = example()
     world: list[str] = []
     store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
     holding, reverted = threading.Event(), threading.Event()
     s = WalstoreSession("u", store)
 
-    @function_tool
-    def book_hotel(city: str) -> str:
-        """Book a hotel.
-
-        Args:
-            city: where.
-        """
-        book(store, s, city, world)
+    def hold(city: str) -> None:
         if city == "Rome" and held == "tool":
             holding.set()
             assert reverted.wait(WAIT_S)
-        return f"booked {city}"
+    book_hotel = booking_tool(store, s, world, hold)
 
     class Answering(ex.ScriptedModel):
         calls = 0

@@ -33,7 +33,7 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import (WAIT_S, assistant, book, held_cancel, store,  # noqa: E402,F401
+from session_support import (WAIT_S, spy_rewind_waits, assistant, book, held_cancel, store,  # noqa: E402,F401
                              user)
 
 
@@ -99,14 +99,7 @@ def test_a_session_write_checked_before_a_rewind_inside_it_is_refused_at_commit(
         store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
     else:
         compensating, release = held_cancel(store, world)
-        waiting = threading.Event()
-        orig = oa._WriterLock.await_rewinds
-
-        def await_rewinds(self):
-            if self.underway:
-                waiting.set()
-            return orig(self)
-        monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds)
+        waiting = spy_rewind_waits(monkeypatch)
 
     async def go():
         s = WalstoreSession("u", store)
