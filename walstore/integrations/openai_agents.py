@@ -521,16 +521,7 @@ def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
     (the scope itself or a prefix narrower than it), or None."""
     with _locks_guard:
         per_store = _locks.get(store)
-    if not per_store:
-        return None
-    end = scope.find("/")
-    while end != -1:
-        prefix = scope[:end + 1]
-        state = per_store.get(prefix)
-        if state is not None:
-            return prefix, state
-        end = scope.find("/", end + 1)
-    return None
+    return _enclosing_session(per_store, scope) if per_store else None
 
 
 class _UndoCheck:
