@@ -166,6 +166,36 @@ def test_a_tools_booking_let_through_before_a_rewind_inside_is_rolled_back_at_co
     assert store.get(WalstoreSession("u", store).key("bookings/rome")) is None
 
 
+def test_a_tools_booking_outlasting_a_rewind_that_changed_nothing_commits(store):
+    """As above, but the rewind inside the session's scope marks the session and then
+    changes nothing (its point names nothing: UnknownPoint) while the tool's transaction
+    is open.  Its commit-time check refused the booking all the same (rolled back, its
+    refund run) though nothing was undone — the guide says an undo that changes nothing
+    cuts off nobody (h6's note, stop 76).  It commits now."""
+    world: list[str] = []
+    store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
+    entered, go_on = threading.Event(), threading.Event()
+
+    async def go():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("book rome")])
+        await s.get_items()
+        tool = asyncio.create_task(asyncio.to_thread(
+            book, store, s, "rome", world, entered=entered, go_on=go_on))
+        try:
+            assert await asyncio.to_thread(entered.wait, WAIT_S)
+            with pytest.raises(walstore.UnknownPoint):
+                await asyncio.to_thread(rewind_inside, store, s, "no-such-point")
+        finally:
+            go_on.set()
+        await tool
+        await s.add_items([assistant("rome booked")])   # (the turn writes on)
+    asyncio.run(go())
+    assert world == ["book rome"]
+    assert states(store) == [("rome", "committed")]
+    assert store.get(WalstoreSession("u", store).key("bookings/rome")) == "confirmed"
+
+
 def test_a_tools_transaction_that_reads_a_workspace_keeps_the_sessions_commit_check(
         store, tmp_path):
     """The tool's transaction reads a workspace file after its booking was let through:

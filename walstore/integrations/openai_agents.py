@@ -275,10 +275,12 @@ class _WriterLock:
         """The rewind ``token`` ended; the epoch it left, for its own context to note
         (read later, it counted another caller's rewind ended meanwhile as its own)."""
         with self._mutex:
-            self.underway.remove(token)
-            if committed:
+            if committed:  # (counted before it leaves ``underway``: _UndoCheck reads
+                # both without this mutex, ``underway`` first, and never finds the undo
+                # neither under way nor counted)
                 self.epoch += 1
                 self.kinds = (self.kinds + (token.kind,))[-_KINDS_KEPT:]
+            self.underway.remove(token)
             self.done.notify_all()
             return self.epoch
 
@@ -528,7 +530,8 @@ class _UndoCheck:
     """A transaction's commit-time check (``add_commit_check``, run under the journal lock
     as it appends): ConflictError when a rewind, erase or purge of a session it was
     checked for (``_guarded``, ``_guard_session_scope``) by another caller was marked
-    under way since that check.  The check ran as the transaction did; the undo fence
+    under way since that check, unless it ended having changed nothing.  The check ran
+    as the transaction did; the undo fence
     refuses the commit of one that passed it before a rewind of the session's scope (or
     around it) or a purge and committed after it, but a rewind scoped INSIDE the
     session's scope (``store.rewind(point, scope=session.scope + "k/")``, which
@@ -546,7 +549,11 @@ class _UndoCheck:
 
     def __call__(self) -> None:
         for state, (marks, epoch, prefix, what) in self.checked.items():
-            if state.marks != marks:
+            # an undo marked since the check, still under way or committed; one that
+            # ended having changed nothing refuses nothing (it refused a tool's booking
+            # and refunded it: h6's note, stop 76).  ``underway`` read before ``epoch``
+            # (``_WriterLock.end`` counts before it takes the undo out)
+            if state.marks != marks and (state.underway or state.epoch != epoch):
                 # (no lock taken under the journal lock: the kinds only name it)
                 n, done = state.epoch - epoch, state.kinds
                 kinds = state.kinds_underway() + (done[-n:] if 0 < n <= len(done) else ())
