@@ -60,10 +60,11 @@ def book(store, session, what: str, world: list, *,
         tx.put(session.key(f"bookings/{what}"), "confirmed")
 
 
-def held_cancel(store, world: list) -> tuple[threading.Event, threading.Event]:
+def held_cancel(store, world: list, done: str | None = None
+                ) -> tuple[threading.Event, threading.Event]:
     """Register compensator "cancel": it notes ``cancel <what>`` in ``world``, sets the
-    first event and holds until the second is set (a rewind still compensating).
-    Returns (compensating, release)."""
+    first event and holds until the second is set (a rewind still compensating), then
+    notes ``done`` when given.  Returns (compensating, release)."""
     compensating, release = threading.Event(), threading.Event()
 
     @store.compensator("cancel")
@@ -71,6 +72,8 @@ def held_cancel(store, world: list) -> tuple[threading.Event, threading.Event]:
         world.append(f"cancel {action.args['what']}")
         compensating.set()
         release.wait(WAIT_S)
+        if done is not None:
+            world.append(done)
     return compensating, release
 
 

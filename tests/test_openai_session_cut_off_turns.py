@@ -23,22 +23,8 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
 
-import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, example, assistant, book, store, user  # noqa: E402,F401
-
-
-def spy_on_waits(monkeypatch) -> threading.Event:
-    """Set when a session write begins waiting for a rewind under way."""
-    waiting = threading.Event()
-    orig = getattr(oa._WriterLock, "await_rewinds", None)   # (None: the code before)
-
-    def await_rewinds(self):
-        if self.underway:
-            waiting.set()
-        return orig(self)
-    monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds, raising=False)
-    return waiting
+from session_support import WAIT_S, held_cancel, spy_rewind_waits, example, assistant, book, store, user  # noqa: E402,F401
 
 
 def test_a_turn_in_flight_across_a_rewind_is_refused_once_the_compensations_ran(
@@ -47,16 +33,9 @@ def test_a_turn_in_flight_across_a_rewind_is_refused_once_the_compensations_ran(
     booking, and its items stood after the rewind — items [hi, hello, 'booked rome'],
     world [book rome, cancel rome]."""
     world: list[str] = []
-    compensating, release = threading.Event(), threading.Event()
+    compensating, release = held_cancel(store, world, done="cancelled")
 
-    @store.compensator("cancel")
-    def cancel(action):
-        world.append(f"cancel {action.args['what']}")
-        compensating.set()
-        release.wait(WAIT_S)
-        world.append("cancelled")
-
-    waiting = spy_on_waits(monkeypatch)
+    waiting = spy_rewind_waits(monkeypatch)
 
     async def go():
         s = WalstoreSession("u", store)
@@ -131,7 +110,7 @@ def test_a_turn_waiting_on_a_rewind_that_failed_on_a_full_disk_saves(tmp_path, m
         fb.fail("pwrite", errno.ENOSPC, path="*.wal")   # the rewind's commit fails
 
     fb.at_point("undo.planned", pause_then_fill_the_disk)
-    waiting = spy_on_waits(monkeypatch)
+    waiting = spy_rewind_waits(monkeypatch)
 
     async def go():
         s = WalstoreSession("u", store)
@@ -240,7 +219,7 @@ def test_a_compensator_writing_from_a_thread_of_its_own_does_not_wait_for_its_re
     context of the rewind) waited for the very rewind that waited for it: the whole
     ``_REWIND_WAIT_S`` (120 s) on the first version of the fix.  A context that never
     touched the session has no turn to cut off: it neither waits nor is refused."""
-    waiting = spy_on_waits(monkeypatch)
+    waiting = spy_rewind_waits(monkeypatch)
     pool = ThreadPoolExecutor(1)
 
     @store.compensator("cancel")
