@@ -68,6 +68,13 @@ which thread a transaction begun inside a graph node belongs to.
   is not cut off (its compensators write to the thread unhindered; an undo made in a
   node of the thread leaves that run going on, one around threads made there cuts it
   off at its next save); an undo that failed before its commit cuts off nothing.
+  A rewind to a point after some of the run's node transactions leaves them, while the
+  run's checkpoint of their step is refused (or taken back): the run's refused save
+  reverts, with their compensations, those the thread records nowhere -- no checkpoint
+  of the run on or after their step left, no pending write of their task -- judged at
+  the run's outermost graph (``_undo_cut_off_step``; before, stop 77, such a booking
+  stood and a resume booked again).  A purge compensates nothing (``_UNDOS`` notes
+  rewinds only).
 - **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
   its bookings and puts back its keys, but the thread's checkpoints, written by separate
   transactions, still say what the node returned: to undo a thread's steps, rewind the
@@ -115,7 +122,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
         return (task_path, task_id, idx)
 
 import walstore
-from walstore.agent.scope import NO_SCOPE, add_undo_fence, fenced_for
+from walstore.agent.scope import NO_SCOPE, add_undo_fence, fenced_for, undo_kind
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
                              HistoryTrimmed, PointTypeError, RevertConflict, WalstoreError,
                              type_and_message)
@@ -439,6 +446,22 @@ def _rewinds(store: Any) -> dict[bytes, float]:
         return got
 
 
+# thread prefix -> when a rewind of it (``saver.rewind``, a ``store.rewind`` reaching it:
+# not a purge, not ``delete_thread``) last committed in this process (monotonic, as
+# ``_REWINDS``; per store object; a scope around threads in ``_WIDE["undos"]``): a run
+# that loaded the thread before it and is refused has its step's bookings the rewind
+# left standing undone (``WalstoreSaver._undo_cut_off_step``)
+_UNDOS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
+
+
+def _undos(store: Any) -> dict[bytes, float]:
+    with _REMOVALS_LOCK:
+        got = _UNDOS.get(store)
+        if got is None:
+            got = _UNDOS[store] = {}
+        return got
+
+
 _MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
 
 
@@ -519,7 +542,7 @@ def _mark_end(marks: dict, key: bytes, mine: Any, renewed: Any,
 _WIDE: "weakref.WeakKeyDictionary[Any, dict[str, dict[bytes, Any]]]" = \
     weakref.WeakKeyDictionary()
 _WIDE_MAX = _MARKS_MAX
-_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS}
+_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "undos": _UNDOS}
 
 
 def _wide(store: Any, kind: str) -> dict[bytes, Any]:
@@ -599,12 +622,13 @@ class _LostRunUndo:
     thread (before, the second refusal found the registry emptied by the first and said
     nothing was undone, with the first's revert still under way: audit 74)."""
 
-    __slots__ = ("lock", "undone", "left")
+    __slots__ = ("lock", "undone", "left", "done")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()  # (a compensator saving on the same run re-enters)
         self.undone: list[int] = []     # txids reverted, their actions compensated
         self.left: list[str] = []       # "txid (why)" of those a revert refused
+        self.done: set[int] = set()     # txids a cut-off run's undo is done with
 
 
 _LOST_RUN_UNDOS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -627,15 +651,59 @@ def _lost_run_undo(store: Any, key: tuple) -> _LostRunUndo:
         return got
 
 
-def _step_txns(store: Any) -> "OrderedDict[tuple, dict[int, None]]":
+def _step_txns(store: Any) -> "OrderedDict[tuple, dict[int, tuple]]":
     """(thread prefix, ns, checkpoint id, run token) -> txids of the transactions begun
     in graph nodes of that run's step built on that checkpoint, in the order noted (a
-    dict: each once, found without a scan), per store object."""
+    dict: each once, found without a scan), per store object; each to its levels
+    (``_note_step_txn``: (ns, checkpoint id, run token, task id) of each namespace it
+    is work of; () for an undo's own work)."""
     with _REMOVALS_LOCK:
         got = _STEP_TXNS.get(store)
         if got is None:
             got = _STEP_TXNS[store] = OrderedDict()
         return got
+
+
+_SAVED_STEPS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _saved_steps(store: Any) -> "OrderedDict[tuple, tuple[str, dict]]":
+    """(thread prefix, ns, checkpoint id, run token) -> (the checkpoint that run's step
+    built on it saved, its node transactions as ``_step_txns`` held them), per store
+    object, the newest ``_STEP_TXNS_MAX`` steps: a rewind may take such a checkpoint
+    back and leave a booking of its step standing (``_undo_cut_off_step``)."""
+    with _REMOVALS_LOCK:
+        got = _SAVED_STEPS.get(store)
+        if got is None:
+            got = _SAVED_STEPS[store] = OrderedDict()
+        return got
+
+
+def _outside_node(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a copy of this context that is in no graph node: the saver's own
+    undo of a cut-off run, made from a save a subgraph's loop calls (in the context of
+    its parent's node), was taken for a node transaction of that run and refused."""
+    try:
+        from langchain_core.runnables.config import var_child_runnable_config
+    except ImportError:  # pragma: no cover - (langgraph depends on it)
+        return fn()
+
+    def outside() -> Any:
+        var_child_runnable_config.set(None)
+        return fn()
+    return contextvars.copy_context().run(outside)
+
+
+def _task_at(task_ns: str, ns_name: str) -> str | None:
+    """The id of the task of namespace ``ns_name`` that a node whose own namespace is
+    ``task_ns`` (LangGraph's ``"name:task id|name:task id..."``) runs in; None when
+    ``task_ns`` does not lie in ``ns_name``."""
+    if ns_name:
+        if not task_ns.startswith(ns_name + "|"):
+            return None
+        task_ns = task_ns[len(ns_name) + 1:]
+    task = task_ns.split("|", 1)[0].rpartition(":")[2]
+    return task or None
 
 
 def _uuid6_ticks(cid: str) -> int | None:
@@ -1369,6 +1437,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 if e.head is None and token is not None and token in _lost_runs(self.store):
                     self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                elif e.head is None and token is not None:
+                    self._undo_cut_off_step(e, ns, token)  # (cut off by a rewind)
                 if e.head is not None and token is not None:  # (a rival's race, not a rewind)
                     lost = _lost_runs(self.store)
                     with _REMOVALS_LOCK:
@@ -1384,9 +1454,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     self._undo_lost_step(e, ns, token)
                 raise
         if token is not None:  # (the step's transactions now belong to a checkpoint)
-            registry = _step_txns(self.store)
+            registry, saved = _step_txns(self.store), _saved_steps(self.store)
             with _REMOVALS_LOCK:
-                registry.pop((ns.thread_prefix, ns_name, parent, token), None)
+                key = (ns.thread_prefix, ns_name, parent, token)
+                saved[key] = (cid, registry.pop(key, None) or {})
+                saved.move_to_end(key)
+                while len(saved) > _STEP_TXNS_MAX:
+                    saved.popitem(last=False)
         self.codec.remember(cache_updates)
         if read_empty and parent is None:
             # the config's next parent-less put (a direct caller reusing it) is not the
@@ -1547,6 +1621,121 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
                           f"what they did outside): {'; '.join(left)}",) + error.args[1:]
 
+    def _undo_cut_off_step(self, error: StaleCheckpointError, ns: Namespace,
+                           token: str) -> None:
+        """A save of a run cut off by a rewind of its thread (``saver.rewind``, a
+        ``store.rewind`` reaching it: ``_UNDOS``; not a purge or ``delete_thread``, which
+        compensate nothing) was refused: the run will save nothing more, so what its
+        nodes committed that no checkpoint or pending write of the thread records now is
+        reverted, newest first, with its compensations (``store.revert``), as a lost
+        run's are (``_undo_lost_step``).  A ``store.rewind`` to a point after a booking
+        of the run leaves it (it is after the point), while the run's checkpoint of that
+        step was never saved (or the rewind took it back): before, the booking stood
+        with no checkpoint saying so, and resuming the thread booked again.  Each
+        transaction the run's nodes began (``_step_txns``, and ``_saved_steps`` for the
+        steps it saved; never an undo's own, ``undo_work``) is judged in the run's
+        outermost graph (a subgraph's node transaction by its parent's task, which a
+        resume runs again whole): kept when a checkpoint the run saved on or after its
+        step still exists, or its task's pending writes on the checkpoint its step built
+        on do (LangGraph takes the task as done); skipped when it never committed or an
+        undo took it back already (the rewind itself, when it came after the rewind's
+        point).  The error's message says what was reverted, and what could not be."""
+        loaded = _loaded_at(token)
+        rewound = _mark_of(self.store, "undos", ns.thread_prefix)
+        if loaded is None or rewound is None or not loaded < rewound:
+            return
+        prefix, ns_name = ns.thread_prefix, error.checkpoint_ns
+        run = _lost_run_undo(self.store, (prefix, ns_name, token))
+        with run.lock:
+            work: dict[int, tuple] = {}
+            runs: dict[tuple, list[str]] = {}   # (ns, token) -> checkpoints it saved
+            registry, saved = _step_txns(self.store), _saved_steps(self.store)
+            with _REMOVALS_LOCK:
+                for key, txns in registry.items():
+                    if key[0] == prefix and key[1] == ns_name and key[3] == token:
+                        work.update(txns)
+                for key, (cid, txns) in saved.items():
+                    if key[0] == prefix:
+                        runs.setdefault((key[1], key[3]), []).append(cid)
+                        if key[1] == ns_name and key[3] == token:
+                            work.update(txns)
+            heads: dict[tuple, str | None] = {}
+            written: dict[tuple, set[str]] = {}
+            for txid in sorted(work, reverse=True):
+                # (judged where the run's outermost graph ran it: a subgraph's node
+                # transaction is its parent task's work, and resuming the thread runs
+                # that task, the subgraph's saved steps included, again)
+                if txid in run.done or not work[txid] or self._step_recorded(
+                        error.thread_id, min(work[txid], key=lambda lv: len(lv[0])),
+                        runs, heads, written):
+                    continue
+                run.done.add(txid)
+                try:
+                    info = self.store.txn_info(txid)
+                except (KeyError, WalstoreError):
+                    continue  # (never committed: its actions, if any, were compensated)
+                if info.extra.get("undone_by"):
+                    continue  # (undone already: by the rewind, or another undo)
+                try:
+                    if _outside_node(lambda: self.store.revert(
+                            txid, scope=prefix,
+                            meta=self._meta("undo_cut_off_step", thread_id=error.thread_id,
+                                            checkpoint_id=error.parent,
+                                            txid=txid))) is not None:
+                        run.undone.append(txid)
+                except RevertConflict as e:
+                    if not self._undone_already(txid, e):
+                        run.left.append(f"{txid} ({type_and_message(e)})")
+                except WalstoreError as e:
+                    run.left.append(f"{txid} ({type_and_message(e)})")
+            undone, left = sorted(run.undone, reverse=True), list(run.left)
+        if undone:
+            error.args = (error.args[0] + f"; the transactions this run's nodes committed "
+                          f"that no checkpoint of the thread records now (txids "
+                          f"{', '.join(map(str, undone))}) were reverted and their "
+                          f"actions compensated",) + error.args[1:]
+        if left:
+            error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
+                          f"what they did outside): {'; '.join(left)}",) + error.args[1:]
+
+    def _step_recorded(self, thread_id: str, level: tuple, runs: dict, heads: dict,
+                       written: dict) -> bool:
+        """Does the thread record the step ``level`` (namespace, the checkpoint the step
+        built on, the run's token, the node's task) stands for: a checkpoint that run
+        saved on or after it still exists (``runs``: the checkpoints each run saved;
+        ``heads``: the newest of them that exists, found once), or the task's regular
+        pending writes on that checkpoint do (``written``, read once a checkpoint)."""
+        ns_name, cid, token, task = level
+        if (ns_name, token) not in heads:
+            ns = self.keys.at(thread_id, ns_name)
+            heads[(ns_name, token)] = next(
+                (c for c in sorted(runs.get((ns_name, token), ()), reverse=True)
+                 if self.store.get(ns.checkpoint(c)) is not None), None)
+        head = heads[(ns_name, token)]
+        if head is not None and head > cid:
+            return True
+        if task is None:
+            return False
+        if (ns_name, cid) not in written:
+            written[(ns_name, cid)] = self._tasks_done(self.keys.at(thread_id, ns_name),
+                                                       cid)
+        return task in written[(ns_name, cid)]
+
+    def _tasks_done(self, ns: Namespace, cid: str) -> set[str]:
+        """The tasks with a regular pending write on checkpoint ``cid`` (not an error's,
+        an interrupt's or a resume's, nor the null task's): LangGraph takes them as
+        done and does not run them again."""
+        prefix, done = ns.writes_of(cid), set()
+        for key, row in self.store.scan(prefix=prefix):
+            try:
+                task_id, idx = self.keys.parse_write(prefix, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+            if task_id != NULL_TASK_ID and isinstance(idx, int) and idx >= 0:
+                done.add(task_id)
+        return done
+
     def _undone_already(self, txid: int, error: RevertConflict) -> bool:
         """Does ``error`` (a revert of ``txid`` refused) say that ``txid`` was undone
         already: every later writer it names is an undo of it (its commit's ``reverts``
@@ -1640,22 +1829,31 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                  "a transaction begun in a step built on", undo=False)
 
     def _note_step_txn(self, tx: Any, thread_id: str, conf: Mapping,
-                       checkpoint_map: Mapping) -> None:
+                       checkpoint_map: Mapping, undo_work: bool = False) -> None:
         """Remember ``tx`` (begun in a node of a run's step) under each namespace's
         checkpoint the step builds on and the run's load token, so a put of that run
-        refused for a race can undo it (:meth:`_undo_lost_step`)."""
+        refused for a race can undo it (:meth:`_undo_lost_step`), and one refused for a
+        rewind can judge it (:meth:`_undo_cut_off_step`: never ``undo_work``, the own
+        transaction of an undo made in the node, or a compensator's of it)."""
         prefix = self.thread_scope(thread_id)
         registry = _step_txns(self.store)
+        task_ns = conf.get("checkpoint_ns")
+        task_ns = task_ns if isinstance(task_ns, str) else ""
+        # (each namespace's step, run and task the transaction is work of: one tuple,
+        # shared by its entries; a run cut off by a rewind judges by it whether a saved
+        # checkpoint or pending write records the transaction, _undo_cut_off_step)
+        levels = tuple((ns_name, cid, conf.get(RUN_TOKEN + ns_name),
+                        _task_at(task_ns, ns_name))
+                       for ns_name, cid in checkpoint_map.items()
+                       if isinstance(ns_name, str) and isinstance(cid, str)
+                       and conf.get(RUN_TOKEN + ns_name) is not None)
         with _REMOVALS_LOCK:
-            for ns_name, cid in checkpoint_map.items():
-                token = conf.get(RUN_TOKEN + ns_name) if isinstance(ns_name, str) else None
-                if token is None or not isinstance(cid, str):
-                    continue
+            for ns_name, cid, token, _task in levels:
                 key = (prefix, ns_name, cid, token)
                 # (a dict: each once, a transaction fenced again by guard_node_scope too;
                 # the ``not in`` of a list scanned every txid noted before, under the
                 # lock: a node making 20,000 transactions spent 1.6 s of its 3.2 there)
-                registry.setdefault(key, {})[tx.id] = None
+                registry.setdefault(key, {})[tx.id] = () if undo_work else levels
                 registry.move_to_end(key)
             while len(registry) > _STEP_TXNS_MAX:
                 registry.popitem(last=False)
@@ -1739,6 +1937,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 if token is not None and token in _lost_runs(self.store):
                     self._undo_lost_step(e, ns, token)  # (refused for a lost race)
+                elif token is not None:
+                    self._undo_cut_off_step(e, ns, token)  # (cut off by a rewind)
                 raise
 
     def _removal_failed(self, error: StaleCheckpointError, conf: Mapping, ns_name: str,
@@ -2525,7 +2725,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not dry_run:
             # noted before it commits too: a node transaction begun just after the commit
             # finds its step's checkpoint missing and must take it as removed
-            cut = _CutOff(self.store, scope, False)
+            cut = _CutOff(self.store, scope, False, rewind=True)
             cut.begin(_marks_now(self.store))
         try:
             result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
@@ -2666,8 +2866,8 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
             # threads, was refused by the cut-off it had just marked, "the thread was
             # rewound", nothing undone -- or its compensators'.  Neither waits for it
             # nor is refused by it; the run is cut off at its next save once it
-            # committed)
-            saver._note_step_txn(tx, thread_id, conf, checkpoint_map)
+            # committed, and never reverts them: they are the undo's)
+            saver._note_step_txn(tx, thread_id, conf, checkpoint_map, undo_work=True)
             return
         # (a rewind or delete of the thread running in another Python thread is
         # waited for, before the transaction reads: one of a run that loaded the
@@ -2849,8 +3049,11 @@ class _CutOff:
     the newest log entry twice a thread, grew the context's tuple and scanned every
     value cache (477 s)."""
 
-    def __init__(self, store: Any, key: bytes, wide: bool) -> None:
-        self.store, self.key, self.wide = store, key, wide
+    def __init__(self, store: Any, key: bytes, wide: bool, rewind: bool = False) -> None:
+        # (``rewind``: the undo is a rewind, not a purge: once committed it is noted in
+        # ``_UNDOS`` too, and a run it cut off undoes, when refused, the bookings of its
+        # unsaved steps the rewind left standing)
+        self.store, self.key, self.wide, self.rewind = store, key, wide, rewind
         self.marked: tuple = ()
 
     def _dicts(self) -> tuple[dict, dict]:
@@ -2877,6 +3080,12 @@ class _CutOff:
         limit = _WIDE_MAX if self.wide else _MARKS_MAX
         for marks, mark, new in zip((removals, cuts), self.marked, renewed or (None, None)):
             _mark_end(marks, self.key, mark, new, limit)
+        if renewed is not None and self.rewind:
+            undos = _wide(self.store, "undos") if self.wide else _undos(self.store)
+            with _REMOVALS_LOCK:
+                now = undos.get(self.key)
+                _set_mark(undos, self.key, renewed[1] if now is None
+                          else max(now, renewed[1]), limit)
         if renewed is not None and self.wide:   # (what a scope inside it marked is older)
             with _REMOVALS_LOCK:
                 for marks in (removals, cuts):
@@ -2898,7 +3107,8 @@ def _cut_off_runs(store: Any, targets: dict[bytes, bool]) -> Callable[[bool], No
     if not targets:
         return None
     own = _own_thread(store)
-    cuts = [_CutOff(store, key, wide) for key, wide in sorted(targets.items())
+    rewind = undo_kind() != "purge"
+    cuts = [_CutOff(store, key, wide, rewind) for key, wide in sorted(targets.items())
             if not (_removing_here(store, key) or (not wide and key == own))]
     if not cuts:
         return None
