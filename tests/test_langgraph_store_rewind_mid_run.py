@@ -31,7 +31,8 @@ from langgraph.types import interrupt  # noqa: E402
 
 from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
 
-from test_langgraph_findings import Plan, booking_store, plan_graph, standing  # noqa: E402
+from test_langgraph_findings import (Plan, booking_store, hold_save, plan_graph,  # noqa: E402
+                                     standing)
 from test_langgraph_store_undo_cuts_off_runs import book_noted, booking_of  # noqa: E402
 
 WAIT_S = 30
@@ -258,6 +259,37 @@ def test_parallel_branches_keep_the_booking_their_pending_writes_record(tmp_path
     assert sorted(graph.get_state(config).values["booked"]) == standing(world) == [
         "Lima", "Quito"], world
     assert world.count(("book", "Lima")) == (1 if kept else 2), world
+    store.close()
+
+
+def test_writes_saved_before_their_checkpoint_the_rewind_took_back_record_nothing(
+        tmp_path, monkeypatch):
+    """durability="async": the save of the checkpoint after Rome's step waits, while Rome's
+    task saves its pending writes on it (they commit first) and Oslo's step books; the
+    thread is rewound to a point between Rome's writes and that checkpoint's save.  Rome's
+    writes stand on a checkpoint no longer there: no resume loads them, the thread's head
+    is Paris's checkpoint, and a resume books Rome again — so Rome is refunded (h4, stop
+    77: its writes were taken as recording it, it stood, and Rome was booked twice)."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    saved = threading.Event()
+    hold_save(monkeypatch, 1, saved)
+    held = Held(store, world, saver, city="Oslo")
+    th = held.start("a", {"plan": ["Paris", "Rome", "Oslo"], "booked": []}, "async")
+    rome = store.txn_info(booking_of(store, "Rome")).lsn
+    _wait_for(lambda: any((i.meta or {}).get("langgraph") == "put_writes" and i.lsn > rome
+                          for i in store.log(limit=4)))
+    point = store.log(limit=1)[0].lsn
+    saved.set()   # (Rome's checkpoint saved after the point)
+    _wait_for(lambda: (store.log(limit=1)[0].meta or {}).get("langgraph") == "put"
+              and store.log(limit=1)[0].lsn > point)
+    assert store.rewind(point, scope=saver.thread_scope("a")) is not None
+    assert held.finish(th) == ["StaleCheckpointError"]
+    monkeypatch.undo()
+    assert held.state("a").values["booked"] == standing(world) == ["Paris"], world
+    assert world.count(("cancel", "Rome")) == world.count(("cancel", "Oslo")) == 1, world
+    held.graph.invoke(None, {"configurable": {"thread_id": "a"}}, durability="sync")
+    assert standing(world) == ["Oslo", "Paris", "Rome"], world   # (each once)
     store.close()
 
 

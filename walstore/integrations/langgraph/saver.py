@@ -71,10 +71,10 @@ which thread a transaction begun inside a graph node belongs to.
   A rewind to a point after some of the run's node transactions leaves them, while the
   run's checkpoint of their step is refused (or taken back): the run's refused save
   reverts, with their compensations, those the thread records nowhere -- no checkpoint
-  of the run on or after their step left, no pending write of their task -- judged at
-  the run's outermost graph (``_undo_cut_off_step``; before, stop 77, such a booking
-  stood and a resume booked again).  A purge compensates nothing (``_UNDOS`` notes
-  rewinds only).
+  of the run on or after their step left, no pending write of their task on a
+  checkpoint still there -- judged at the run's outermost graph
+  (``_undo_cut_off_step``; before, stop 77, such a booking stood and a resume booked
+  again).  A purge compensates nothing (``_UNDOS`` notes rewinds only).
 - **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
   its bookings and puts back its keys, but the thread's checkpoints, written by separate
   transactions, still say what the node returned: to undo a thread's steps, rewind the
@@ -1703,8 +1703,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Does the thread record the step ``level`` (namespace, the checkpoint the step
         built on, the run's token, the node's task) stands for: a checkpoint that run
         saved on or after it still exists (``runs``: the checkpoints each run saved;
-        ``heads``: the newest of them that exists, found once), or the task's regular
-        pending writes on that checkpoint do (``written``, read once a checkpoint)."""
+        ``heads``: the newest of them that exists, found once), or that checkpoint and
+        the task's regular pending writes on it do (``written``, read once a
+        checkpoint).  (Writes on a checkpoint the rewind took back record nothing: no
+        resume loads them.  With durability="async" a task's writes may commit before
+        its step's checkpoint; a rewind to a point between left them, and the task's
+        booking was kept while a resume ran the task again and booked twice.)"""
         ns_name, cid, token, task = level
         if (ns_name, token) not in heads:
             ns = self.keys.at(thread_id, ns_name)
@@ -1717,8 +1721,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if task is None:
             return False
         if (ns_name, cid) not in written:
-            written[(ns_name, cid)] = self._tasks_done(self.keys.at(thread_id, ns_name),
-                                                       cid)
+            ns = self.keys.at(thread_id, ns_name)
+            written[(ns_name, cid)] = self._tasks_done(ns, cid) if self.store.get(
+                ns.checkpoint(cid)) is not None else set()
         return task in written[(ns_name, cid)]
 
     def _tasks_done(self, ns: Namespace, cid: str) -> set[str]:
