@@ -293,6 +293,52 @@ def test_writes_saved_before_their_checkpoint_the_rewind_took_back_record_nothin
     store.close()
 
 
+def test_the_saved_steps_node_transactions_are_capped_in_number(tmp_path, monkeypatch):
+    """The node transactions of saved steps kept for a cut-off run's undo are capped in
+    number, not only in steps (h4, stop 77: a node making 20,000 transactions a step kept
+    4 MiB a step, up to 4,096 steps); dropping the oldest never reverts a kept step's
+    booking, and the running step's is still undone."""
+    from walstore.integrations.langgraph import saver as saver_module
+    monkeypatch.setattr(saver_module, "_SAVED_TXNS_MAX", 30, raising=False)
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    booked, release = threading.Event(), threading.Event()
+
+    def book(s: Plan) -> dict:
+        here = s["plan"][0]
+        book_noted(store, world, here)
+        for i in range(9):
+            _note_in(store, saver.thread_scope("a"), f"{here}/{i}")
+        if here == "C6":
+            booked.set()
+            assert release.wait(WAIT_S)
+        return {"plan": s["plan"][1:], "booked": [here]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": [f"C{i}" for i in range(8)], "booked": []}, config,
+                         durability="sync")
+        except Exception as e:  # noqa: BLE001
+            errors.append(type(e).__name__)
+    th = threading.Thread(target=run)
+    th.start()
+    assert booked.wait(WAIT_S)
+    kept = saver_module._saved_steps(store)
+    assert sum(len(txns) for _cid, txns in kept.values()) <= 30, len(kept)
+    point = store.log(limit=1)[0].lsn
+    _note_in(store, saver.thread_scope("a"))
+    assert store.rewind(point, scope=saver.thread_scope("a")) is not None
+    release.set()
+    th.join(WAIT_S * 2)
+    assert errors == ["StaleCheckpointError"]
+    assert standing(world) == [f"C{i}" for i in range(6)], world
+    assert [w for w in world if w[0] == "cancel"] == [("cancel", "C6")], world
+    store.close()
+
+
 def test_an_async_run_cut_off_by_a_store_rewind_to_after_its_booking(tmp_path):
     """``ainvoke`` with an async node: its booking (in ``asyncio.to_thread``) made, the
     node waiting, when the thread is rewound to a point after it."""

@@ -664,18 +664,41 @@ def _step_txns(store: Any) -> "OrderedDict[tuple, dict[int, tuple]]":
         return got
 
 
-_SAVED_STEPS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_SAVED_STEPS: "weakref.WeakKeyDictionary[Any, _SavedSteps]" = weakref.WeakKeyDictionary()
+# node transactions ``_saved_steps`` holds per store, all its steps together (~220 bytes
+# each): capped by steps alone, a node making 20,000 transactions a step kept 4 MiB a
+# step, up to 4,096 steps (h4, stop 77); the oldest steps go first, the newest stays
+_SAVED_TXNS_MAX = 65536
 
 
-def _saved_steps(store: Any) -> "OrderedDict[tuple, tuple[str, dict]]":
+class _SavedSteps(OrderedDict):
+    """``_saved_steps``'s map, with the count of the transactions its steps hold."""
+
+    txns = 0
+
+    def keep(self, key: tuple, value: tuple) -> None:
+        """``self[key] = value`` as the newest, the oldest dropped past the caps (under
+        ``_REMOVALS_LOCK``)."""
+        old = self.pop(key, None)
+        if old is not None:
+            self.txns -= len(old[1])
+        self[key] = value
+        self.txns += len(value[1])
+        while len(self) > _STEP_TXNS_MAX or (self.txns > _SAVED_TXNS_MAX and len(self) > 1):
+            self.txns -= len(self.popitem(last=False)[1][1])
+
+
+def _saved_steps(store: Any) -> _SavedSteps:
     """(thread prefix, ns, checkpoint id, run token) -> (the checkpoint that run's step
     built on it saved, its node transactions as ``_step_txns`` held them), per store
-    object, the newest ``_STEP_TXNS_MAX`` steps: a rewind may take such a checkpoint
-    back and leave a booking of its step standing (``_undo_cut_off_step``)."""
+    object, the newest ``_STEP_TXNS_MAX`` steps holding ``_SAVED_TXNS_MAX`` transactions
+    at most: a rewind may take such a checkpoint back and leave a booking of its step
+    standing (``_undo_cut_off_step``; one of a step dropped is left standing, never one
+    of a newer step: a run's later checkpoints are kept longer)."""
     with _REMOVALS_LOCK:
         got = _SAVED_STEPS.get(store)
         if got is None:
-            got = _SAVED_STEPS[store] = OrderedDict()
+            got = _SAVED_STEPS[store] = _SavedSteps()
         return got
 
 
@@ -1457,10 +1480,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             registry, saved = _step_txns(self.store), _saved_steps(self.store)
             with _REMOVALS_LOCK:
                 key = (ns.thread_prefix, ns_name, parent, token)
-                saved[key] = (cid, registry.pop(key, None) or {})
-                saved.move_to_end(key)
-                while len(saved) > _STEP_TXNS_MAX:
-                    saved.popitem(last=False)
+                saved.keep(key, (cid, registry.pop(key, None) or {}))
         self.codec.remember(cache_updates)
         if read_empty and parent is None:
             # the config's next parent-less put (a direct caller reusing it) is not the
