@@ -413,6 +413,39 @@ def test_a_store_purge_of_the_thread_compensates_nothing(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("order", ["rewind-then-purge", "purge-then-rewind",
+                                   "rewind-then-delete_thread"])
+def test_a_thread_erased_as_well_as_rewound_compensates_nothing(tmp_path, order):
+    """The run is in Oslo's step (Paris and Rome saved, Oslo booked) when the thread is
+    both rewound (to a point after Oslo's booking, undoing another caller's note) and
+    erased (``store.purge`` or ``delete_thread``), in either order: as the erasure alone,
+    nothing is compensated.  Before (h4, stop 77): the run's refused save found none of
+    its checkpoints (erased) and reverted every booking it made, Paris and Rome too."""
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    held = Held(store, world, saver, city="Oslo")
+    th = held.start("a", {"plan": ["Paris", "Rome", "Oslo", "Nice"], "booked": []})
+    scope = saver.thread_scope("a")
+
+    def rewind() -> None:
+        point = store.log(limit=1)[0].lsn
+        _note_in(store, scope)
+        assert store.rewind(point, scope=scope) is not None
+
+    def erase() -> None:
+        if order.endswith("delete_thread"):
+            saver.delete_thread("a")
+        else:
+            store.purge(scope)
+    for step in ((rewind, erase) if order.startswith("rewind") else (erase, rewind)):
+        step()
+    assert held.finish(th) == ["StaleCheckpointError"]
+    assert "reverted" not in str(held.errors[0])
+    assert standing(world) == ["Oslo", "Paris", "Rome"], world
+    assert not any(w[0] == "cancel" for w in world), world
+    store.close()
+
+
 def test_a_subgraphs_bookings_are_judged_by_its_parent_task(tmp_path):
     """A subgraph's first node booked Paris (its step saved in the subgraph's namespace),
     its second booked Rome and waits when the thread is rewound to a point after both.

@@ -74,7 +74,8 @@ which thread a transaction begun inside a graph node belongs to.
   of the run on or after their step left, no pending write of their task on a
   checkpoint still there -- judged at the run's outermost graph
   (``_undo_cut_off_step``; before, stop 77, such a booking stood and a resume booked
-  again).  A purge compensates nothing (``_UNDOS`` notes rewinds only).
+  again).  A purge compensates nothing (``_UNDOS`` notes rewinds only), nor does
+  such a run once its thread was erased too (``_ERASES``).
 - **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
   its bookings and puts back its keys, but the thread's checkpoints, written by separate
   transactions, still say what the node returned: to undo a thread's steps, rewind the
@@ -454,12 +455,13 @@ def _rewinds(store: Any) -> dict[bytes, float]:
 _UNDOS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
 
 
-def _undos(store: Any) -> dict[bytes, float]:
-    with _REMOVALS_LOCK:
-        got = _UNDOS.get(store)
-        if got is None:
-            got = _UNDOS[store] = {}
-        return got
+# thread prefix -> when an erasure of it (``delete_thread``, a ``store.purge`` reaching
+# it) last committed in this process (as ``_UNDOS``; a scope around threads in
+# ``_WIDE["erases"]``): a run that loaded the thread before it undoes nothing when
+# refused, whatever rewind cut it off too (an erasure compensates nothing; judged after
+# one, every booking of the run, its erased steps' too, looked recorded nowhere and was
+# reverted: h4, stop 77)
+_ERASES: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
 
 
 _MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
@@ -542,7 +544,14 @@ def _mark_end(marks: dict, key: bytes, mine: Any, renewed: Any,
 _WIDE: "weakref.WeakKeyDictionary[Any, dict[str, dict[bytes, Any]]]" = \
     weakref.WeakKeyDictionary()
 _WIDE_MAX = _MARKS_MAX
-_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "undos": _UNDOS}
+_PER_THREAD = {"removals": _REMOVALS, "rewinds": _REWINDS, "undos": _UNDOS,
+               "erases": _ERASES}
+
+
+def _per_thread(store: Any, kind: str) -> dict[bytes, Any]:
+    """The per-thread marks of ``kind`` (``_PER_THREAD``) of ``store``."""
+    with _REMOVALS_LOCK:
+        return _PER_THREAD[kind].setdefault(store, {})
 
 
 def _wide(store: Any, kind: str) -> dict[bytes, Any]:
@@ -1664,6 +1673,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         rewound = _mark_of(self.store, "undos", ns.thread_prefix)
         if loaded is None or rewound is None or not loaded < rewound:
             return
+        erased = _mark_of(self.store, "erases", ns.thread_prefix)
+        if erased is not None and loaded < erased:
+            return   # (erased since it loaded: a purge compensates nothing, _ERASES)
         prefix, ns_name = ns.thread_prefix, error.checkpoint_ns
         run = _lost_run_undo(self.store, (prefix, ns_name, token))
         with run.lock:
@@ -3077,7 +3089,8 @@ class _CutOff:
     def __init__(self, store: Any, key: bytes, wide: bool, rewind: bool = False) -> None:
         # (``rewind``: the undo is a rewind, not a purge: once committed it is noted in
         # ``_UNDOS`` too, and a run it cut off undoes, when refused, the bookings of its
-        # unsaved steps the rewind left standing)
+        # unsaved steps the rewind left standing; a purge's in ``_ERASES``, and such a
+        # run undoes nothing)
         self.store, self.key, self.wide, self.rewind = store, key, wide, rewind
         self.marked: tuple = ()
 
@@ -3105,8 +3118,9 @@ class _CutOff:
         limit = _WIDE_MAX if self.wide else _MARKS_MAX
         for marks, mark, new in zip((removals, cuts), self.marked, renewed or (None, None)):
             _mark_end(marks, self.key, mark, new, limit)
-        if renewed is not None and self.rewind:
-            undos = _wide(self.store, "undos") if self.wide else _undos(self.store)
+        if renewed is not None:   # (a rewind's in _UNDOS, an erasure's in _ERASES)
+            kind = "undos" if self.rewind else "erases"
+            undos = _wide(self.store, kind) if self.wide else _per_thread(self.store, kind)
             with _REMOVALS_LOCK:
                 now = undos.get(self.key)
                 _set_mark(undos, self.key, renewed[1] if now is None
