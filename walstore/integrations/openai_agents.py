@@ -90,7 +90,16 @@ keys, and edits no conversation (an earlier turn's items still say what they sai
 turn in flight saves as it would.  (Cut off, the turn's save was refused after its tool
 had booked, a booking no item holds, booked again when the turn was re-run: stop 76.)
 Undo a conversation's turns with ``session.rewind`` or ``pop_items``.  The refusals name
-what cut the turn off (``_SAID``).  The cut-off
+what cut the turn off (``_SAID``).  A run resumed from a ``RunState`` (the SDK's human in the
+loop: ``Runner.run(agent, state, session=session)`` after approvals) continues the paused
+turn: after a rewind, erase, clear or pop past it, or a resume of the same RunState
+before, its save is refused (``ConflictError``, nothing written) and the work its approved
+tools did in the session's scope before it (they run before the SDK touches the session)
+is reverted, its actions compensated.  It saved into the rewound session (an output whose
+call was gone), and its booking stood (stop 77 h1).  The session takes the SDK's
+``wrapper`` argument and stamps the run's view on it, which ``to_state()`` copies
+(``_STAMP``, in process), and checks a run's first save against the calls the branch
+holds (``_check_answers``, JSON too); see "a run resumed from a RunState" below.  The cut-off
 follows a context: a sync caller that wraps each call in ``asyncio.run`` gives each a
 fresh context and is never cut off (run a turn in one coroutine, or pass one context to
 ``asyncio.Runner.run(coro, context=ctx)`` and run its tools with ``ctx.run``).
@@ -465,6 +474,162 @@ def _turn_over(state: _WriterLock, epoch: int) -> bool:
     return not _in_flight(_seen_turn(state))
 
 
+# ---- a run resumed from a RunState (the SDK's human in the loop) ----------------------------
+# ``Runner.run(agent, state, session=...)`` resumes a turn that paused for approvals: a new
+# SDK run, often in another task or ``asyncio.run``, that touches the session only after
+# the approved tools ran (it reads the tail, then saves their outputs).  Taken for a new
+# turn, it saved into a session rewound, erased or cleared since the pause (an output
+# whose function_call the rewind removed, or the paused response the SDK held back,
+# "booked" beside a cancelled booking), and its approved tool booked with nothing in the
+# conversation recording it (probe stop 77 h1).  Three things tie it to its turn:
+#
+# * The RunState's context wrapper.  The session opts into the SDK's ``wrapper``
+#   argument (every protocol method takes it), and stamps on the wrapper what its run
+#   saw of the session (``_STAMP``: epoch, branch, and the wrapper stamped);
+#   ``result.to_state()`` copies the wrapper, so a run given a copy carrying a stamp of
+#   another wrapper continues that turn: the stamp becomes its context's note
+#   (``_adopt``), and an undo counted since cuts it off as it would have cut off the
+#   paused run.  In process only: ``RunState.from_json`` makes a wrapper with no stamp.
+# * The items: a run's first write (``_OPENINGS``) of tool outputs must answer calls the
+#   branch holds unanswered, and its calls must not be in the branch already
+#   (``_check_answers``) — a resume after a rewind, clear or pop, or a second resume
+#   of one RunState, serialized or not.
+# * The work its tools did before that first write, in the session's scope (the scope
+#   guard notes the transactions, ``_OPENINGS``): reverted, their actions compensated,
+#   when that write is refused.  The guard cannot refuse it before: nothing in the
+#   tool's context names the RunState.
+_STAMP = "_walstore_session_seen"
+
+
+class _Opening:
+    """An SDK run that touched a session and has not written to it yet (``_OPENINGS``):
+    the txids of its tools' work in the session's scope, and whether it resumes a turn
+    a RunState paused (its wrapper's stamp taken, ``_adopt``)."""
+    __slots__ = ("run", "state", "txids", "resumed")
+
+    def __init__(self, run: Any, state: Any) -> None:
+        self.run, self.state = run, state
+        self.txids: list[int] = []
+        self.resumed = False
+
+
+# (id of an SDK run, id of a session's _WriterLock) -> its _Opening (weakly holding both):
+# gone at the run's first write to the session, or at the run's end.
+_OPENINGS: dict[tuple[int, int], _Opening] = {}
+_openings_lock = threading.Lock()
+
+
+def _forked_openings() -> None:
+    global _openings_lock
+    _openings_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked_openings)
+
+
+def _opening(state: _WriterLock, create: bool = False) -> _Opening | None:
+    """The entry of the SDK run this context is in and the session (``_OPENINGS``), or
+    None when that run wrote to the session already (or is no run); ``create`` opens
+    the run's entry (its first contact)."""
+    turn = _turn_now()
+    if not _in_flight(turn):
+        return None
+    key = (id(turn), id(state))
+    with _openings_lock:
+        got = _OPENINGS.get(key)
+        if got is not None and got.run() is turn and got.state() is state:
+            return got
+        if not create:
+            return None
+        try:
+            # (the run's death ends its entry: it never wrote to the session, e.g. a run
+            # without session= whose tool booked in the session's scope)
+            run_ref = weakref.ref(turn, lambda _r, key=key: _drop_opening(key))
+        except TypeError:
+            return None
+        got = _OPENINGS[key] = _Opening(run_ref, weakref.ref(state))
+        return got
+
+
+def _drop_opening(key: tuple[int, int]) -> None:
+    with _openings_lock:
+        _OPENINGS.pop(key, None)
+
+
+def _close_opening(state: _WriterLock) -> _Opening | None:
+    """Ends the entry of this context's run and the session; the entry (None: none)."""
+    turn = _turn_now()
+    if turn is None:
+        return None
+    key = (id(turn), id(state))
+    with _openings_lock:
+        got = _OPENINGS.get(key)
+        if got is None or got.run() is not turn:
+            return None
+        del _OPENINGS[key]
+        return got
+
+
+def _contact(state: _WriterLock, wrapper: Any = None) -> None:
+    """A session call (read, write, or a tool's work in its scope) from this context: the
+    first of an SDK run that has not read or written the session (the context's note is
+    of no run going on) opens the run's entry (``_OPENINGS``) and, given the run's
+    context wrapper, takes the stamp of the turn it resumes (``_adopt``)."""
+    if not _in_flight(_turn_now()) or _in_flight(_seen_turn(state)):
+        return
+    opening = _opening(state, create=True)
+    if wrapper is not None and _adopt(state, wrapper) and opening is not None:
+        opening.resumed = True
+
+
+def _adopt(state: _WriterLock, wrapper: Any) -> bool:
+    """The stamp ``wrapper`` carries for the session, put by the run of another wrapper (a
+    RunState's copy of it: a resume), becomes this context's note, with this run: a
+    rewind or erase counted since cuts the resumed turn off (a read does not clear it
+    while this run goes on), and it writes to the branch the paused run wrote to."""
+    for ref, epoch, branch, owner in getattr(wrapper, _STAMP, None) or ():
+        if ref() is state and owner() is not wrapper:
+            _note_seen(state, epoch, branch)
+            return True
+    return False
+
+
+def _stamp(state: _WriterLock, wrapper: Any) -> None:
+    """Stamp on ``wrapper`` what this context saw of the session (its note), unless the
+    context is cut off: the stamp then keeps what the paused turn saw, so a later resume
+    of a RunState copied from it is cut off too."""
+    if wrapper is None:
+        return
+    for ref, epoch, branch, _turn in _SEEN.get():
+        if ref() is state:
+            break
+    else:
+        return
+    if epoch != state.epoch:
+        return
+    try:
+        kept = tuple(e for e in getattr(wrapper, _STAMP, None) or ()
+                     if e[0]() is not state and e[0]() is not None)
+        setattr(wrapper, _STAMP, kept + ((ref, epoch, branch, weakref.ref(wrapper)),))
+    except (AttributeError, TypeError):
+        pass   # (a wrapper taking no attribute: the items still check a resume)
+
+
+# Tool calls and their outputs, by type: an output answers the call of its call_id.
+def _call_id(item: Any, suffix: str) -> Any:
+    if isinstance(item, dict):
+        kind = item.get("type")
+        if isinstance(kind, str) and kind.endswith(suffix):
+            cid = item.get("call_id")
+            return cid if isinstance(cid, str) else None
+    return None
+
+
+class _Unanswered(Exception):
+    """Raised inside a session write's transaction function: the batch answers tool calls
+    the branch does not hold unanswered, or holds calls it holds already (refused)."""
+
+
 # The branch a session write of this context lands on (set by ``_guarded`` around the
 # transaction function): [pinned (name, ns) or None, whether the function used it].
 _PIN: "contextvars.ContextVar[list[Any] | None]" = contextvars.ContextVar(
@@ -608,8 +773,13 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     # began before it, so it is under way or counted in ``epoch`` now; one committing
     # after it makes the commit conflict (the fence)
     tx.snapshot
+    # (a run's first contact: a run resumed from a RunState runs its approved tools
+    # before it reads the session; their work is noted, reverted if its first write is
+    # refused, _OPENINGS)
+    _contact(state)
     seen = _seen(state)
     if seen is None:
+        _note_work(state, tx)
         return   # (never touched the session: no turn of it to cut off)
     marks, underway, epoch = state.now()
     if underway or epoch != seen:
@@ -622,6 +792,15 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
             f"outside the run that was cut off, and run the turn anew)")
     # (and at its commit: one marked from now on refuses it then, _UndoCheck)
     _check_at_commit(tx, state, marks, epoch, prefix, f"scope {scope!r}")
+    _note_work(state, tx)
+
+
+def _note_work(state: _WriterLock, tx: Any) -> None:
+    """``tx``'s work in the session's scope, noted for the run this context is in while it
+    has not written to the session (``_OPENINGS``)."""
+    opening = _opening(state)
+    if opening is not None and tx.id not in opening.txids:
+        opening.txids.append(tx.id)
 
 
 def _register_scope_guard() -> bool:
@@ -915,14 +1094,17 @@ class WalstoreSession:
         """Refuse further calls on this object (the store stays open: it is the caller's)."""
         self._closed = True
 
-    async def _read(self, fn: Callable[["Transaction"], _T], note: str | None = "head") -> _T:
+    async def _read(self, fn: Callable[["Transaction"], _T], note: str | None = "head",
+                    wrapper: Any = None) -> _T:
         """``fn(tx)`` on one snapshot, in a worker thread; nothing is written or validated.
         ``note``: what the caller is taken to have read (``_SEEN``): ``"head"``, the
         current branch (its writes go there now); ``"kept"``, a branch it named (its
         writes stay where they were; a ``get_items(branch=...)`` moved them to the
         current branch, another caller's, stop 75 h3); None, nothing (the compaction
-        snapshot)."""
+        snapshot).  ``wrapper``: the SDK run's context wrapper (``_STAMP``)."""
         self._check_open()
+        if note is not None:
+            _contact(self._lock, wrapper)
 
         def work() -> _T:
             # A purge (another caller's ``erase()``) or a history trim that overtook the
@@ -948,28 +1130,37 @@ class WalstoreSession:
         # (a read inside a turn that a rewind cut off leaves it cut off: _turn_over)
         if note is not None and _turn_over(state, epoch):
             _note_seen(state, epoch, branch if note == "head" else _seen_branch(state))
+        if note is not None:
+            _stamp(state, wrapper)
         return result
 
-    async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
+    async def _write(self, op: str, fn: Callable[["Transaction"], _T],
+                     wrapper: Any = None) -> _T:
         """``fn(tx)`` as one committed transaction (retried on conflict), in a worker thread."""
-        return await self._write_made(op, lambda: fn)
+        return await self._write_made(op, lambda: fn, wrapper)
 
     async def _write_made(self, op: str,
-                          make: Callable[[], Callable[["Transaction"], _T]]) -> _T:
+                          make: Callable[[], Callable[["Transaction"], _T]],
+                          wrapper: Any = None) -> _T:
         """``_write`` of the transaction function ``make()`` returns, ``make`` called in
         the worker thread first: the items' encoding and checks (``_prepared``) run
         there, not on the event loop (they ran on it: 3,000 items of 2 KB held the loop
         0.25 s in add_items, where SQLiteSession encodes in its worker thread and held it
-        0.016 s); what they raise (TypeError, ValueError) comes before any write."""
+        0.016 s); what they raise (TypeError, ValueError) comes before any write.
+        ``wrapper``: the SDK run's context wrapper (``_STAMP``)."""
         self._check_open()
         meta = {"openai_session": self.session_id, "op": op}
         state = self._lock
+        _contact(state, wrapper)
 
         def work() -> tuple[_T, int, Any]:
             fn = make()
-            return self._guarded(op, fn, meta)
+            done = self._guarded(op, fn, meta)
+            _close_opening(state)   # (the run wrote: its turn is in the session now)
+            return done
         result, epoch, branch = await finish_despite_cancel(work)
         _note_seen(state, epoch, branch)
+        _stamp(state, wrapper)
         return result
 
     def _guarded(self, op: str, fn: Callable[["Transaction"], _T],
@@ -1053,19 +1244,65 @@ class WalstoreSession:
             except _RewindUnderway:
                 continue
             except _BranchGone as e:
-                raise ConflictError(
+                raise self._refusal(
                     f"branch {e.args[0]!r} of session {self.session_id!r} was deleted by "
                     f"another caller (delete_branch, clear_session, run_compaction) after "
                     f"this caller last read or wrote it: nothing was written ({op}); read "
                     f"the session again (get_items) and run the turn anew") from None
             except _CutOff as e:
                 was, did = _undo_said(e.args[0])
-                raise ConflictError(
+                opening = _opening(state)
+                if opening is not None and opening.resumed:
+                    raise self._refusal(
+                        f"session {self.session_id!r} was {was} after the run this "
+                        f"RunState resumes paused ({did}): nothing was written ({op}); "
+                        f"start a new Runner.run from the session as it is") from None
+                raise self._refusal(
                     f"session {self.session_id!r} was {was} by another caller after this "
                     f"caller last read or wrote it ({did}): nothing was written "
                     f"({op}); read the session again (get_items, outside the run that was cut "
                     f"off: a new Runner.run does) and run the turn anew"
                     ) from None
+            except _Unanswered as e:
+                raise self._refusal(
+                    f"session {self.session_id!r} {e.args[0]}: the turn this run resumes "
+                    f"(a RunState) was rewound, erased, cleared or popped since it paused, "
+                    f"or the RunState was resumed already: nothing was written ({op}); "
+                    f"start a new Runner.run from the session as it is") from None
+
+    def _refusal(self, msg: str) -> ConflictError:
+        """The ConflictError refusing a session write; when it is the first write of an SDK
+        run whose tools worked in the session's scope before it (a run resumed from a
+        RunState: ``_OPENINGS``), that work is reverted first, its actions compensated,
+        and the error says so.  (Their booking stood, for a turn the session no longer
+        holds: stop 77 h1.)"""
+        opening = _close_opening(self._lock)
+        txids = opening.txids if opening is not None else []
+        if not txids:
+            return ConflictError(msg)
+        undone, failed = [], []
+        rewinding = _REWINDING.set(_REWINDING.get() + (self._lock,))
+        try:
+            for txid in reversed(txids):
+                try:
+                    if self.store.revert(txid, scope=self._prefix,
+                                         meta={"openai_session": self.session_id,
+                                               "op": "revert_resumed_work",
+                                               "revert": txid}) is not None:
+                        undone.append(txid)
+                except UnknownPoint:
+                    pass   # (it never committed: nothing to undo)
+                except WalstoreError as e:
+                    failed.append(f"{txid} ({type(e).__name__}: {e})")
+        finally:
+            _REWINDING.reset(rewinding)
+        if undone:
+            msg += (f"; the work this run's tools did in the session's scope before it "
+                    f"was reverted, its actions compensated (transactions "
+                    f"{sorted(undone)})")
+        if failed:
+            msg += f"; reverting it failed for transaction {', '.join(failed)}"
+        return ConflictError(msg)
 
     # ---- reading inside a transaction -------------------------------------------------------
     def _current_branch(self, tx: "Transaction") -> str:
@@ -1145,10 +1382,12 @@ class WalstoreSession:
 
     # ---- the Session protocol ---------------------------------------------------------------
     async def get_items(self, limit: int | None = None, *,
-                        branch: str | None = None) -> list[Any]:
+                        branch: str | None = None, wrapper: Any = None) -> list[Any]:
         """The newest ``limit`` items, oldest first (see the module docstring for ``limit``).
 
-        ``branch`` reads another branch than the current one.
+        ``branch`` reads another branch than the current one.  ``wrapper``: the SDK's
+        run context (``RunContextWrapper``), which the Runner passes to a session taking
+        it: it ties a run resumed from a RunState to its paused turn (``_STAMP``).
         """
         from agents.memory.session_settings import resolve_session_limit
         if branch is not None:
@@ -1163,39 +1402,90 @@ class WalstoreSession:
         def read(tx: "Transaction") -> list[Any]:
             return [item for _seq, item in self._newest(tx, self._resolve_branch(tx, branch), n)]
         # (a read of a branch it named leaves the caller's writes where they were)
-        return await self._read(read, "head" if branch is None else "kept")
+        return await self._read(read, "head" if branch is None else "kept", wrapper)
 
-    async def add_items(self, items: list[Any]) -> None:
+    async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append ``items``, all in one transaction, to the caller's branch: the one it
         last read or wrote (``_SEEN``; the current branch for a caller that never read
-        the session)."""
+        the session).  The first write of an SDK run (a run resumed from a RunState
+        saves its approved tools' outputs so) is refused (``ConflictError``, nothing
+        written) when its tool outputs answer calls the branch does not hold unanswered,
+        or its tool calls are in the branch already (``_check_answers``)."""
         self._check_open()
         if not items:
             return
         items = list(items)
+        state = self._lock
 
         def make() -> Callable[["Transaction"], None]:
             normalized = _prepared(items)  # (in the worker: TypeError before any write)
+            # (the run's first write: checked only then, so a long conversation's turns
+            # are not scanned for their calls)
+            first = _opening(state) is not None
 
             def add(tx: "Transaction") -> None:
                 branch = self._pinned_branch(tx)
+                if first:
+                    self._check_answers(tx, branch, normalized)
                 last = self._newest(tx, branch, 1)
                 seq = last[0][0] + 1 if last else 1
                 prefix = self._items_prefix(branch)
                 for i, item in enumerate(normalized):
                     tx.put(f"{prefix}{seq + i:0{_SEQ_DIGITS}d}", item)
             return add
-        await self._write_made("add_items", make)
+        await self._write_made("add_items", make, wrapper)
 
-    async def pop_item(self) -> Any | None:
+    def _check_answers(self, tx: "Transaction", branch: str, items: list[Any]) -> None:
+        """``_Unanswered`` when ``items`` (a run's first write) hold a tool output whose call
+        (same ``call_id``) is neither earlier in them nor unanswered in ``branch``, or a
+        tool call ``branch`` holds already: the outputs of a run resumed from a RunState
+        after a rewind, clear or pop removed its paused calls (an output no call
+        precedes: the next model call fails on it), or of a second resume of one
+        RunState (the tool's output saved twice; a held response, calls and all, too).
+        The branch is read newest first, up to the calls the outputs answer (all of it
+        when the items hold calls)."""
+        calls: set[str] = set()
+        wanted: set[str] = set()
+        for item in items:
+            cid = _call_id(item, "_call")
+            if cid is not None:
+                calls.add(cid)
+                continue
+            cid = _call_id(item, "_call_output")
+            if cid is not None and cid not in calls:
+                wanted.add(cid)
+        if not calls and not wanted:
+            return
+        answered: set[str] = set()
+        for _seq, item in self._scan_items(tx, branch, reverse=True):
+            cid = _call_id(item, "_call")
+            if cid is not None:
+                if cid in calls:
+                    raise _Unanswered(f"holds tool call {cid!r} already (the response "
+                                      f"this run saves was saved before)")
+                if cid in wanted:
+                    if cid in answered:
+                        raise _Unanswered(f"holds an output for tool call {cid!r} already")
+                    wanted.discard(cid)
+                    if not wanted and not calls:
+                        return
+                continue
+            cid = _call_id(item, "_call_output")
+            if cid is not None:
+                answered.add(cid)
+        if wanted:
+            raise _Unanswered(f"holds no tool call {sorted(wanted)[0]!r} for this output to "
+                              f"answer")
+
+    async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the caller's branch (as ``add_items``;
         None when it is empty)."""
-        popped = await self.pop_items(1)
+        popped = await self._pop(1, wrapper)
         return popped[0] if popped else None
 
-    async def clear_session(self) -> None:
+    async def clear_session(self, *, wrapper: Any = None) -> None:
         """Remove every item and branch of the session (tool state under ``key()`` stays)."""
-        await self._write("clear_session", self._clear)
+        await self._write("clear_session", self._clear, wrapper)
 
     def _clear(self, tx: "Transaction") -> None:
         for sub in ("i/", "br/"):
@@ -1332,7 +1622,9 @@ class WalstoreSession:
         if n == 0:
             self._check_open()
             return []
+        return await self._pop(n)
 
+    async def _pop(self, n: int, wrapper: Any = None) -> list[Any]:
         def pop(tx: "Transaction") -> list[Any]:
             branch = self._pinned_branch(tx)
             prefix = self._items_prefix(branch)
@@ -1340,7 +1632,7 @@ class WalstoreSession:
             for seq, _item in newest:
                 tx.delete(f"{prefix}{seq:0{_SEQ_DIGITS}d}")
             return [item for _seq, item in newest]
-        return await self._write("pop_items", pop)
+        return await self._write("pop_items", pop, wrapper)
 
     async def erase(self) -> None:
         """Delete the session for good (a user's right to be forgotten; LangGraph's
