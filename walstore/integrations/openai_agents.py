@@ -98,8 +98,8 @@ tools did in the session's scope before it (they run before the SDK touches the 
 is reverted, its actions compensated.  It saved into the rewound session (an output whose
 call was gone), and its booking stood (stop 77 h1).  The session takes the SDK's
 ``wrapper`` argument and stamps the run's view on it, which ``to_state()`` copies
-(``_STAMP``, in process), and checks a run's first save against the calls the branch
-holds (``_check_answers``, JSON too); see "a run resumed from a RunState" below.  The cut-off
+(``_STAMP``, in process), and checks a resumed run's first save against the calls the
+branch holds (``_check_answers``, JSON too); see "a run resumed from a RunState" below.  The cut-off
 follows a context: a sync caller that wraps each call in ``asyncio.run`` gives each a
 fresh context and is never cut off (run a turn in one coroutine, or pass one context to
 ``asyncio.Runner.run(coro, context=ctx)`` and run its tools with ``ctx.run``).
@@ -490,10 +490,14 @@ def _turn_over(state: _WriterLock, epoch: int) -> bool:
 #   another wrapper continues that turn: the stamp becomes its context's note
 #   (``_adopt``), and an undo counted since cuts it off as it would have cut off the
 #   paused run.  In process only: ``RunState.from_json`` makes a wrapper with no stamp.
-# * The items: a run's first write (``_OPENINGS``) of tool outputs must answer calls the
-#   branch holds unanswered, and its calls must not be in the branch already
+# * The items: a resumed run's first write (``_OPENINGS``) of tool outputs must answer
+#   calls the branch holds unanswered, and its calls must not be in the branch already
 #   (``_check_answers``) — a resume after a rewind, clear or pop, or a second resume
-#   of one RunState, serialized or not.
+#   of one RunState, serialized or not.  Resumed: its wrapper carries the approvals
+#   or rejections the resume acts on (``_decided``; a new run's carries none), or a
+#   stamp it adopted.  (Every run's first write was checked: a new run whose input, or
+#   whose ``session_input_callback``, gave tool items the branch holds was refused,
+#   blaming a RunState, where SQLiteSession saves them: stop 77 h3.)
 # * The work its tools did before that first write, in the session's scope (the scope
 #   guard notes the transactions, ``_OPENINGS``): reverted, their actions compensated,
 #   when that write is refused.  The guard cannot refuse it before: nothing in the
@@ -504,13 +508,16 @@ _STAMP = "_walstore_session_seen"
 class _Opening:
     """An SDK run that touched a session and has not written to it yet (``_OPENINGS``):
     the txids of its tools' work in the session's scope, and whether it resumes a turn
-    a RunState paused (its wrapper's stamp taken, ``_adopt``)."""
-    __slots__ = ("run", "state", "txids", "resumed")
+    a RunState paused (its wrapper's stamp taken, ``_adopt``), and whether its first
+    write is checked (``_check_answers``: a resumed run's, ``_decided``)."""
+    __slots__ = ("run", "state", "txids", "resumed", "checked")
 
     def __init__(self, run: Any, state: Any) -> None:
         self.run, self.state = run, state
         self.txids: list[int] = []
         self.resumed = False
+        # (until the run's wrapper tells: an SDK that passes none is checked, as before)
+        self.checked = True
 
 
 # (id of an SDK run, id of a session's _WriterLock) -> its _Opening (weakly holding both):
@@ -574,12 +581,25 @@ def _contact(state: _WriterLock, wrapper: Any = None) -> None:
     """A session call (read, write, or a tool's work in its scope) from this context: the
     first of an SDK run that has not read or written the session (the context's note is
     of no run going on) opens the run's entry (``_OPENINGS``) and, given the run's
-    context wrapper, takes the stamp of the turn it resumes (``_adopt``)."""
+    context wrapper, takes the stamp of the turn it resumes (``_adopt``) and learns
+    whether the run resumes one (``_decided``)."""
     if not _in_flight(_turn_now()) or _in_flight(_seen_turn(state)):
         return
     opening = _opening(state, create=True)
-    if wrapper is not None and _adopt(state, wrapper) and opening is not None:
-        opening.resumed = True
+    if wrapper is None:
+        return
+    adopted = _adopt(state, wrapper)
+    if opening is not None:
+        opening.resumed = adopted
+        opening.checked = adopted or _decided(wrapper)
+
+
+def _decided(wrapper: Any) -> bool:
+    """Whether the run of ``wrapper`` acts on approval decisions (``state.approve`` or
+    ``reject`` put them on the RunState's wrapper; a new run's wrapper holds none: SDK
+    0.24's private ``_approvals``).  True when the wrapper cannot tell."""
+    approvals = getattr(wrapper, "_approvals", None)
+    return not isinstance(approvals, dict) or bool(approvals)
 
 
 def _adopt(state: _WriterLock, wrapper: Any) -> bool:
@@ -1407,8 +1427,8 @@ class WalstoreSession:
     async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append ``items``, all in one transaction, to the caller's branch: the one it
         last read or wrote (``_SEEN``; the current branch for a caller that never read
-        the session).  The first write of an SDK run (a run resumed from a RunState
-        saves its approved tools' outputs so) is refused (``ConflictError``, nothing
+        the session).  The first write of an SDK run resumed from a RunState (it saves
+        its approved tools' outputs so) is refused (``ConflictError``, nothing
         written) when its tool outputs answer calls the branch does not hold unanswered,
         or its tool calls are in the branch already (``_check_answers``)."""
         self._check_open()
@@ -1419,9 +1439,10 @@ class WalstoreSession:
 
         def make() -> Callable[["Transaction"], None]:
             normalized = _prepared(items)  # (in the worker: TypeError before any write)
-            # (the run's first write: checked only then, so a long conversation's turns
-            # are not scanned for their calls)
-            first = _opening(state) is not None
+            # (a resumed run's first write: checked only then, so a long conversation's
+            # turns are not scanned for their calls at every save)
+            opening = _opening(state)
+            first = opening is not None and opening.checked
 
             def add(tx: "Transaction") -> None:
                 branch = self._pinned_branch(tx)
@@ -1436,20 +1457,21 @@ class WalstoreSession:
         await self._write_made("add_items", make, wrapper)
 
     def _check_answers(self, tx: "Transaction", branch: str, items: list[Any]) -> None:
-        """``_Unanswered`` when ``items`` (a run's first write) hold a tool output whose call
-        (same ``call_id``) is neither earlier in them nor unanswered in ``branch``, or a
-        tool call ``branch`` holds already: the outputs of a run resumed from a RunState
+        """``_Unanswered`` when ``items`` (a resumed run's first write) hold a tool output
+        whose call (same ``call_id``) is neither earlier in them nor unanswered in
+        ``branch``, or a tool call ``branch`` holds already (that very item: a model may
+        give a call the ``call_id`` of an earlier turn's, stop 77 h3): the outputs of a run resumed from a RunState
         after a rewind, clear or pop removed its paused calls (an output no call
         precedes: the next model call fails on it), or of a second resume of one
         RunState (the tool's output saved twice; a held response, calls and all, too).
         The branch is read newest first, up to the calls the outputs answer (all of it
         when the items hold calls)."""
-        calls: set[str] = set()
+        calls: dict[str, Any] = {}
         wanted: set[str] = set()
         for item in items:
             cid = _call_id(item, "_call")
             if cid is not None:
-                calls.add(cid)
+                calls[cid] = item
                 continue
             cid = _call_id(item, "_call_output")
             if cid is not None and cid not in calls:
@@ -1460,7 +1482,7 @@ class WalstoreSession:
         for _seq, item in self._scan_items(tx, branch, reverse=True):
             cid = _call_id(item, "_call")
             if cid is not None:
-                if cid in calls:
+                if cid in calls and item == calls[cid]:
                     raise _Unanswered(f"holds tool call {cid!r} already (the response "
                                       f"this run saves was saved before)")
                 if cid in wanted:
