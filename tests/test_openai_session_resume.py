@@ -419,3 +419,52 @@ def test_a_held_resume_whose_call_ids_an_earlier_turn_used_saves_and_keeps_its_b
 async def _from_json(trip, text):
     from agents import RunState
     return await RunState.from_json(trip.agent, text)
+
+
+class _FreshSession:
+    """What the tools book against: a new WalstoreSession for each scope and key (a
+    server that keeps no session object between requests)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    @property
+    def scope(self) -> str:
+        return WalstoreSession("u", self.store).scope
+
+    def key(self, name: str) -> str:
+        return WalstoreSession("u", self.store).key(name)
+
+
+def test_a_held_resume_in_process_after_a_rewind_is_refused_with_no_session_object_kept(
+        store):
+    """In process, a RunState kept, but no WalstoreSession object of the conversation
+    alive between the pause, the rewind and the resume (each request makes its own).
+    Before: the session's rewind count went with its last object, the stamp pointed at
+    nothing, and the held response was saved after the rewind ('booked rome' beside
+    'cancel rome'), pay's booking standing.  Now the stamp keeps the count alive."""
+    import gc
+    from agents import Runner
+    trip = Trip(store, held=True)
+    trip.session = _FreshSession(store)
+    trip.agent.tools[0] = booking_tool(store, _FreshSession(store), trip.world)
+
+    async def paused():
+        s = WalstoreSession("u", store)
+        await s.add_items([user("hi")])
+        await s.restore_point("p")
+        result = await Runner.run(trip.agent, "book rome", session=s,
+                                  run_config=trip.config)
+        return result.to_state()
+    state = asyncio.run(paused())
+    gc.collect()
+    asyncio.run(WalstoreSession("u", store).rewind("p"))
+    gc.collect()
+
+    async def resumed():
+        with pytest.raises(walstore.ConflictError, match="was rewound after the run"):
+            await trip.resume(state, session=WalstoreSession("u", store))
+    asyncio.run(resumed())
+    assert asyncio.run(trip.items()) == ["user: hi"]
+    assert trip.world == ["book rome", "cancel rome", "book pay rome", "cancel pay rome"]
+    assert _actions(store) == [("pay rome", "compensated"), ("rome", "compensated")]

@@ -617,7 +617,11 @@ def _adopt(state: _WriterLock, wrapper: Any) -> bool:
 def _stamp(state: _WriterLock, wrapper: Any) -> None:
     """Stamp on ``wrapper`` what this context saw of the session (its note), unless the
     context is cut off: the stamp then keeps what the paused turn saw, so a later resume
-    of a RunState copied from it is cut off too."""
+    of a RunState copied from it is cut off too.  The stamp holds the session's
+    _WriterLock (its rewind count) alive while the wrapper lives: a RunState kept in
+    process while no WalstoreSession object of the conversation lived (a server making
+    one per request) found the count gone, a new one at 0, and its held response was
+    saved after the rewind (stop 77 h3).  (A function: ``copy.deepcopy`` keeps it.)"""
     if wrapper is None:
         return
     for ref, epoch, branch, _turn in _SEEN.get():
@@ -630,7 +634,8 @@ def _stamp(state: _WriterLock, wrapper: Any) -> None:
     try:
         kept = tuple(e for e in getattr(wrapper, _STAMP, None) or ()
                      if e[0]() is not state and e[0]() is not None)
-        setattr(wrapper, _STAMP, kept + ((ref, epoch, branch, weakref.ref(wrapper)),))
+        setattr(wrapper, _STAMP, kept + ((lambda: state, epoch, branch,
+                                          weakref.ref(wrapper)),))
     except (AttributeError, TypeError):
         pass   # (a wrapper taking no attribute: the items still check a resume)
 
