@@ -341,25 +341,32 @@ def test_a_run_without_the_session_booking_in_its_scope_is_left_alone(store):
 
 
 # ---- stop 77 h3: what h1's checks refused or missed ------------------------------------------
+@pytest.mark.parametrize("compacting", [False, True], ids=["session", "compacting"])
 @pytest.mark.parametrize("how", ["callback", "input"])
-def test_a_new_runs_first_save_holding_tool_items_is_saved(store, how):
+def test_a_new_runs_first_save_holding_tool_items_is_saved(store, how, compacting):
     """A new run (no RunState) whose first save holds tool items: a session_input_callback
     that trims the history's tool outputs (the SDK saves the trimmed copy as new, as over
     SQLiteSession), or an input carrying a call and its output under a fixed call_id each
     turn.  Before: ConflictError ("holds an output for tool call 'call_1' already" /
     "holds tool call 'ctx' already", blaming a RunState): the check ran on every run's
-    first save.  Now only a resumed run's first save is checked."""
+    first save.  Now only a resumed run's first save is checked.  Through
+    OpenAIResponsesCompactionSession, which hands its underlying session no wrapper,
+    a first save holding a user message (a new run's input) is not checked either."""
     from agents import Agent, RunConfig, Runner
+    from agents.memory import OpenAIResponsesCompactionSession
     world: list[str] = []
     store.compensator("cancel")(lambda a: world.append(f"cancel {a.args['what']}"))
-    s = WalstoreSession("u", store)
+    ws = s = WalstoreSession("u", store)
+    if compacting:
+        s = OpenAIResponsesCompactionSession("u", ws, client=object(),
+                                             should_trigger_compaction=lambda _ctx: False)
 
     async def go():
         if how == "callback":
             model = EX.ScriptedModel([[EX.call("book_hotel", {"city": "oslo"}, 1)],
                                       [EX.say("booked", 2)], [EX.say("fine", 3)]])
             agent = Agent(name="a", instructions="x", model=model,
-                          tools=[booking_tool(store, s, world)])
+                          tools=[booking_tool(store, ws, world)])
             await Runner.run(agent, "book oslo", session=s,
                              run_config=RunConfig(tracing_disabled=True))
 

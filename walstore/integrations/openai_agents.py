@@ -516,8 +516,8 @@ class _Opening:
         self.run, self.state = run, state
         self.txids: list[int] = []
         self.resumed = False
-        # (until the run's wrapper tells: an SDK that passes none is checked, as before)
-        self.checked = True
+        # (None until the run's wrapper tells: ``_first_checked``)
+        self.checked: bool | None = None
 
 
 # (id of an SDK run, id of a session's _WriterLock) -> its _Opening (weakly holding both):
@@ -592,6 +592,18 @@ def _contact(state: _WriterLock, wrapper: Any = None) -> None:
     if opening is not None:
         opening.resumed = adopted
         opening.checked = adopted or _decided(wrapper)
+
+
+def _first_checked(opening: _Opening | None, items: list[Any]) -> bool:
+    """Whether a write of ``items`` is the first of a resumed run (``_check_answers``): its
+    wrapper said so (``_contact``); told nothing (``OpenAIResponsesCompactionSession``
+    hands its underlying session no wrapper, SDK 0.24), a first write holding no user
+    message (a new run's first write is its input)."""
+    if opening is None:
+        return False
+    if opening.checked is not None:
+        return opening.checked
+    return not any(_is_user(item) for item in items)
 
 
 def _decided(wrapper: Any) -> bool:
@@ -1446,8 +1458,7 @@ class WalstoreSession:
             normalized = _prepared(items)  # (in the worker: TypeError before any write)
             # (a resumed run's first write: checked only then, so a long conversation's
             # turns are not scanned for their calls at every save)
-            opening = _opening(state)
-            first = opening is not None and opening.checked
+            first = _first_checked(_opening(state), normalized)
 
             def add(tx: "Transaction") -> None:
                 branch = self._pinned_branch(tx)
