@@ -1476,10 +1476,11 @@ class WalstoreSession:
         """``_Unanswered`` when ``items`` (a resumed run's first write) hold a tool output
         whose call (same ``call_id``) is neither earlier in them nor unanswered in
         ``branch``, or a tool call ``branch`` holds already (that very item: a model may
-        give a call the ``call_id`` of an earlier turn's, stop 77 h3): the outputs of a run resumed from a RunState
-        after a rewind, clear or pop removed its paused calls (an output no call
-        precedes: the next model call fails on it), or of a second resume of one
-        RunState (the tool's output saved twice; a held response, calls and all, too).
+        give a call the ``call_id`` of an earlier turn's, stop 77 h3): the outputs of a
+        run resumed from a RunState after a rewind, clear or pop removed its paused
+        calls (an output no call precedes: the next model call fails on it), or of a
+        second resume of one RunState (the tool's output saved twice; a held response,
+        calls and all, too).
         The branch is read newest first, up to the calls the outputs answer (all of it
         when the items hold calls)."""
         calls: dict[str, Any] = {}
