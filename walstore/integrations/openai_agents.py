@@ -179,8 +179,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import (LSN, ConflictError, ErasureOwed, SnapshotTooOld, TxnInfo, UnknownPoint,
-               WalstoreError)
+from .. import (LSN, ConflictError, ErasureOwed, RevertConflict, SnapshotTooOld, TxnInfo,
+               UnknownPoint, WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
 from ..agent.scope import (add_commit_check, add_undo_fence, commit_checks, undo_committed,
                            undo_kind)
@@ -524,6 +524,19 @@ class _Opening:
 # gone at the run's first write to the session, or at the run's end.
 _OPENINGS: dict[tuple[int, int], _Opening] = {}
 _openings_lock = threading.Lock()
+
+
+def _undone_already(store: Any, txid: int, error: RevertConflict) -> bool:
+    """Whether ``error`` (a revert of ``txid`` refused) says ``txid`` was undone already:
+    every later writer it names is an undo whose ``reverts`` name ``txid`` (a rewind or
+    revert of it) or a transaction such an undo took back with it."""
+    try:
+        reverts = {t: set(store.txn_info(t).extra.get("reverts") or ()) for t in error.txids}
+    except (KeyError, WalstoreError):
+        return False
+    undos = [r for r in reverts.values() if txid in r]
+    return bool(undos) and all(txid in r or any(t in u for u in undos)
+                               for t, r in reverts.items())
 
 
 def _forked_openings() -> None:
@@ -1317,7 +1330,7 @@ class WalstoreSession:
         txids = opening.txids if opening is not None else []
         if not txids:
             return ConflictError(msg)
-        undone, failed = [], []
+        undone, already, failed = [], [], []
         rewinding = _REWINDING.set(_REWINDING.get() + (self._lock,))
         try:
             for txid in reversed(txids):
@@ -1329,6 +1342,14 @@ class WalstoreSession:
                         undone.append(txid)
                 except UnknownPoint:
                     pass   # (it never committed: nothing to undo)
+                except RevertConflict as e:
+                    # (the rewind that cut the run off took it back, its actions
+                    # compensated: said "reverting it failed", read as a booking standing,
+                    # to cancel by hand — a second cancellation; stop 77 h5)
+                    if _undone_already(self.store, txid, e):
+                        already.append(txid)
+                    else:
+                        failed.append(f"{txid} ({type(e).__name__}: {e})")
                 except WalstoreError as e:
                     failed.append(f"{txid} ({type(e).__name__}: {e})")
         finally:
@@ -1337,6 +1358,11 @@ class WalstoreSession:
             msg += (f"; the work this run's tools did in the session's scope before it "
                     f"was reverted, its actions compensated (transactions "
                     f"{sorted(undone)})")
+        if already:
+            msg += (f"; {'more of ' if undone else ''}the work this run's tools did in the "
+                    f"session's scope before it was undone already, its actions "
+                    f"compensated, by the rewind or revert that took it back (transactions "
+                    f"{sorted(already)})")
         if failed:
             msg += f"; reverting it failed for transaction {', '.join(failed)}"
         return ConflictError(msg)
