@@ -514,3 +514,39 @@ def test_a_resume_whose_tools_work_a_rewind_took_back_says_so_not_that_its_rever
     assert trip.world == ["book rome", "book pay rome", "cancel pay rome", "cancel rome"]
     assert _actions(store) == [("pay rome", "compensated"), ("rome", "compensated")]
     assert asyncio.run(trip.items()) == ["user: hi"]
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["saved", "held"])
+def test_a_runstate_resumed_again_after_its_answer_was_popped_is_refused(store, held):
+    """The JSON resumed once (pay approved, its booking saved), the turn's newest items
+    popped (a "regenerate answer"; a pop compensates nothing), then the same JSON
+    resumed again (a retried approval request).  Before: the pay call stood unanswered
+    again (held: the whole held response was gone), so the second resume passed the
+    items check: pay booked twice, both bookings standing.  Now the resumed run's save
+    notes the calls it answered, and a resume answering one again is refused, its
+    booking reverted."""
+    trip = Trip(store, held=held)
+    box = {}
+
+    async def paused():
+        box["json"] = (await trip.pause()).to_json()
+    asyncio.run(paused())
+
+    async def resumed(again: bool):
+        state = await _from_json(trip, box["json"])
+        s = WalstoreSession("u", store)
+        if not again:
+            await trip.resume(state, session=s)
+            # the resume's items: pay's output and the answer (held: the held response,
+            # the two calls and their outputs)
+            await s.pop_items(4 if held else 2)
+            return
+        with pytest.raises(walstore.ConflictError, match="already"):
+            await trip.resume(state, session=s)
+    asyncio.run(resumed(False))
+    popped = asyncio.run(trip.items())
+    asyncio.run(resumed(True))
+    assert asyncio.run(trip.items()) == popped
+    assert trip.world == ["book rome", "book pay rome", "book pay rome", "cancel pay rome"]
+    assert _actions(store) == [("pay rome", "committed"), ("pay rome", "compensated"),
+                               ("rome", "committed")]

@@ -93,7 +93,8 @@ Undo a conversation's turns with ``session.rewind`` or ``pop_items``.  The refus
 what cut the turn off (``_SAID``).  A run resumed from a ``RunState`` (the SDK's human in the
 loop: ``Runner.run(agent, state, session=session)`` after approvals) continues the paused
 turn: after a rewind, erase, clear or pop past it, or a resume of the same RunState
-before, its save is refused (``ConflictError``, nothing written) and the work its approved
+before (noted in the session's scope: a pop of that resume's items does not undo it),
+its save is refused (``ConflictError``, nothing written) and the work its approved
 tools did in the session's scope before it (they run before the SDK touches the session)
 is reverted, its actions compensated.  It saved into the rewound session (an output whose
 call was gone), and its booking stood (stop 77 h1).  The session takes the SDK's
@@ -122,6 +123,8 @@ there: ``_legacy_prefix``)::
     oa/S/i/B/<seq:020d>  -> one item (a JSON-shaped dict), in order of seq within branch B
     oa/S/br/B            -> {"created_at", "ns", "from_branch", "from_turn"}: a created branch
     oa/S/k/<name>        -> tool state of the session: ``session.key(name)`` (kept by clear)
+    oa/S/r/<digest>      -> {"call_id"}: a tool call a resumed run answered (kept by clear
+                            and pop: a second resume of its RunState is refused)
 
 Everything of a session lies under ``session.scope`` (``"oa/S/"``), so a rewind scoped to
 it moves this conversation and nothing else: its items, branches, current branch and tool
@@ -492,8 +495,9 @@ def _turn_over(state: _WriterLock, epoch: int) -> bool:
 #   paused run.  In process only: ``RunState.from_json`` makes a wrapper with no stamp.
 # * The items: a resumed run's first write (``_OPENINGS``) of tool outputs must answer
 #   calls the branch holds unanswered, and its calls must not be in the branch already
-#   (``_check_answers``) — a resume after a rewind, clear or pop, or a second resume
-#   of one RunState, serialized or not.  Resumed: its wrapper carries the approvals
+#   nor answered by a resumed run before (noted under ``r/``, kept by a pop or clear:
+#   ``_answered_key``) (``_check_answers``) — a resume after a rewind, clear or pop, or
+#   a second resume of one RunState, serialized or not.  Resumed: its wrapper carries the approvals
 #   or rejections the resume acts on (``_decided``; a new run's carries none), or a
 #   stamp it adopted.  (Every run's first write was checked: a new run whose input, or
 #   whose ``session_input_callback``, gave tool items the branch holds was refused,
@@ -1489,7 +1493,9 @@ class WalstoreSession:
             def add(tx: "Transaction") -> None:
                 branch = self._pinned_branch(tx)
                 if first:
-                    self._check_answers(tx, branch, normalized)
+                    # (and noted: a resume answering one again is refused, _check_answers)
+                    for call in self._check_answers(tx, branch, normalized):
+                        tx.put(self._answered_key(call), {"call_id": call.get("call_id")})
                 last = self._newest(tx, branch, 1)
                 seq = last[0][0] + 1 if last else 1
                 prefix = self._items_prefix(branch)
@@ -1498,29 +1504,43 @@ class WalstoreSession:
             return add
         await self._write_made("add_items", make, wrapper)
 
-    def _check_answers(self, tx: "Transaction", branch: str, items: list[Any]) -> None:
+    def _answered_key(self, call: Any) -> str:
+        """The key noting that a resumed run answered tool call item ``call`` (by its
+        content: a model may reuse a ``call_id``, stop 77 h3)."""
+        text = json.dumps(call, sort_keys=True)   # (ASCII: a lone surrogate escaped)
+        return f"{self._prefix}r/{hashlib.sha256(text.encode('ascii')).hexdigest()}"
+
+    def _check_answers(self, tx: "Transaction", branch: str, items: list[Any]
+                       ) -> list[Any]:
         """``_Unanswered`` when ``items`` (a resumed run's first write) hold a tool output
         whose call (same ``call_id``) is neither earlier in them nor unanswered in
         ``branch``, or a tool call ``branch`` holds already (that very item: a model may
-        give a call the ``call_id`` of an earlier turn's, stop 77 h3): the outputs of a
+        give a call the ``call_id`` of an earlier turn's, stop 77 h3), or answer a call
+        a resumed run answered before (``_answered_key``): the outputs of a
         run resumed from a RunState after a rewind, clear or pop removed its paused
         calls (an output no call precedes: the next model call fails on it), or of a
         second resume of one RunState (the tool's output saved twice; a held response,
-        calls and all, too).
+        calls and all, too) — after a pop of the first's items too, which compensated
+        nothing: the approved tool booked twice, both standing (stop 77 h5).
         The branch is read newest first, up to the calls the outputs answer (all of it
-        when the items hold calls)."""
+        when the items hold calls).  Returns the call items the outputs answer."""
         calls: dict[str, Any] = {}
         wanted: set[str] = set()
+        found: list[Any] = []
         for item in items:
             cid = _call_id(item, "_call")
             if cid is not None:
                 calls[cid] = item
                 continue
             cid = _call_id(item, "_call_output")
-            if cid is not None and cid not in calls:
+            if cid is None:
+                continue
+            if cid in calls:
+                found.append(calls[cid])
+            else:
                 wanted.add(cid)
         if not calls and not wanted:
-            return
+            return found
         answered: set[str] = set()
         for _seq, item in self._scan_items(tx, branch, reverse=True):
             cid = _call_id(item, "_call")
@@ -1532,8 +1552,9 @@ class WalstoreSession:
                     if cid in answered:
                         raise _Unanswered(f"holds an output for tool call {cid!r} already")
                     wanted.discard(cid)
+                    found.append(item)
                     if not wanted and not calls:
-                        return
+                        break
                 continue
             cid = _call_id(item, "_call_output")
             if cid is not None:
@@ -1541,6 +1562,12 @@ class WalstoreSession:
         if wanted:
             raise _Unanswered(f"holds no tool call {sorted(wanted)[0]!r} for this output to "
                               f"answer")
+        for call in found:
+            if self._answered_key(call) in tx:
+                raise _Unanswered(f"answered tool call {call.get('call_id')!r} before (a "
+                                  f"resume of this RunState saved its output; a pop of it "
+                                  f"since compensated nothing)")
+        return found
 
     async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the caller's branch (as ``add_items``;
@@ -1549,7 +1576,8 @@ class WalstoreSession:
         return popped[0] if popped else None
 
     async def clear_session(self, *, wrapper: Any = None) -> None:
-        """Remove every item and branch of the session (tool state under ``key()`` stays)."""
+        """Remove every item and branch of the session (tool state under ``key()`` stays,
+        and so do the notes of the calls resumed runs answered: ``_check_answers``)."""
         await self._write("clear_session", self._clear, wrapper)
 
     def _clear(self, tx: "Transaction") -> None:
