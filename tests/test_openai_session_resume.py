@@ -550,3 +550,17 @@ def test_a_runstate_resumed_again_after_its_answer_was_popped_is_refused(store, 
     assert trip.world == ["book rome", "book pay rome", "book pay rome", "cancel pay rome"]
     assert _actions(store) == [("pay rome", "committed"), ("pay rome", "compensated"),
                                ("rome", "committed")]
+
+
+def test_the_installed_sdk_tells_a_new_runs_wrapper_from_a_resumed_ones():
+    """``_decided`` reads the SDK's private ``RunContextWrapper._approvals`` (openai-agents
+    0.24) to tell a run resumed from a RunState from a new run; an SDK without it makes
+    every run's first save checked, and a new run whose input or session_input_callback
+    gives tool items the branch holds is then refused (stop 77 h3).  Fails when an SDK
+    upgrade renames it, before users meet those refusals."""
+    from agents import RunContextWrapper
+
+    from walstore.integrations import openai_agents as oa
+    fresh = RunContextWrapper(context=None)
+    assert isinstance(getattr(fresh, "_approvals", None), dict)
+    assert oa._decided(fresh) is False
