@@ -279,6 +279,9 @@ def test_writes_saved_before_their_checkpoint_the_rewind_took_back_record_nothin
     rome = store.txn_info(booking_of(store, "Rome")).lsn
     _wait_for(lambda: any((i.meta or {}).get("langgraph") == "put_writes" and i.lsn > rome
                           for i in store.log(limit=4)))
+    # (Paris's checkpoint is saved in the background too: it may land after Rome's writes,
+    # and the point must lie after it, or the rewind takes Paris back as well)
+    _wait_for(lambda: held.state("a").values.get("booked") == ["Paris"])
     point = store.log(limit=1)[0].lsn
     saved.set()   # (Rome's checkpoint saved after the point)
     _wait_for(lambda: (store.log(limit=1)[0].meta or {}).get("langgraph") == "put"
