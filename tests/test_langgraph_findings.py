@@ -1136,6 +1136,52 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
     store.close()
 
 
+def test_a_rewind_to_a_subgraphs_checkpoint_keeps_no_record_of_a_booking_it_refunds(
+        tmp_path):
+    # (h6, stop 77's race script) One step of the graph runs "paris" (a plain node) beside
+    # "trip" (a subgraph booking Rome, then Oslo); the thread is rewound to the subgraph's
+    # last checkpoint.  The parent's checkpoint made after the step lists all of that
+    # step's node transactions (Paris's booking among them) as work after the target:
+    # the rewind refunded Paris but kept Paris's pending writes on the parent's checkpoint
+    # (writes on a checkpoint older than the target): the state said Paris was booked,
+    # the world had it refunded, and the resume took the task as done, booking nothing
+    class S(TypedDict):
+        booked: Annotated[list, operator.add]
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+
+    def city(name: str):
+        def node(s: S) -> dict:
+            book_in(store, world, name)
+            return {"booked": [name]}
+        return node
+    sb = StateGraph(S)
+    sb.add_node("rome", city("Rome"))
+    sb.add_node("oslo", city("Oslo"))
+    sb.add_edge(START, "rome")
+    sb.add_edge("rome", "oslo")
+    sb.add_edge("oslo", END)
+    sub = sb.compile()
+    b = StateGraph(S)
+    b.add_node("paris", city("Paris"))
+    b.add_node("trip", lambda s: {"booked": sub.invoke({"booked": []})["booked"]})
+    b.add_edge(START, "paris")
+    b.add_edge(START, "trip")
+    b.add_edge("paris", END)
+    b.add_edge("trip", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"booked": []}, config, durability="sync")
+    target = max((t for t in saver.list(config) if t.config["configurable"]["checkpoint_ns"]),
+                 key=lambda t: t.config["configurable"]["checkpoint_id"])
+    saver.rewind(target.config)
+    assert sorted(graph.get_state(config).values["booked"]) == standing(world), world
+    graph.invoke(None, config, durability="sync")
+    assert sorted(graph.get_state(config).values["booked"]) == standing(world) == [
+        "Oslo", "Paris", "Rome"], world
+    store.close()
+
+
 def test_a_refused_rewind_does_not_fence_the_runs_of_the_thread(saver):
     # (review38: a saver.rewind refused with RevertConflict, nothing changed, still
     # marked the thread rewound: the pending writes of a run that had loaded it were

@@ -2356,6 +2356,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # decoded), so rewinding one step of a thread of 3,000 checkpoints read 3,000.
         for attempt in range(_READ_RETRIES + 1):
             keep: list[int] = []
+            late_on: dict[int, set[str]] = {}   # (a kept late write: the checkpoints it is on)
             tx = known = None
             try:
                 for info in self._commits_after(point):  # oldest first, as far as needed
@@ -2371,6 +2372,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                             self._late_write(key, ns, prefix, known.made_by_step)
                             for key in info.keys):
                         keep.append(info.txid)
+                        late_on[info.txid] = self._writes_on(info, scope)
                 break
             except ConflictError:  # (SnapshotTooOld: history trimmed under the read)
                 if attempt >= _READ_RETRIES:
@@ -2383,6 +2385,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         early = self._early_work(config, point)
         if early is None:
             return walstore.LSN(point), keep, None
+        # (late writes on a checkpoint a step of the undone work was built on record that
+        # work as done: undone with it, _early_work)
+        keep = [t for t in keep if not late_on.get(t, set()) & early[3]]
         return early[0], early[1] + keep, early[2]
 
     def _commits_after(self, lsn: int | None, page: int = 256) -> Iterator[Any]:
@@ -2456,14 +2461,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return False
 
     def _early_work(self, config: RunnableConfig, point: int
-                    ) -> tuple["walstore.LSN", list[int], int | None] | None:
+                    ) -> tuple["walstore.LSN", list[int], int | None, set[str]] | None:
         """Work of the thread that belongs after checkpoint ``cid`` (its step's and later
         steps' node transactions, checkpoints and pending writes) but committed at or
         before ``point``: LangGraph's ``durability="async"`` saves a checkpoint in the
         background while the steps after it already run, so a booking of the next step
         can commit before the checkpoint's own save.  None when there is none; else (the
         LSN just before the oldest of it, the txids of the thread's commits from there to
-        ``point`` that are not such work: kept by the rewind, ``store.rewind(keep=)``).
+        ``point`` that are not such work: kept by the rewind, ``store.rewind(keep=)``; the
+        checkpoints the steps listed by later checkpoints were built on, ``bases``).
 
         Such work is known by the ids it names (LangGraph's checkpoint ids are uuid6,
         ordered by time): a checkpoint of any namespace made after ``cid``, a pending
@@ -2475,7 +2481,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`: stores
         written before the stamp).  The thread's
         commits from the oldest of it to ``point`` are kept only when known to be work
-        from before ``cid`` (:meth:`_before`); the rest is undone.  (When the oldest is
+        from before ``cid`` (:meth:`_before`), except pending writes on the checkpoint a
+        step a later checkpoint lists was built on (its parent): they record that step's
+        undone work as done.  A checkpoint
+        of a subgraph is made in the middle of its parent graph's step, whose checkpoint,
+        made later, lists all that step's node transactions, its sibling tasks' too:
+        their bookings were undone while their pending writes on the parent's checkpoint
+        (older than ``cid``) were kept, the state saying booked what the world had
+        refunded, and the resume took the tasks as done (h6, stop 77).  The rest is
+        undone.  (When the oldest is
         the store's very first commit, no position lies before it: the rewind goes to it
         and undoes it too, in one transaction, ``store.rewind(include=)``.)"""
         thread_id, _ns_name, _cid = _rewind_where(config)
@@ -2486,6 +2500,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         scope = self.thread_scope(thread_id)
         later_keys: set[bytes] = set()
         step_txids: set[int] = set()
+        bases: set[str] = set()   # (the checkpoints the listed steps were built on)
         # Of each namespace (subgraphs' too) only the keys from ``cid`` on are read
         # (``_rows_from``): every checkpoint and pending write of the thread was read, so
         # rewinding one step of a thread of 3,000 checkpoints read 6,000 rows (0.53 s).
@@ -2500,6 +2515,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if isinstance(listed, list):
                     step_txids.update(t for t in listed
                                       if isinstance(t, int) and not isinstance(t, bool))
+                    if listed and isinstance(rec.get("p"), str):
+                        bases.add(rec["p"])
         for key, _v in self._rows_from(scope, WRITE, cid):
             other = self._write_checkpoint(scope, key)
             if other is not None and other >= cid and _uuid6_time(other) is not None:
@@ -2540,11 +2557,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 break
             if not self._of_thread(info, scope):
                 continue
-            if info.txid not in step_txids and self._before(info, scope, cid):
+            if info.txid not in step_txids and self._before(info, scope, cid) \
+                    and not self._writes_on(info, scope) & bases:
                 keep.append(info.txid)  # (else: the steps' after ``cid``, undone)
         if oldest == 0:  # (the store's very first commit: no position lies before it)
             first = oldest_txid
-        return walstore.LSN(max(oldest - 1, 0)), keep, first
+        return walstore.LSN(max(oldest - 1, 0)), keep, first, bases
 
     def _rows_from(self, scope: bytes, kind: bytes, cid: str,
                    skip_after: int = 32) -> Iterator[tuple[bytes, Any]]:
@@ -2595,6 +2613,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             return key[i:].split(b"\x00", 1)[0].decode("utf-8")
         except (ValueError, IndexError, UnicodeDecodeError):
             return None
+
+    def _writes_on(self, info: Any, scope: bytes) -> set[str]:
+        """The checkpoints commit ``info`` writes pending writes of the thread ``scope``
+        on."""
+        on = set()
+        for key in info.keys:
+            if isinstance(key, bytes) and key.startswith(scope) \
+                    and key[len(scope):len(scope) + 1] == WRITE:
+                other = self._write_checkpoint(scope, key)
+                if other is not None:
+                    on.add(other)
+        return on
 
     def _before(self, info: Any, scope: bytes, cid: str) -> bool:
         """Is commit ``info`` known to be the thread's work from before checkpoint ``cid``
