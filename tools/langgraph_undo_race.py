@@ -1,8 +1,9 @@
 """Randomised races of a LangGraph run against undos (stop 77, h6), checked against an
 outside ledger: the saver's cut-off runs and the undo of their unsaved steps.  Each
 iteration: a fresh store, a StateGraph of 2-4 booking nodes (some in parallel), each a
-store transaction with an action whose compensation writes to the ledger; the run (invoke/ainvoke, durability sync/async/exit) is held at a random point (a
-node before/after booking, a checkpoint save, a task's pending writes) or left free, and
+store transaction with an action whose compensation writes to the ledger; the run
+(invoke/ainvoke, durability sync/async/exit) is held at a random point (a node
+before/after booking, a checkpoint save, a task's pending writes) or left free, and
 another caller rewinds/purges/reverts/does nothing; the run finishes or is refused, is
 optionally resumed, and the ledger is compared with the thread's latest checkpoint.
 
