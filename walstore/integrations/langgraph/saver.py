@@ -1604,6 +1604,22 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         _ = tx.snapshot
         self._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what, undo=False)
 
+    def _revert_into(self, run: Any, txid: int, prefix: bytes, meta: dict) -> None:
+        """Revert ``txid`` (a refused run's node transaction) in the thread's scope, outside
+        any graph node (``_outside_node``: made from a subgraph's save, in its parent
+        node's context, it was refused as a node transaction of the refused run), and
+        note it in ``run.undone`` (None from the revert: undone already, by another), or
+        in ``run.left`` with why when it cannot be (a rival changed its keys since)."""
+        try:
+            if _outside_node(lambda: self.store.revert(txid, scope=prefix,
+                                                       meta=meta)) is not None:
+                run.undone.append(txid)
+        except RevertConflict as e:
+            if not self._undone_already(txid, e):
+                run.left.append(f"{txid} ({type_and_message(e)})")
+        except WalstoreError as e:
+            run.left.append(f"{txid} ({type_and_message(e)})")
+
     def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
                         token: str) -> None:
         """Revert, newest first, the transactions the refused run's nodes committed, in
@@ -1629,18 +1645,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     self.store.txn_info(txid)
                 except (KeyError, WalstoreError):
                     continue  # (never committed: its actions, if any, were compensated)
-                try:
-                    if self.store.revert(txid, scope=ns.thread_prefix,
-                                         meta=self._meta("undo_lost_step",
-                                                         thread_id=error.thread_id,
-                                                         checkpoint_id=error.parent,
-                                                         txid=txid)) is not None:
-                        run.undone.append(txid)   # (None: undone already, by another)
-                except RevertConflict as e:
-                    if not self._undone_already(txid, e):
-                        run.left.append(f"{txid} ({type_and_message(e)})")
-                except WalstoreError as e:
-                    run.left.append(f"{txid} ({type_and_message(e)})")
+                self._revert_into(run, txid, ns.thread_prefix, self._meta(
+                    "undo_lost_step", thread_id=error.thread_id,
+                    checkpoint_id=error.parent, txid=txid))
             undone, left = sorted(run.undone, reverse=True), list(run.left)
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
@@ -1708,18 +1715,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue  # (never committed: its actions, if any, were compensated)
                 if info.extra.get("undone_by"):
                     continue  # (undone already: by the rewind, or another undo)
-                try:
-                    if _outside_node(lambda: self.store.revert(
-                            txid, scope=prefix,
-                            meta=self._meta("undo_cut_off_step", thread_id=error.thread_id,
-                                            checkpoint_id=error.parent,
-                                            txid=txid))) is not None:
-                        run.undone.append(txid)
-                except RevertConflict as e:
-                    if not self._undone_already(txid, e):
-                        run.left.append(f"{txid} ({type_and_message(e)})")
-                except WalstoreError as e:
-                    run.left.append(f"{txid} ({type_and_message(e)})")
+                self._revert_into(run, txid, prefix, self._meta(
+                    "undo_cut_off_step", thread_id=error.thread_id,
+                    checkpoint_id=error.parent, txid=txid))
             undone, left = sorted(run.undone, reverse=True), list(run.left)
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
