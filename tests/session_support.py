@@ -121,3 +121,15 @@ def spy_rewind_waits(monkeypatch) -> threading.Event:
         return orig(self)
     monkeypatch.setattr(oa._WriterLock, "await_rewinds", await_rewinds)
     return waiting
+
+
+def texts(items: list, kinds: bool = False) -> list:
+    """What a conversation says, one string per item (tool calls' arguments and tool
+    outputs too); ``kinds``: each prefixed with the item's type or role."""
+    out = []
+    for item in items:
+        text = item.get("content") or item.get("arguments") or item.get("output")
+        if isinstance(text, list):
+            text = " ".join(c.get("text", "") for c in text if isinstance(c, dict))
+        out.append(f"{item.get('type') or item.get('role')}: {text}" if kinds else text)
+    return out

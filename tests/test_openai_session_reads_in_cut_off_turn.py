@@ -27,22 +27,11 @@ pytest.importorskip("agents")
 import walstore  # noqa: E402
 import walstore.integrations.openai_agents as oa  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import WAIT_S, booking_tool, held_model, assistant, book, example, store, user  # noqa: E402,F401
+from session_support import WAIT_S, booking_tool, held_model, assistant, book, example, store, texts, user  # noqa: E402,F401
 
 
 def states(store):
     return sorted((a.name, a.args["what"], a.state) for a in store.actions())
-
-
-def _texts(items):
-    """What the conversation says, one string per item (tool calls and outputs too)."""
-    out = []
-    for item in items:
-        text = item.get("content") or item.get("arguments") or item.get("output")
-        if isinstance(text, list):
-            text = " ".join(c.get("text", "") for c in text if isinstance(c, dict))
-        out.append(text)
-    return out
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
@@ -80,7 +69,7 @@ def test_a_tool_that_reads_the_session_in_a_cut_off_turn_books_nothing(store, st
         Args:
             city: where.
         """
-        seen_by_tool.append(_texts(await s.get_items()))
+        seen_by_tool.append(texts(await s.get_items()))
         await asyncio.to_thread(book, store, s, city, world)
         return f"booked {city}"
 
@@ -118,7 +107,7 @@ def test_a_tool_that_reads_the_session_in_a_cut_off_turn_books_nothing(store, st
     assert states(store) == [("book", "Rome", "committed")]
     assert seen_by_tool == [["hi"], ["hi", "book rome"]]   # (the tool read, after the rewind)
     assert len(tool_errors) == 1 and "refused, nothing ran" in tool_errors[0]
-    assert _texts(asyncio.run(s.get_items())) == [
+    assert texts(asyncio.run(s.get_items())) == [
         "hi", "book rome", '{"city": "Rome"}', "booked Rome", "Booked Rome."]
 
 
@@ -218,5 +207,5 @@ def test_a_run_nested_in_a_tool_of_a_cut_off_turn_saves_nothing(store):
         assert (await Runner.run(inner, "note rome", session=s,
                                  run_config=config)).final_output == "noted"
     asyncio.run(go())
-    assert _texts(asyncio.run(s.get_items())) == ["hi", "note rome", "noted"]
+    assert texts(asyncio.run(s.get_items())) == ["hi", "note rome", "noted"]
     assert len(tool_errors) == 1 and "was rewound by another caller" in tool_errors[0]

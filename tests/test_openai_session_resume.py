@@ -30,20 +30,13 @@ pytest.importorskip("agents")
 
 import walstore  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
-from session_support import book, booking_tool, example, store, user  # noqa: E402,F401
+from session_support import book, booking_tool, example, store, texts, user  # noqa: E402,F401
 
 EX = example()
 
 
 def _texts(items):
-    """What the conversation says, one string per item (tool calls and outputs too)."""
-    out = []
-    for item in items:
-        text = item.get("content") or item.get("arguments") or item.get("output")
-        if isinstance(text, list):
-            text = " ".join(c.get("text", "") for c in text if isinstance(c, dict))
-        out.append(f"{item.get('type') or item.get('role')}: {text}")
-    return out
+    return texts(items, kinds=True)
 
 
 def _actions(store):
