@@ -33,55 +33,9 @@ from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
 
 from test_langgraph_findings import (Plan, booking_store, hold_save, plan_graph,  # noqa: E402
                                      standing)
-from test_langgraph_store_undo_cuts_off_runs import book_noted, booking_of  # noqa: E402
+from test_langgraph_store_undo_cuts_off_runs import Held, book_noted, booking_of  # noqa: E402
 
 WAIT_S = 30
-
-
-class Held:
-    """A plan graph whose step booking ``city`` waits, once booked, for ``release``
-    (``booked`` set then); its run in a thread (``start``), its errors kept."""
-
-    def __init__(self, store, world: list, saver: WalstoreSaver, city: str = "Rome",
-                 then=None) -> None:
-        self.booked, self.release = threading.Event(), threading.Event()
-        self.errors: list = []
-        self.result: list = []
-
-        def book(s: Plan) -> dict:
-            here = s["plan"][0]
-            book_noted(store, world, here)
-            if here == city:
-                self.booked.set()
-                assert self.release.wait(WAIT_S)
-                if then is not None:
-                    then()
-            return {"plan": s["plan"][1:], "booked": [here]}
-        self.graph = plan_graph(saver, book)
-
-    def start(self, thread_id: str, inp, durability: str = "sync",
-              wait: bool = True) -> threading.Thread:
-        config = {"configurable": {"thread_id": thread_id}}
-
-        def run() -> None:
-            try:
-                self.result.append(self.graph.invoke(inp, config, durability=durability))
-            except Exception as e:  # noqa: BLE001  (the run cut off)
-                self.errors.append(e)
-        th = threading.Thread(target=run)
-        th.start()
-        if wait:
-            assert self.booked.wait(WAIT_S)
-        return th
-
-    def state(self, thread_id: str):
-        return self.graph.get_state({"configurable": {"thread_id": thread_id}})
-
-    def finish(self, th: threading.Thread) -> list[str]:
-        self.release.set()
-        th.join(WAIT_S * 2)
-        assert not th.is_alive()
-        return [type(e).__name__ for e in self.errors]
 
 
 def _note_in(store, scope, key: str = "side/note") -> None:

@@ -36,11 +36,14 @@ WAIT_S = 30
 
 class Held:
     """A plan graph on ``store`` whose step booking ``city`` waits, once booked, for
-    ``release`` (``booked`` set then)."""
+    ``release`` (``booked`` set then; ``then()`` after it); its run in a thread
+    (``start``: ``inp`` the graph's input, or a plan), its errors and result kept."""
 
-    def __init__(self, store, world: list, saver: WalstoreSaver, city: str = "Rome") -> None:
+    def __init__(self, store, world: list, saver: WalstoreSaver, city: str = "Rome",
+                 then=None) -> None:
         self.booked, self.release = threading.Event(), threading.Event()
         self.errors: list = []
+        self.result: list = []
         self.saver = saver
 
         def book(s: Plan) -> dict:
@@ -48,22 +51,27 @@ class Held:
             book_noted(store, world, here)
             if here == city:
                 self.booked.set()
-                self.release.wait(WAIT_S)
+                assert self.release.wait(WAIT_S)
+                if then is not None:
+                    then()
             return {"plan": s["plan"][1:], "booked": [here]}
         self.graph = plan_graph(saver, book)
 
-    def start(self, thread_id: str, plan: list, durability: str = "sync") -> threading.Thread:
+    def start(self, thread_id: str, inp, durability: str = "sync",
+              wait: bool = True) -> threading.Thread:
         config = {"configurable": {"thread_id": thread_id}}
+        if isinstance(inp, list):
+            inp = {"plan": inp, "booked": []}
 
         def run() -> None:
             try:
-                self.graph.invoke({"plan": plan, "booked": []}, config,
-                                  durability=durability)
+                self.result.append(self.graph.invoke(inp, config, durability=durability))
             except Exception as e:  # noqa: BLE001  (the run cut off)
                 self.errors.append(e)
         th = threading.Thread(target=run)
         th.start()
-        assert self.booked.wait(WAIT_S)
+        if wait:
+            assert self.booked.wait(WAIT_S)
         return th
 
     def state(self, thread_id: str):
