@@ -789,3 +789,58 @@ def test_a_node_transaction_naming_its_threads_scope_itself_is_fenced_too(tmp_pa
     else:   # (a purge compensates nothing: what ran before the delete stands)
         assert standing(world) == ["Paris", "Rome"]
     store.close()
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_run_whose_subgraph_loses_a_race_has_the_subgraphs_booking_undone(
+        tmp_path, durability):
+    # (probe h7, stop 77: a subgraph's save refused for a lost race undoes the run's
+    # booking from its parent node's context, where the revert could be fenced as a node
+    # transaction of the refused run: two resumes of a thread interrupted inside a
+    # subgraph both book, and the subgraph's saves race.  Passes on the code before
+    # f9a7d556 too -- the parent's run is not cut off there, so its fence let the
+    # revert through -- kept to cover the path.)
+    store, world = booking_store(tmp_path)
+    saver = WalstoreSaver(store)
+    both_booked = threading.Barrier(2, timeout=30)
+
+    def book(s: Plan) -> dict:
+        who = interrupt("book for whom?")
+        book_in(store, world, who)
+        both_booked.wait()   # (both booked before either subgraph saves)
+        return {"booked": [who]}
+    sub = StateGraph(Plan)
+    sub.add_node("book", book)
+    sub.add_edge(START, "book")
+    sub.add_edge("book", END)
+    b = StateGraph(Plan)
+    b.add_node("sub", sub.compile())
+    b.add_edge(START, "sub")
+    b.add_edge("sub", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": [], "booked": []}, config, durability="sync")
+    assert graph.get_state(config).next == ("sub",)
+    outcome: dict = {}
+
+    def run(who: str) -> None:
+        try:
+            graph.invoke(Command(resume=who), {"configurable": {"thread_id": "a"}},
+                         durability=durability)
+            outcome[who] = "ok"
+        except Exception as e:  # noqa: BLE001  (the run that lost)
+            outcome[who] = e
+    ths = [threading.Thread(target=run, args=(w,)) for w in "AB"]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(60)
+    [winner] = [w for w, r in outcome.items() if r == "ok"]
+    [error] = [r for r in outcome.values() if r != "ok"]
+    assert type(error).__name__ == "StaleCheckpointError", error
+    assert "(namespace 'sub:" in str(error) and "were reverted" in str(error), error
+    assert "NOT undone" not in str(error), error
+    loser = "B" if winner == "A" else "A"
+    assert world.count(("cancel", loser)) == 1 and ("cancel", winner) not in world, world
+    assert graph.get_state(config).values["booked"] == standing(world) == [winner]
+    store.close()
