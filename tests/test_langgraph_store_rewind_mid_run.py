@@ -136,26 +136,28 @@ class Two(TypedDict):
     booked: Annotated[list, operator.add]
 
 
+def _booking_node(store, world: list, city: str, booked: threading.Event | None = None,
+                  wait: threading.Event | None = None):
+    """A node of a ``Two`` graph booking ``city`` (``book_noted``), then setting ``booked``
+    and waiting for ``wait``, when given."""
+    def node(s: Two) -> dict:
+        book_noted(store, world, city)
+        if booked is not None:
+            booked.set()
+        if wait is not None:
+            assert wait.wait(WAIT_S)
+        return {"booked": [city]}
+    return node
+
+
 def _two_branches(store, world, saver, hold_a: threading.Event | None):
     """Two nodes in one superstep: "a" books Lima (waiting for ``hold_a`` first when
     given, once booked), "b" books Quito and waits for ``release`` once booked."""
     a_booked, b_booked, release = (threading.Event() for _ in range(3))
 
-    def a(s: Two) -> dict:
-        book_noted(store, world, "Lima")
-        a_booked.set()
-        if hold_a is not None:
-            assert hold_a.wait(WAIT_S)
-        return {"booked": ["Lima"]}
-
-    def b(s: Two) -> dict:
-        book_noted(store, world, "Quito")
-        b_booked.set()
-        assert release.wait(WAIT_S)
-        return {"booked": ["Quito"]}
     g = StateGraph(Two)
-    g.add_node("a", a)
-    g.add_node("b", b)
+    g.add_node("a", _booking_node(store, world, "Lima", a_booked, hold_a))
+    g.add_node("b", _booking_node(store, world, "Quito", b_booked, release))
     g.add_edge(START, "a")
     g.add_edge(START, "b")
     g.add_edge("a", END)
@@ -416,18 +418,9 @@ def test_a_subgraphs_bookings_are_judged_by_its_parent_task(tmp_path):
     saver = WalstoreSaver(store)
     booked, release = threading.Event(), threading.Event()
 
-    def paris(s: Two) -> dict:
-        book_noted(store, world, "Paris")
-        return {"booked": ["Paris"]}
-
-    def rome(s: Two) -> dict:
-        book_noted(store, world, "Rome")
-        booked.set()
-        assert release.wait(WAIT_S)
-        return {"booked": ["Rome"]}
     sb = StateGraph(Two)
-    sb.add_node("paris", paris)
-    sb.add_node("rome", rome)
+    sb.add_node("paris", _booking_node(store, world, "Paris"))
+    sb.add_node("rome", _booking_node(store, world, "Rome", booked, release))
     sb.add_edge(START, "paris")
     sb.add_edge("paris", "rome")
     sb.add_edge("rome", END)
