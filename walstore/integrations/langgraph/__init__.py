@@ -23,9 +23,9 @@ This package owns the integration; its parts:
   to its thread;
 - ``store.py``: ``WalstoreStore``, LangGraph's ``BaseStore`` (long-term memory, TTL).
 """
-from .saver import StaleCheckpointError, WalstoreSaver
+from .saver import ResumeUndo, StaleCheckpointError, WalstoreSaver
 from .serde import StateSerializer, StateTypeError
 from .store import WalstoreStore
 
-__all__ = ["WalstoreSaver", "StaleCheckpointError", "WalstoreStore", "StateSerializer",
-           "StateTypeError"]
+__all__ = ["WalstoreSaver", "StaleCheckpointError", "ResumeUndo", "WalstoreStore",
+           "StateSerializer", "StateTypeError"]

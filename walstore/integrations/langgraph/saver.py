@@ -76,6 +76,22 @@ which thread a transaction begun inside a graph node belongs to.
   (``_undo_cut_off_step``; before, stop 77, such a booking stood and a resume booked
   again).  A purge compensates nothing (``_UNDOS`` notes rewinds only), nor does
   such a run once its thread was erased too (``_ERASES``).
+- **Resuming after a kill** (``_undo_on_resume``; ``undo_on_resume=False`` turns it
+  off).  A process killed while a step ran leaves that step's node transactions
+  committed and nothing recording them: the thread's head says the step has not run,
+  and a resume runs it again (it booked twice: before, docs/GUIDE.md told users to
+  rewind the thread to its head by hand first).  A run's load of the outermost graph's
+  head (``get_tuple`` with LangGraph's Runtime in the config: never ``get_state``'s)
+  first reverts, with their compensations, the node transactions an EARLIER open of
+  the store committed in the step built on that head, or in a later step whose
+  checkpoint was never saved, judged at the outermost graph by ``_step_recorded`` with
+  the task each names (``TASK_META``, stamped beside ``STEP_META``): kept when the
+  task's outcome (regular writes, an interrupt's, an error's) was saved on the head
+  after it committed, as the same process's resume would run it.  "Earlier" is the
+  log's end when the store object met its first saver (``_EarlierOpen``: one writer
+  process per store); a head is judged once per store object, under a per-thread lock;
+  a read-only store writes nothing.  Each undo is logged at WARNING by this module's
+  logger and kept in ``WalstoreSaver.resume_undos`` (:class:`ResumeUndo`).
 - **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
   its bookings and puts back its keys, but the thread's checkpoints, written by separate
   transactions, still say what the node returned: to undo a thread's steps, rewind the
@@ -92,15 +108,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import dataclasses
 import heapq
 import itertools
+import logging
 import os
 import random
 import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
@@ -115,6 +133,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "pip install 'walstore[langgraph]'") from e
 
 from langgraph.checkpoint.base.id import uuid6  # (the generator of LangGraph's ids)
+
+try:  # (the configurable key of a run's Runtime: set by a run, never by get_state)
+    from langgraph._internal._constants import CONFIG_KEY_RUNTIME as _RUN_KEY
+except ImportError:  # pragma: no cover - another langgraph layout
+    _RUN_KEY = "__pregel_runtime"
 
 try:
     from langgraph.checkpoint.base import writes_sort_key
@@ -136,8 +159,10 @@ from .keys import (BLOB, CHECKPOINT, LEGACY_LETTERS, RUN, THREADS, WRITE, Namesp
                    prefix_end, read_part)
 from .serde import StateSerializer
 
-__all__ = ["WalstoreSaver", "StaleCheckpointError",
+__all__ = ["WalstoreSaver", "StaleCheckpointError", "ResumeUndo",
            "current_thread_scope", "SCOPE_PROVIDER_REGISTERED"]
+
+_log = logging.getLogger(__name__)   # (a run's undo of what a killed process left: WARNING)
 
 DEFAULT_PREFIX = b"lg"
 EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose head a run
@@ -151,7 +176,10 @@ ERROR_CHANNEL = "__error__"                  # LangGraph's write of a failed tas
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 STEP_META = "langgraph_step"                 # node transaction meta: {ns: checkpoint id
 #                                              its step builds on} (``_stamp_step``)
+TASK_META = "langgraph_task"                 # node transaction meta: the id of the task
+#                                              of the outermost graph it is work of
 _PUT_RETRIES = 8
+_RESUME_UNDOS_KEPT = 256  # ResumeUndo records a saver keeps (``resume_undos``), newest last
 _CLOCK_SLACK = 0.05  # s: commit times are taken as commits queue, not quite in log order
 _READ_RETRIES = 20
 _ALIST_BATCH = 32  # checkpoints decoded per worker-thread hop of ``alist``, at most
@@ -182,6 +210,29 @@ class StaleCheckpointError(ConflictError):
         # ProcessPoolExecutor — BrokenProcessPool for every task — and copy.copy raised)
         return (type(self), (str(self), self.thread_id, self.checkpoint_ns, self.parent,
                              self.head), dict(self.__dict__))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeUndo:
+    """What a run resuming a thread after a restart undid before its nodes ran
+    (``WalstoreSaver.resume_undos``; see the module doc, "Resuming after a kill").
+
+    ``checkpoint_id`` is the thread's head the run resumed from; ``undone`` the txids of
+    the node transactions reverted (newest first; their actions compensated, their keys
+    put back), which an earlier open of the store committed in the step built on that
+    head (or in a step after it whose checkpoint was never saved) and which no
+    checkpoint or pending write records; ``kept`` those of that step left as they are
+    (their task's outcome is recorded on the head: it finished, was interrupted with
+    ``interrupt()`` or failed, after they committed); ``left`` "txid (why)" of those
+    that could not be undone (a later writer changed their keys, or their task is
+    unknown: written by an older walstore beside tasks whose outcome is recorded) --
+    undo them by hand (``saver.rewind`` of the head, or ``store.revert``)."""
+
+    thread_id: str
+    checkpoint_id: str
+    undone: tuple[int, ...]
+    kept: tuple[int, ...] = ()
+    left: tuple[str, ...] = ()
 
 
 def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
@@ -711,6 +762,107 @@ def _saved_steps(store: Any) -> _SavedSteps:
         return got
 
 
+class _Gate:
+    """A lock that a weak dictionary can hold (``_EarlierOpen.gates``)."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_JUDGED_MAX = 65536   # (thread, head) pairs judged per store object: the oldest go first
+
+
+class _EarlierOpen:
+    """What earlier opens of a store left of the runs they were running, as this store
+    object sees it (one per store object, made with its first saver: ``_earlier_open``).
+
+    walstore has one writer process per store (``StoreLocked``), so a node transaction
+    committed before this store object met its first saver (``open_lsn``: the log's end
+    then) was committed by an earlier open -- a process killed, or closed, since -- and
+    belongs to no run of this process: nothing live can still record it.  A saver is
+    always made before any run that uses it, so every node transaction of this process
+    lies after ``open_lsn``.  (A marker in each node transaction's meta would say the
+    same, but not for the stores written before it existed: their node transactions
+    carry ``STEP_META`` and nothing more.)
+
+    ``index(root)`` (``_WorkIndex``, one per saver key root) holds the node
+    transactions (``STEP_META``) of the log up to ``open_lsn`` of the threads under
+    ``root``, filled as runs resuming them ask (``WalstoreSaver._leftovers``): back to
+    the time the oldest such head was made, each commit read once per root, whatever
+    the number of threads resumed.  ``judged``: the (thread, head) pairs judged already
+    (their work undone or kept): a head is judged once; ``gates``: one lock per thread,
+    so two runs resuming it at once judge it once."""
+
+    def __init__(self, open_lsn: int) -> None:
+        self.open_lsn = open_lsn
+        self.lock = threading.Lock()          # (judged, gates: held briefly)
+        self.index_lock = threading.Lock()    # (the indexes: held while the log is read)
+        self.indexes: dict[bytes, _WorkIndex] = {}
+        self.judged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        self.gates: "weakref.WeakValueDictionary[bytes, _Gate]" = \
+            weakref.WeakValueDictionary()
+
+    def index(self, root: bytes) -> "_WorkIndex":
+        """(Under ``index_lock``.)"""
+        got = self.indexes.get(root)
+        if got is None:
+            got = self.indexes[root] = _WorkIndex(self.open_lsn)
+        return got
+
+    def gate(self, prefix: bytes) -> _Gate:
+        with self.lock:
+            got = self.gates.get(prefix)
+            if got is None:
+                got = self.gates[prefix] = _Gate()
+            return got
+
+    def is_judged(self, key: tuple[bytes, str]) -> bool:
+        return key in self.judged   # (a single dict read)
+
+    def judge(self, key: tuple[bytes, str]) -> None:
+        """``key`` (thread prefix, head) is judged: never again in this store object
+        (its work stays in the index: the few steps a kill cut off)."""
+        with self.lock:
+            self.judged[key] = None
+            self.judged.move_to_end(key)
+            while len(self.judged) > _JUDGED_MAX:
+                self.judged.popitem(last=False)
+
+
+class _WorkIndex:
+    """The node transactions an earlier open committed in the threads under one key root
+    (``_EarlierOpen.index``): ``work``, thread prefix -> txid -> (LSN, the checkpoint its
+    outermost step built on, its outermost task or None), of the commits made from the
+    time ``covered`` on with an LSN in (``lo``, ``open_lsn``].  Only work built on or
+    after its thread's newest checkpoint is held (a step built on an older one ended in
+    a checkpoint, or was undone by the rewind that removed it)."""
+
+    __slots__ = ("covered", "lo", "work")
+
+    def __init__(self, open_lsn: int) -> None:
+        self.covered: float | None = None
+        self.lo = open_lsn
+        self.work: dict[bytes, dict[int, tuple[int, str, str | None]]] = {}
+
+
+_EARLIER: "weakref.WeakKeyDictionary[Any, _EarlierOpen]" = weakref.WeakKeyDictionary()
+
+
+def _earlier_open(store: Any) -> _EarlierOpen:
+    """The ``_EarlierOpen`` of ``store``, made (the log's end read) on first use: by the
+    store's first saver, before any run can use it."""
+    with _REMOVALS_LOCK:
+        got = _EARLIER.get(store)
+    if got is not None:
+        return got
+    newest = store.log(limit=1)
+    made = _EarlierOpen(int(newest[0].lsn) if newest else -1)
+    with _REMOVALS_LOCK:
+        return _EARLIER.setdefault(store, made)
+
+
 def _outside_node(fn: Callable[[], Any]) -> Any:
     """``fn()`` in a copy of this context that is in no graph node: the saver's own
     undo of a cut-off run, made from a save a subgraph's loop calls (in the context of
@@ -895,7 +1047,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     with ``key_prefix + b"\\x00"``); ``txn_meta`` (label each walstore transaction,
     visible in ``walstore log``); ``value_cache_bytes`` (default 32 MiB, 0: none): the
     rebuilt bytes of each channel's newest version, so the next invoke of a thread does
-    not walk its delta chain (``blobs.ValueCache``; never a deserialized object).
+    not walk its delta chain (``blobs.ValueCache``; never a deserialized object);
+    ``undo_on_resume`` (default True): a run resuming a thread from its head first
+    undoes what the step a killed process was running there committed and nothing
+    records (see the module doc, "Resuming after a kill"; each undo is logged at
+    WARNING by this module's logger and kept in ``resume_undos``, a deque of
+    :class:`ResumeUndo`, the newest 256); False leaves it standing, as before.
     """
 
     def __init__(self, store: "walstore.Store", *, serde: Any = None, fencing: bool = True,
@@ -903,7 +1060,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                  key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True,
                  compress: bool = True, allowed_types: Sequence[Any] = (),
                  app_types: bool = True,
-                 value_cache_bytes: int = DEFAULT_VALUE_CACHE_BYTES) -> None:
+                 value_cache_bytes: int = DEFAULT_VALUE_CACHE_BYTES,
+                 undo_on_resume: bool = True) -> None:
         # (a path, as SqliteSaver.from_conn_string takes, or None raised a bare
         # AttributeError "'str' object has no attribute 'scan'", where WalstoreStore and
         # WalstoreSession name what to pass — audit 61)
@@ -926,6 +1084,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
                                compress=compress, value_cache_bytes=value_cache_bytes)
         self._owns_store = False
+        if not isinstance(undo_on_resume, bool):
+            raise TypeError(f"undo_on_resume must be True or False, not {undo_on_resume!r}")
+        self.undo_on_resume = undo_on_resume
+        # (the newest undos a run resuming a thread after a restart made: ResumeUndo)
+        self.resume_undos: deque[ResumeUndo] = deque(maxlen=_RESUME_UNDOS_KEPT)
+        _earlier_open(store)   # (the log's end as this process meets the store: before
+        #                        any run of it; see _EarlierOpen)
         _note_saver(self)   # (an undo made on the store cuts off its runs: _watch_undo)
 
     @classmethod
@@ -1067,12 +1232,26 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             # transactions carry it, so a put of the run refused for a race undoes them
             _mark(config, RUN_TOKEN + ns_name, f"{time.monotonic():.6f}-{uuid.uuid4().hex}")
 
+        # a run's load of the outermost graph's checkpoint (not get_state's: a run's
+        # config carries its Runtime) undoes, when it is the thread's head, what a killed
+        # process's step left on it (_undo_on_resume)
+        resuming = (self.undo_on_resume and not ns_name
+                    and _RUN_KEY in (_conf(config) or {}))
+        head: list = []
+
         def read(tx):
+            head.clear()
             if cid:
                 found, rec = cid, tx.get(ns.checkpoint(cid))
+                if resuming and rec is not None:
+                    latest = self._latest(tx, ns)
+                    if latest is not None and latest[0] == cid:
+                        head.append(cid)
             else:
                 latest = self._latest(tx, ns)
                 found, rec = latest if latest is not None else (None, None)
+                if resuming and rec is not None:
+                    head.append(found)
             if rec is None:
                 if not cid and self.fencing:
                     _mark(config, READ_EMPTY, ns_name)
@@ -1082,7 +1261,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 extra[READ_EMPTY] = None  # (LangGraph merges this over the stale mark)
             return self._tuple(tx.get, lambda p: tx.scan(prefix=p), thread_id, ns_name, ns,
                                found, rec, {}, **extra)
-        return self._read(read)
+        got = self._read(read)
+        if head:
+            # (what it reverts is node transactions: no checkpoint, blob or pending write
+            # of the thread, so the tuple read stays what the run resumes from)
+            self._undo_on_resume(thread_id, ns, head[0])
+        return got
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
              before: RunnableConfig | None = None, limit: int | None = None
@@ -1728,8 +1912,166 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
                           f"what they did outside): {'; '.join(left)}",) + error.args[1:]
 
+    def _undo_on_resume(self, thread_id: str, ns: Namespace, head: str) -> None:
+        """A run of the thread loaded ``head``, the outermost graph's newest checkpoint,
+        to resume from it: first revert, newest first, with their compensations
+        (``store.revert``), the node transactions an earlier open of the store committed
+        in the step built on it -- or in a step after it whose checkpoint was never saved
+        (``durability="async"`` and ``"exit"`` save behind the steps) -- that the thread
+        records nowhere (``_step_recorded``, as ``_undo_cut_off_step`` judges: judged
+        at the outermost graph, kept when their task's outcome was saved on ``head``
+        after they committed).  That step was cut off by the end of the process that ran
+        it (a kill): LangGraph runs it again from ``head``, so what it did must not
+        stand twice.  The work of this process is never touched (``_EarlierOpen``: one
+        writer process per store), nor is anything on a read-only store; a head is judged
+        once per store object (two runs resuming it at once: the second waits for the
+        first's undo, then finds it judged); one undone already (a rewind, a revert,
+        the undo of a resume killed midway) is passed over, and a compensation a kill cut
+        short is finished by the next open's recovery.  The undo is logged (WARNING) and
+        kept in ``resume_undos``; a head saved by this open costs one lookup."""
+        store = self.store
+        if store.readonly:
+            return   # (nothing is written from a read-only store: the writer's run undoes)
+        earlier = _earlier_open(store)
+        prefix = ns.thread_prefix
+        key = (prefix, head)
+        if earlier.open_lsn < 0 or earlier.is_judged(key):
+            return
+        newest = store.history(ns.checkpoint(head), limit=1)
+        if not newest or newest[0].deleted or int(newest[0].lsn) > earlier.open_lsn:
+            earlier.judge(key)   # (saved by this open: nothing earlier builds on it)
+            return
+        run, kept = _LostRunUndo(), []
+        try:
+            with earlier.gate(prefix).lock:
+                if earlier.is_judged(key):
+                    return
+                self._judge_leftovers(thread_id, ns, head, earlier, run, kept)
+                earlier.judge(key)
+        finally:   # (what was undone is told, whatever stopped the rest)
+            if run.undone:
+                for saver in _savers_of(store):
+                    saver.codec.forget(prefix)
+            if run.undone or run.left or kept:
+                self._tell_resume_undo(ResumeUndo(
+                    thread_id, head, tuple(sorted(run.undone, reverse=True)),
+                    tuple(sorted(kept, reverse=True)), tuple(run.left)))
+
+    def _judge_leftovers(self, thread_id: str, ns: Namespace, head: str,
+                         earlier: _EarlierOpen, run: _LostRunUndo, kept: list[int]) -> None:
+        """``_undo_on_resume``'s judgement of the earlier open's work on ``head``, newest
+        first: reverted (``run.undone``), ``kept``, or left (``run.left``, with why)."""
+        written: dict = {}
+        for txid, lsn, at, task in self._leftovers(earlier, ns.thread_prefix, head):
+            try:
+                info = self.store.txn_info(txid)
+            except (KeyError, WalstoreError):
+                continue   # (trimmed from history)
+            if info.extra.get("undone_by"):
+                continue   # (undone already: a rewind, a revert, an earlier resume)
+            if at == head and task is None:
+                # (stamped by an older walstore, no task named: alone in its step it is
+                # the step's, and nothing records it; beside tasks whose outcome is
+                # saved, whose it is cannot be told)
+                if ("", head) not in written:
+                    written[("", head)] = self._task_records(ns, head)
+                if written[("", head)]:
+                    run.left.append(f"{txid} (written by an older walstore, which did not "
+                                    f"name its task, beside tasks whose outcome the "
+                                    f"checkpoint records)")
+                    continue
+            elif self._step_recorded(thread_id, ("", at, None, task), {}, {}, written,
+                                     committed_at=lsn):
+                kept.append(txid)
+                continue
+            self._revert_into(run, txid, ns.thread_prefix, self._meta(
+                "undo_on_resume", thread_id=thread_id, checkpoint_id=head, txid=txid))
+
+    def _tell_resume_undo(self, done: ResumeUndo) -> None:
+        """Keep ``done`` in ``resume_undos``; log it (WARNING) when it reverted or left
+        anything."""
+        self.resume_undos.append(done)
+        if not (done.undone or done.left):
+            return
+        _log.warning(
+            "thread %r resumed from checkpoint %r: a process that ran the step built on "
+            "it ended before saving it; %s%s", done.thread_id, done.checkpoint_id,
+            (f"its node transactions {', '.join(map(str, done.undone))} were reverted "
+             f"and their actions compensated before the step runs again"
+             if done.undone else "nothing of it was reverted"),
+            (f"; NOT undone (revert them by hand, or undo what they did outside): "
+             f"{'; '.join(done.left)}" if done.left else ""))
+
+    def _leftovers(self, earlier: _EarlierOpen, prefix: bytes, head: str
+                   ) -> list[tuple[int, int, str, str | None]]:
+        """(txid, LSN, the checkpoint its outermost step built on, its outermost task or
+        None), newest first, of the node transactions of the thread ``prefix`` that an
+        earlier open committed in a step built on ``head`` or a later checkpoint (they
+        began after ``head`` was made: the log is read from then, once per store object,
+        ``_EarlierOpen``)."""
+        made = _uuid6_time(head)
+        if made is None:
+            return []   # (ids not from LangGraph's clock: no order to go by)
+        with earlier.index_lock:
+            index = earlier.index(self.keys.root)
+            self._cover(index, made - _CLOCK_SLACK)
+            work = index.work.get(prefix, {})
+            found = [(txid, lsn, at, task) for txid, (lsn, at, task) in work.items()
+                     if at >= head]
+        return sorted(found, key=lambda w: w[1], reverse=True)
+
+    def _cover(self, index: _WorkIndex, since: float) -> None:
+        """Index (``index.work``) the node transactions of this saver's threads committed
+        from the time ``since`` on that are not indexed yet: the commits between the
+        start ``since`` bisects to and ``index.lo``, oldest first (under the
+        ``_EarlierOpen``'s ``index_lock``)."""
+        if index.covered is not None and since >= index.covered:
+            return
+        upper = index.lo
+        start = self._log_start(since, upper) if upper >= 0 else 0
+        heads: dict[bytes, str | None] = {}
+        try:
+            for info in self._commits_after(start if start > 0 else None):
+                if int(info.lsn) > upper:
+                    break
+                self._index_step_txn(index, info, heads)
+        except HistoryTrimmed:
+            pass   # (trimmed under the walk: nothing older to find)
+        index.lo, index.covered = start, since
+
+    def _index_step_txn(self, index: _WorkIndex, info: Any,
+                        heads: dict[bytes, str | None]) -> None:
+        """Note commit ``info`` in ``index.work`` when it is a node transaction
+        (``STEP_META``) of a thread of this saver whose newest checkpoint is not newer
+        than the step it is work of (``heads``: each thread's, read once a walk)."""
+        meta = info.meta
+        steps = meta.get(STEP_META) if isinstance(meta, dict) else None
+        scope = info.scope
+        if not isinstance(steps, dict) or not isinstance(scope, bytes) \
+                or not scope.startswith(self.keys.root):
+            return
+        at = steps.get("")
+        if not isinstance(at, str):
+            at = max(_stamped_steps(meta), default=None)
+            if at is None:
+                return
+        prefix = _thread_prefix_of(self.keys.root, scope)  # (a scope inside the thread's)
+        if prefix is None:
+            return
+        if prefix not in heads:
+            checkpoints = self.keys.within(prefix, "").checkpoints()
+            row = _first(self.store.scan(prefix=checkpoints, reverse=True))
+            heads[prefix] = None if row is None else \
+                row[0][len(checkpoints):].decode("utf-8", "replace")
+        head = heads[prefix]
+        if head is None or at < head:
+            return   # (no checkpoint to resume from, or its step ended in one)
+        task = meta.get(TASK_META)
+        index.work.setdefault(prefix, {})[info.txid] = (
+            int(info.lsn), at, task if isinstance(task, str) else None)
+
     def _step_recorded(self, thread_id: str, level: tuple, runs: dict, heads: dict,
-                       written: dict) -> bool:
+                       written: dict, committed_at: int | None = None) -> bool:
         """Does the thread record the step ``level`` (namespace, the checkpoint the step
         built on, the run's token, the node's task) stands for: a checkpoint that run
         saved on or after it still exists (``runs``: the checkpoints each run saved;
@@ -1738,7 +2080,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         checkpoint).  (Writes on a checkpoint the rewind took back record nothing: no
         resume loads them.  With durability="async" a task's writes may commit before
         its step's checkpoint; a rewind to a point between left them, and the task's
-        booking was kept while a resume ran the task again and booked twice.)"""
+        booking was kept while a resume ran the task again and booked twice.)
+
+        ``committed_at``: the LSN of the node transaction judged, after a restart
+        (``_undo_on_resume``: no run is known, ``runs`` is empty): then the task's
+        outcome counts in whatever form LangGraph saved it -- regular writes, an
+        interrupt's, an error's -- when saved after the transaction committed
+        (``_task_records``): a task LangGraph runs again after its interrupt or error
+        (a resume in another process, as in this one) re-did that work in a run killed
+        later, and only what it did before the outcome was saved is the outcome's."""
         ns_name, cid, token, task = level
         if (ns_name, token) not in heads:
             ns = self.keys.at(thread_id, ns_name)
@@ -1752,9 +2102,32 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             return False
         if (ns_name, cid) not in written:
             ns = self.keys.at(thread_id, ns_name)
-            written[(ns_name, cid)] = self._tasks_done(ns, cid) if self.store.get(
-                ns.checkpoint(cid)) is not None else set()
-        return task in written[(ns_name, cid)]
+            there = self.store.get(ns.checkpoint(cid)) is not None
+            if committed_at is None:
+                written[(ns_name, cid)] = self._tasks_done(ns, cid) if there else set()
+            else:
+                written[(ns_name, cid)] = self._task_records(ns, cid) if there else {}
+        if committed_at is None:
+            return task in written[(ns_name, cid)]
+        return written[(ns_name, cid)].get(task, -1) > committed_at
+
+    def _task_records(self, ns: Namespace, cid: str) -> dict[str, int]:
+        """task id -> the LSN of the newest of its pending writes on checkpoint ``cid``,
+        of any kind (regular, an interrupt's, an error's, a resume's), the null task's
+        (a run's input) aside."""
+        prefix, records = ns.writes_of(cid), {}
+        for key, row in self.store.scan(prefix=prefix):
+            try:
+                task_id, _idx = self.keys.parse_write(prefix, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+            if not isinstance(task_id, str) or task_id == NULL_TASK_ID:
+                continue
+            newest = self.store.history(key, limit=1)
+            if newest and not newest[0].deleted:
+                records[task_id] = max(records.get(task_id, -1), int(newest[0].lsn))
+        return records
 
     def _tasks_done(self, ns: Namespace, cid: str) -> set[str]:
         """The tasks with a regular pending write on checkpoint ``cid`` (not an error's,
@@ -2406,8 +2779,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """The store's commits up to LSN ``point``, oldest first, from where commits were
         last made before the time ``since`` (within ``_CLOCK_SLACK``: commit times are
         taken as commits queue, not quite in log order).  That start is found by bisecting
-        the log by commit time (``store.log(limit=1, since=LSN)`` probes), so the cost is
-        the commits from ``since`` to ``point``, not the store's age."""
+        the log by commit time (``store.log(limit=1, since=LSN)`` probes, ``_log_start``),
+        so the cost is the commits from ``since`` to ``point``, not the store's age."""
+        lo = self._log_start(since, point)
+        try:
+            for info in self._commits_after(lo if lo > 0 else None):
+                if int(info.lsn) > point:
+                    return
+                yield info
+        except HistoryTrimmed:  # (trimmed under the walk: nothing older to find)
+            return
+
+    def _log_start(self, since: float, point: int) -> int:
+        """An LSN at or below ``point`` such that the commits after it include every one
+        made from the time ``since`` on (within ``_CLOCK_SLACK``), and few before."""
         when = since - _CLOCK_SLACK
         lo, hi = 0, point  # the start lies in [lo, hi]; the first commit after lo < when
         while lo < hi:
@@ -2421,13 +2806,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 hi = mid
             else:
                 lo = min(max(int(first[0].lsn), mid + 1), hi)
-        try:
-            for info in self._commits_after(lo if lo > 0 else None):
-                if int(info.lsn) > point:
-                    return
-                yield info
-        except HistoryTrimmed:  # (trimmed under the walk: nothing older to find)
-            return
+        return lo
 
     def _another_run(self, info: Any, ns: Namespace, cid: str, older: Any,
                      prefix: bytes, checkpoints: bytes, run_id: Any = None) -> bool:
@@ -2918,7 +3297,9 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
                             thread_id: str, conf: Mapping) -> None:
     """``fence_node_transaction``'s work, for a transaction of ``saver``'s store."""
     checkpoint_map = conf.get("checkpoint_map") or {}
-    _stamp_step(tx, checkpoint_map)
+    task_ns = conf.get("checkpoint_ns")
+    _stamp_step(tx, checkpoint_map, _task_at(task_ns, "") if isinstance(task_ns, str)
+                else None)
     if saver.fencing:
         # a rewind of the thread (or its delete) committed after this began makes its
         # commit conflict, whatever it read (its snapshot is taken now): a booking of
@@ -2987,24 +3368,28 @@ def guard_node_scope(store: "walstore.Store", tx: Any, scope: Any) -> None:
     fence_node_transaction(store, tx)
 
 
-def _stamp_step(tx: Any, checkpoint_map: Mapping) -> None:
+def _stamp_step(tx: Any, checkpoint_map: Mapping, task: str | None = None) -> None:
     """Name, in ``tx``'s meta (logged with its commit), the checkpoint each namespace's
-    step builds on (``{STEP_META: {ns: checkpoint id}}``): the durable link from a node
+    step builds on (``{STEP_META: {ns: checkpoint id}}``) and the task of the outermost
+    graph it is work of (``TASK_META``, when known): the durable link from a node
     transaction to its step, so a rewind in any process, after a restart too, finds the
-    work of a step whose checkpoint was never saved (:meth:`WalstoreSaver._early_work`).
-    A dict meta gains the entry; None becomes one; any other meta is wrapped
+    work of a step whose checkpoint was never saved (:meth:`WalstoreSaver._early_work`),
+    and a run resuming the thread after a kill tells a task whose outcome was saved
+    from one the kill cut off (:meth:`WalstoreSaver._undo_on_resume`).
+    A dict meta gains the entries; None becomes one; any other meta is wrapped
     (``{"meta": it, STEP_META: ...}``)."""
     steps = {ns: cid for ns, cid in checkpoint_map.items()
              if isinstance(ns, str) and isinstance(cid, str)}
     if not steps:
         return
+    stamp = {STEP_META: steps, TASK_META: task} if task else {STEP_META: steps}
     meta = tx.meta
     if meta is None:
-        tx.meta = {STEP_META: steps}
+        tx.meta = stamp
     elif isinstance(meta, dict):
-        tx.meta = {**meta, STEP_META: steps}
+        tx.meta = {**meta, **stamp}
     else:
-        tx.meta = {"meta": meta, STEP_META: steps}
+        tx.meta = {"meta": meta, **stamp}
 
 
 def _stamped_steps(meta: Any) -> list[str]:
