@@ -771,7 +771,7 @@ class _Gate:
         self.lock = threading.Lock()
 
 
-_JUDGED_MAX = 65536   # (thread, head) pairs judged per store object: the oldest go first
+_JUDGED_MAX = 65536   # threads whose judged head a store object keeps: the oldest go first
 
 
 class _EarlierOpen:
@@ -791,16 +791,17 @@ class _EarlierOpen:
     transactions (``STEP_META``) of the log up to ``open_lsn`` of the threads under
     ``root``, filled as runs resuming them ask (``WalstoreSaver._leftovers``): back to
     the time the oldest such head was made, each commit read once per root, whatever
-    the number of threads resumed.  ``judged``: the (thread, head) pairs judged already
-    (their work undone or kept): a head is judged once; ``gates``: one lock per thread,
-    so two runs resuming it at once judge it once."""
+    the number of threads resumed.  ``judged``: thread prefix -> the newest head judged
+    (its work undone or kept) or saved by this open (``WalstoreSaver.put``: nothing of an
+    earlier open builds on it): a run loading it again costs a dict read; ``gates``: one
+    lock per thread, so two runs resuming it at once judge it once."""
 
     def __init__(self, open_lsn: int) -> None:
         self.open_lsn = open_lsn
         self.lock = threading.Lock()          # (judged, gates: held briefly)
         self.index_lock = threading.Lock()    # (the indexes: held while the log is read)
         self.indexes: dict[bytes, _WorkIndex] = {}
-        self.judged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        self.judged: OrderedDict[bytes, str] = OrderedDict()
         self.gates: "weakref.WeakValueDictionary[bytes, _Gate]" = \
             weakref.WeakValueDictionary()
 
@@ -818,15 +819,16 @@ class _EarlierOpen:
                 got = self.gates[prefix] = _Gate()
             return got
 
-    def is_judged(self, key: tuple[bytes, str]) -> bool:
-        return key in self.judged   # (a single dict read)
+    def is_judged(self, prefix: bytes, head: str) -> bool:
+        return self.judged.get(prefix) == head   # (a single dict read)
 
-    def judge(self, key: tuple[bytes, str]) -> None:
-        """``key`` (thread prefix, head) is judged: never again in this store object
-        (its work stays in the index: the few steps a kill cut off)."""
+    def judge(self, prefix: bytes, head: str) -> None:
+        """``head`` of thread ``prefix`` is judged (or saved by this open): not again
+        while it is the thread's newest judged (its work stays in the index: the few
+        steps a kill cut off)."""
         with self.lock:
-            self.judged[key] = None
-            self.judged.move_to_end(key)
+            self.judged.pop(prefix, None)
+            self.judged[prefix] = head
             while len(self.judged) > _JUDGED_MAX:
                 self.judged.popitem(last=False)
 
@@ -1674,6 +1676,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             with _REMOVALS_LOCK:
                 key = (ns.thread_prefix, ns_name, parent, token)
                 saved.keep(key, (cid, registry.pop(key, None) or {}))
+        if not ns_name and self.undo_on_resume:
+            # (saved by this open: no earlier open's work builds on it, and a run loading
+            # it as the head has nothing to judge, _undo_on_resume)
+            _earlier_open(self.store).judge(ns.thread_prefix, cid)
         self.codec.remember(cache_updates)
         if read_empty and parent is None:
             # the config's next parent-less put (a direct caller reusing it) is not the
@@ -1934,20 +1940,21 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             return   # (nothing is written from a read-only store: the writer's run undoes)
         earlier = _earlier_open(store)
         prefix = ns.thread_prefix
-        key = (prefix, head)
-        if earlier.open_lsn < 0 or earlier.is_judged(key):
+        if earlier.open_lsn < 0 or earlier.is_judged(prefix, head):
             return
+        # (a head this open saved is judged as it is saved, put: this lookup, which waits
+        # for the store to apply what it has committed, is for the others)
         newest = store.history(ns.checkpoint(head), limit=1)
         if not newest or newest[0].deleted or int(newest[0].lsn) > earlier.open_lsn:
-            earlier.judge(key)   # (saved by this open: nothing earlier builds on it)
+            earlier.judge(prefix, head)   # (saved by this open: nothing earlier on it)
             return
         run, kept = _LostRunUndo(), []
         try:
             with earlier.gate(prefix).lock:
-                if earlier.is_judged(key):
+                if earlier.is_judged(prefix, head):
                     return
                 self._judge_leftovers(thread_id, ns, head, earlier, run, kept)
-                earlier.judge(key)
+                earlier.judge(prefix, head)
         finally:   # (what was undone is told, whatever stopped the rest)
             if run.undone:
                 for saver in _savers_of(store):
