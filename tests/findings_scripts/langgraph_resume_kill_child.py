@@ -6,10 +6,12 @@ and the cancellation are appended, fsynced, to LEDGER: the outside world), kille
     python langgraph_resume_kill_child.py GRAPH STORE LEDGER MARKER DURABILITY [MODE]
 
 GRAPH (``build``): "single" (``plan`` -> ``book``), "parallel" (``fast`` and ``slow``
-side by side), "interrupt" (``ask``: books, then ``interrupt()``) or "subgraph" (``sub``,
-a subgraph: ``s1`` -> ``s2``, each books).  MODE "run" (the default) starts thread "t"
-and holds in ``book`` / ``slow`` / ``s2`` after its booking committed (and, "parallel",
-after ``fast``'s pending writes were saved; "async", after the background save of the
+side by side), "interrupt" (``ask``: books, then ``interrupt()``), "subgraph" (``sub``,
+a subgraph: ``s1`` -> ``s2``, each books) or "functional" (LangGraph's functional API:
+an ``@entrypoint`` calling the ``@task`` ``first`` then ``second``, each books).  MODE "run" (the default) starts thread "t"
+and holds in ``book`` / ``slow`` / ``s2`` / ``second`` after its booking committed (and,
+"parallel", after ``fast``'s pending writes were saved; "functional", after ``first``'s
+result was saved; "async", after the background save of the
 checkpoint the step builds on landed, which ``put`` holds until the booking committed,
 so that save comes after the booking in the log), writes MARKER and sleeps; "interrupt"
 writes MARKER once the run returned at its interrupt.  "legacy" is "run" with node
@@ -139,6 +141,26 @@ def build(store: "walstore.Store", path: str, kind: str,
         b.add_node("sub", inner.compile())
         b.add_edge(START, "sub")
         b.add_edge("sub", END)
+    elif kind == "functional":
+        from langgraph.func import entrypoint, task
+
+        @task
+        def first(n: int) -> str:
+            return book(store, path, "first")
+
+        @task
+        def second(n: int) -> str:
+            bid = book(store, path, "second")
+            if hold is not None:
+                from langgraph.config import get_config
+                hold(get_config(), "second")
+            return bid
+
+        @entrypoint(checkpointer=saver)
+        def trip(state: dict) -> dict:
+            # (a task's result, once saved, is not run again: the resume reads it back)
+            return {"log": [first(1).result(), second(2).result()]}
+        return trip, saver
     else:
         raise ValueError(kind)
     return b.compile(checkpointer=saver), saver
@@ -190,6 +212,9 @@ def main(kind: str, store_path: str, path: str, marker: str, durability: str,
         if kind == "parallel":   # (fast finished: its writes on that checkpoint saved)
             _wait("fast's pending writes", lambda: any(
                 ch == "log" for _t, ch, _v in saver.get_tuple(at).pending_writes))
+        if kind == "functional":   # (first's result saved: a resume does not run it)
+            _wait("first's result", lambda: any(
+                ch == "__return__" for _t, ch, _v in saver.get_tuple(at).pending_writes))
         append(marker, f"in {node}")
         time.sleep(120)   # (killed here)
 

@@ -85,9 +85,10 @@ which thread a transaction begun inside a graph node belongs to.
   first reverts, with their compensations, the node transactions an EARLIER open of
   the store committed in the step built on that head, or in a later step whose
   checkpoint was never saved, judged at the outermost graph by ``_step_recorded`` with
-  the task each names (``TASK_META``, stamped beside ``STEP_META``): kept when the
-  task's outcome (regular writes, an interrupt's, an error's) was saved on the head
-  after it committed, as the same process's resume would run it.  "Earlier" is the
+  the task each names (``TASK_META``, stamped beside ``STEP_META``; a functional-API
+  ``@task``'s own, ``_task_at``): kept when the task's outcome (regular writes, an
+  interrupt's, an error's) was saved on the head after it committed, as the same
+  process's resume would run it.  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  Each undo is logged at WARNING by this module's
@@ -880,16 +881,52 @@ def _outside_node(fn: Callable[[], Any]) -> Any:
     return contextvars.copy_context().run(outside)
 
 
-def _task_at(task_ns: str, ns_name: str) -> str | None:
+def _task_at(task_ns: str, ns_name: str,
+             checkpoint_map: Mapping | None = None) -> str | None:
     """The id of the task of namespace ``ns_name`` that a node whose own namespace is
-    ``task_ns`` (LangGraph's ``"name:task id|name:task id..."``) runs in; None when
-    ``task_ns`` does not lie in ``ns_name``."""
+    ``task_ns`` (LangGraph's ``"name:task id|name:task id..."``) runs in -- the task
+    whose saved outcome (pending writes) records the node's work; None when
+    ``task_ns`` does not lie in ``ns_name``.
+
+    A task LangGraph's functional API runs for a call (a ``@task`` called from an
+    ``@entrypoint`` or a node) belongs to its caller's loop under its own id, its
+    namespace nested in the caller's: its saved result is read back, not run again, by
+    a resume, so it is the task that records what it did.  It is told from a subgraph's
+    task, whose namespace nests the same way, by ``checkpoint_map`` (the run config's):
+    the caller's namespace maps to the checkpoint of the loop the call runs in, which is
+    ``ns_name``'s own, where a subgraph's maps to the subgraph's own checkpoint.  (Before,
+    stop 78's review, the caller's task was named: a resume after a kill, and a rewind's
+    cut-off run, refunded the booking of a ``@task`` whose saved result the run then
+    returned.)"""
     if ns_name:
         if not task_ns.startswith(ns_name + "|"):
             return None
-        task_ns = task_ns[len(ns_name) + 1:]
-    task = task_ns.split("|", 1)[0].rpartition(":")[2]
+        rest = task_ns[len(ns_name) + 1:]
+    else:
+        rest = task_ns
+    parts = rest.split("|")
+    depth = 1
+    here = checkpoint_map.get(ns_name) if checkpoint_map else None
+    if isinstance(here, str):
+        lead = ns_name + "|" if ns_name else ""
+        while depth < len(parts) and \
+                checkpoint_map.get(lead + "|".join(parts[:depth])) == here:
+            depth += 1   # (a call's task, in the same loop as its caller)
+    task = parts[depth - 1].rpartition(":")[2]
     return task or None
+
+
+def _call_caller(checkpoint_map: Mapping, ns_name: str, cid: str) -> bool:
+    """Is ``ns_name`` (a key of a run config's ``checkpoint_map``) the namespace of a task
+    that made a functional-API call (a ``@task``), not a loop's: LangGraph maps it to the
+    checkpoint of the loop the call runs in, its caller's own (``_task_at``), and no
+    checkpoint is ever saved under it.  (Before, stop 78's review, the fence of a
+    ``@task``'s transaction looked for that checkpoint there: after a rewind of the
+    thread in the process, every ``@task`` transaction of a run resuming from a
+    checkpoint made before the rewind was refused, "no longer has checkpoint".)"""
+    if not ns_name:
+        return False
+    return checkpoint_map.get(ns_name.rpartition("|")[0]) == cid
 
 
 def _uuid6_ticks(cid: str) -> int | None:
@@ -2213,9 +2250,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         ``prune``, ``delete_for_runs``) writes those keys: the step's other transactions
         never conflict over them.  A transaction of a run that is cut off (it loaded the
         thread before a rewind or delete of it, or lost a race: ``_refuse_cut_off``) is
-        refused too, whatever checkpoint its step builds on."""
+        refused too, whatever checkpoint its step builds on.  (A functional-API call's
+        caller namespace, ``_call_caller``, has no checkpoints: passed over.)"""
         for ns_name, cid in checkpoint_map.items():
-            if not isinstance(ns_name, str) or not isinstance(cid, str):
+            if not isinstance(ns_name, str) or not isinstance(cid, str) \
+                    or _call_caller(checkpoint_map, ns_name, cid):
                 continue
             ns = self.keys.at(thread_id, ns_name)
             key = ns.checkpoint(cid)
@@ -2234,7 +2273,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # the snapshot, and the commit conflicts (undo_fence; the lost run's key)
         _ = tx.snapshot
         for ns_name, cid in checkpoint_map.items():
-            if not isinstance(ns_name, str) or not isinstance(cid, str):
+            if not isinstance(ns_name, str) or not isinstance(cid, str) \
+                    or _call_caller(checkpoint_map, ns_name, cid):
                 continue
             ns = self.keys.at(thread_id, ns_name)
             token = conf.get(RUN_TOKEN + ns_name)
@@ -2258,7 +2298,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # shared by its entries; a run cut off by a rewind judges by it whether a saved
         # checkpoint or pending write records the transaction, _undo_cut_off_step)
         levels = tuple((ns_name, cid, conf.get(RUN_TOKEN + ns_name),
-                        _task_at(task_ns, ns_name))
+                        _task_at(task_ns, ns_name, checkpoint_map))
                        for ns_name, cid in checkpoint_map.items()
                        if isinstance(ns_name, str) and isinstance(cid, str)
                        and conf.get(RUN_TOKEN + ns_name) is not None)
@@ -3305,8 +3345,8 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
     """``fence_node_transaction``'s work, for a transaction of ``saver``'s store."""
     checkpoint_map = conf.get("checkpoint_map") or {}
     task_ns = conf.get("checkpoint_ns")
-    _stamp_step(tx, checkpoint_map, _task_at(task_ns, "") if isinstance(task_ns, str)
-                else None)
+    _stamp_step(tx, checkpoint_map, _task_at(task_ns, "", checkpoint_map)
+                if isinstance(task_ns, str) else None)
     if saver.fencing:
         # a rewind of the thread (or its delete) committed after this began makes its
         # commit conflict, whatever it read (its snapshot is taken now): a booking of
