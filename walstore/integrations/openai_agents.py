@@ -105,6 +105,22 @@ follows a context: a sync caller that wraps each call in ``asyncio.run`` gives e
 fresh context and is never cut off (run a turn in one coroutine, or pass one context to
 ``asyncio.Runner.run(coro, context=ctx)`` and run its tools with ``ctx.run``).
 
+A turn cut short by the end of its process (SIGKILL, a crash, power loss while a tool
+ran: the Runner saves a step's tool calls and outputs only after its tools ran) left its
+tools' bookings committed and no item recording them; the request retried after the
+restart booked again.  So the first use of a session in an open of its store (the first
+read or write of each of its calls, ``_settle_restart``: a new run's history read comes
+before its model and tools) reverts, their actions compensated, the transactions an
+EARLIER open of the store committed in the session's scope after the session's last
+write (items, branches, current branch), unless the newest item is an assistant message
+(a turn that ended: work after it is the application's).  "Earlier": before the log end
+recovery found at this store object's open (``_Opened``; one writer process per store,
+so no turn of it is in flight; no mark needed in the transactions, so stores of older
+walstores too); this open's work is never undone.  Work undone already (an undo killed
+in its compensation: recovery finishes that) is recognised, not compensated again.
+Logged (a warning naming the session and txids) and kept on ``session.restart_undo``
+(``RestartUndo``).  A read-only store undoes nothing.
+
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
 newest items of the branch the run wrote to) and replaces their suffix in one
@@ -175,15 +191,17 @@ import asyncio
 import contextvars
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import (LSN, ConflictError, ErasureOwed, RevertConflict, SnapshotTooOld, TxnInfo,
-               UnknownPoint, WalstoreError)
+from .. import (LSN, ConflictError, ErasureOwed, HistoryTrimmed, RevertConflict,
+               SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
 from ..agent.scope import (add_commit_check, add_undo_fence, commit_checks, undo_committed,
                            undo_kind)
@@ -194,7 +212,9 @@ if TYPE_CHECKING:
     from ..store import Store
     from ..txn import Transaction
 
-__all__ = ["WalstoreSession"]
+__all__ = ["WalstoreSession", "RestartUndo"]
+
+_log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -255,7 +275,7 @@ class _WriterLock:
     since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
     (``"rewind"``, ``"erase"``, ``"purge"``), for the refusals to say."""
     __slots__ = ("_lock", "epoch", "underway", "done", "_mutex", "marks", "kinds",
-                 "__weakref__")
+                 "settled", "settling", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -269,6 +289,9 @@ class _WriterLock:
         # for good and every write and undo of the session stuck (walstore.signals)
         self._mutex = threading.Lock()
         self.done = threading.Condition(self._mutex)
+        # the session's first use in this open of the store ran (``_settle_restart``)
+        self.settled = False
+        self.settling = threading.Lock()
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
@@ -745,6 +768,80 @@ def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
     return _enclosing_session(per_store, scope) if per_store else None
 
 
+# ---- a turn an earlier open of the store left cut short (killed mid-tool) -------------------
+# The Runner saves a turn's input before the model runs and a step's tool calls with their
+# outputs only after its tools ran: a process killed while a tool ran, after its booking
+# committed, left a conversation holding no record of the call and a booking standing; the
+# retried request booked again, the conversation saying one booking (stop 78 h2).  So the
+# first use of a session in an open of its store (``_settle_restart``, before that call's
+# read or write: a new run's first call, its history read, comes before its model and
+# tools) reverts the work in the session's scope that an EARLIER open committed after the
+# session's last write and that no saved item records.  "Earlier open": committed before
+# this store object's log began (``_Opened.boundary``): a store has one writer process, so
+# such work belongs to no turn in flight; older walstores' stores have it too (it needs no
+# mark in their transactions).
+@dataclass(frozen=True)
+class RestartUndo:
+    """What the first use of a session in this open of its store undid
+    (``WalstoreSession.restart_undo``): the work an earlier open's turn, killed mid-tool,
+    did in the session's scope after the session's last write, which no saved item
+    records.  ``reverted``: the txids reverted now, their actions compensated;
+    ``already``: those an earlier undo had taken back (not compensated again);
+    ``failed``: ``"<txid> (<error>)"`` for those whose revert failed (their work stands)."""
+    reverted: tuple[int, ...] = ()
+    already: tuple[int, ...] = ()
+    failed: tuple[str, ...] = ()
+
+
+class _Opened:
+    """What the sessions of this process know of one open store object: ``boundary``,
+    the LSN its log began at in this open (work committed before it is an earlier
+    open's; None for a read-only store, which undoes nothing), and, per session scope
+    whose first use looked back (``_settle_restart``), what it undid (None: nothing), so
+    a later WalstoreSession object of the session does not look again."""
+    __slots__ = ("boundary", "settled")
+
+    def __init__(self, boundary: int | None) -> None:
+        self.boundary = boundary
+        self.settled: dict[str, RestartUndo | None] = {}
+
+
+_opened: "weakref.WeakKeyDictionary[Store, _Opened]" = weakref.WeakKeyDictionary()
+
+
+def _opened_record(store: "Store") -> _Opened:
+    """The store's ``_Opened``, made when this process first meets the store object (its
+    first WalstoreSession): the end of the log recovery found at its open, or, when the
+    store says none, the end of the newest commit then."""
+    with _locks_guard:
+        got = _opened.get(store)
+    if got is not None:
+        return got
+    boundary: int | None = None
+    if not store.readonly:
+        end = getattr(store.last_recovery, "end_lsn", None)
+        if isinstance(end, int) and not isinstance(end, bool):
+            boundary = end
+        else:
+            newest = store.log(limit=1)
+            boundary = newest[0].end_lsn if newest else 0
+    with _locks_guard:
+        return _opened.setdefault(store, _Opened(boundary))
+
+
+# The sessions (their _WriterLock) whose first-use undo this context runs: its
+# compensators' calls to the session do not wait for it (it waits for them).
+_SETTLING: "contextvars.ContextVar[tuple[Any, ...]]" = contextvars.ContextVar(
+    "walstore_openai_session_settling", default=())
+
+
+def _ends_turn(item: Any) -> bool:
+    """Whether ``item`` is an assistant message: a run's final answer (a turn killed in a
+    tool has saved its input, or its previous step's tool outputs, last)."""
+    return (isinstance(item, dict) and item.get("role") == "assistant"
+            and item.get("type", "message") == "message")
+
+
 class _UndoCheck:
     """A transaction's commit-time check (``add_commit_check``, run under the journal lock
     as it appends): ConflictError when a rewind, erase or purge of a session it was
@@ -1101,6 +1198,7 @@ class WalstoreSession:
                              f"({_key_bytes(longest)} bytes) would not fit walstore's "
                              f"{MAX_KEY_BYTES}-byte key limit")
         self._lock = _writer_lock(store, self._prefix)
+        self._opened = _opened_record(store)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1166,11 +1264,15 @@ class WalstoreSession:
             # the SDK's runner (SQLiteSession's one SELECT reads either state): nothing
             # was read that counts, so it is read again from a fresh snapshot
             # (probe-audit55), a bounded number of times, as WalstoreSaver's reads are.
-            for attempt in range(_RETRIES + 1):
+            for attempt in range(_RETRIES + 2):
                 # (before the snapshot: a read while a rewind runs counts as before it)
                 epoch = state.epoch
                 tx = self.store.transaction()
                 try:
+                    # (the session's first use in this open: checked on this snapshot; an
+                    # undo it waited for or ran wrote after it, so read again: once)
+                    if self._settle_restart(tx):
+                        continue
                     return fn(tx), epoch, (self._head_branch(tx) if note == "head"
                                            else None)
                 except SnapshotTooOld:
@@ -1208,6 +1310,7 @@ class WalstoreSession:
         _contact(state, wrapper)
 
         def work() -> tuple[_T, int, Any]:
+            self._settle_restart()
             fn = make()
             done = self._guarded(op, fn, meta)
             _close_opening(state)   # (the run wrote: its turn is in the session now)
@@ -1334,30 +1437,7 @@ class WalstoreSession:
         txids = opening.txids if opening is not None else []
         if not txids:
             return ConflictError(msg)
-        undone, already, failed = [], [], []
-        rewinding = _REWINDING.set(_REWINDING.get() + (self._lock,))
-        try:
-            for txid in reversed(txids):
-                try:
-                    if self.store.revert(txid, scope=self._prefix,
-                                         meta={"openai_session": self.session_id,
-                                               "op": "revert_resumed_work",
-                                               "revert": txid}) is not None:
-                        undone.append(txid)
-                except UnknownPoint:
-                    pass   # (it never committed: nothing to undo)
-                except RevertConflict as e:
-                    # (the rewind that cut the run off took it back, its actions
-                    # compensated: said "reverting it failed", read as a booking standing,
-                    # to cancel by hand — a second cancellation; stop 77 h5)
-                    if _undone_already(self.store, txid, e):
-                        already.append(txid)
-                    else:
-                        failed.append(f"{txid} ({type(e).__name__}: {e})")
-                except WalstoreError as e:
-                    failed.append(f"{txid} ({type(e).__name__}: {e})")
-        finally:
-            _REWINDING.reset(rewinding)
+        undone, already, failed = self._revert_work(txids, "revert_resumed_work")
         if undone:
             msg += (f"; the work this run's tools did in the session's scope before it "
                     f"was reverted, its actions compensated (transactions "
@@ -1370,6 +1450,193 @@ class WalstoreSession:
         if failed:
             msg += f"; reverting it failed for transaction {', '.join(failed)}"
         return ConflictError(msg)
+
+    def _revert_work(self, txids: list[int], op: str) -> tuple[list[int], list[int], list[str]]:
+        """Revert the work ``txids`` (oldest first) did in the session's scope, newest
+        first, their actions compensated (the session's own undo: its compensators' writes
+        to the session neither wait nor are refused); returns (reverted, undone already,
+        failed as ``"<txid> (<error>)"``).  A revert refused only because later ones of
+        ``txids`` (or undos of them) wrote the same keys runs with ``cascade``: it takes
+        them back with it, each action compensated once (two tools of one turn writing one
+        key: the older one's revert was refused, its booking standing)."""
+        undone: list[int] = []
+        already: list[int] = []
+        failed: list[str] = []
+        batch = set(txids)
+        meta = {"openai_session": self.session_id, "op": op}
+        rewinding = _REWINDING.set(_REWINDING.get() + (self._lock,))
+        try:
+            for txid in reversed(txids):
+                cascade = False
+                while True:
+                    try:
+                        if self.store.revert(txid, scope=self._prefix, cascade=cascade,
+                                             meta={**meta, "revert": txid}) is not None:
+                            undone.append(txid)
+                    except UnknownPoint:
+                        pass   # (it never committed: nothing to undo)
+                    except RevertConflict as e:
+                        # (the rewind that cut the run off took it back, its actions
+                        # compensated: said "reverting it failed", read as a booking
+                        # standing, to cancel by hand — a second cancellation; stop 77 h5)
+                        if _undone_already(self.store, txid, e):
+                            already.append(txid)
+                        elif not cascade and self._only_batch(e, batch):
+                            cascade = True
+                            continue
+                        else:
+                            failed.append(f"{txid} ({type(e).__name__}: {e})")
+                    except WalstoreError as e:
+                        failed.append(f"{txid} ({type(e).__name__}: {e})")
+                    break
+        finally:
+            _REWINDING.reset(rewinding)
+        return undone, already, failed
+
+    def _only_batch(self, error: RevertConflict, batch: set[int]) -> bool:
+        """Whether every later writer ``error`` names is in ``batch`` or an undo of work
+        in it alone (a cascade then takes back nothing else)."""
+        later = getattr(error, "txids", None) or ()
+        if not later:
+            return False
+        try:
+            for t in later:
+                if t in batch:
+                    continue
+                reverts = set(self.store.txn_info(t).extra.get("reverts") or ())
+                if not reverts or not reverts <= batch:
+                    return False
+        except (KeyError, WalstoreError):
+            return False
+        return True
+
+    # ---- a turn an earlier open left cut short ----------------------------------------------
+    @property
+    def restart_undo(self) -> RestartUndo | None:
+        """What the first use of this session in this open of its store undid: the work a
+        turn of an earlier open (a process killed mid-tool) did in the session's scope
+        after the session's last write, which no saved item records; None when it undid
+        nothing (or the session was not used yet in this open)."""
+        return self._opened.settled.get(self._prefix)
+
+    def _settle_restart(self, tx: "Transaction | None" = None) -> bool:
+        """The first use of the session in this open of the store (run in the worker
+        thread of every session call that reads or writes it, before its work): revert
+        the work an earlier open did in the session's scope after the session's last
+        write (``_cut_short_work``; the items read on ``tx`` when given: the caller's
+        snapshot).  Once per session and store object; concurrent first uses wait for
+        the one that runs it; a read-only store writes nothing.  Logged (a warning naming
+        the session and txids) and kept on ``restart_undo``.  True when ``tx`` may
+        predate what it waited for or reverted (the caller reads again)."""
+        state = self._lock
+        opened = self._opened
+        if state.settled or opened.boundary is None or self.store.readonly:
+            return False
+        if state in _SETTLING.get():
+            return False   # (its own compensators)
+        if not state.settling.acquire(blocking=False):
+            tx = None   # (another caller checks: its undo may write after ``tx``)
+            if not state.settling.acquire(timeout=_REWIND_WAIT_S):
+                raise ConflictError(
+                    f"session {self.session_id!r}: the undo of the work a turn an earlier "
+                    f"open of the store left cut short (its first use in this open) has run "
+                    f"for over {_REWIND_WAIT_S:.0f} s (its compensations): nothing was read "
+                    f"or written; try again once it ended")
+        try:
+            if state.settled:
+                return True
+            if self._prefix in opened.settled:   # (an earlier session object of it ran it)
+                state.settled = True
+                return tx is None
+            txids = self._cut_short_work(opened.boundary, tx)
+            if txids is None:   # (nothing to look back for)
+                state.settled = True
+                return tx is None
+            report = None
+            if txids:
+                token = _SETTLING.set(_SETTLING.get() + (state,))
+                try:
+                    undone, already, failed = self._revert_work(txids, "revert_cut_short")
+                finally:
+                    _SETTLING.reset(token)
+                report = RestartUndo(tuple(sorted(undone)), tuple(sorted(already)),
+                                     tuple(failed))
+                _log.warning(
+                    "session %r: work in its scope that an earlier open of the store "
+                    "committed after the session's last write, no saved item recording it "
+                    "(a turn cut short, e.g. a process killed in a tool), was undone at the "
+                    "session's first use: reverted %s, undone already %s%s",
+                    self.session_id, list(report.reverted), list(report.already),
+                    f", reverting failed for {', '.join(failed)}" if failed else "")
+            opened.settled[self._prefix] = report
+            state.settled = True
+            return tx is None or bool(txids)
+        finally:
+            state.settling.release()
+
+    def _cut_short_work(self, boundary: int, tx: "Transaction | None" = None
+                        ) -> list[int] | None:
+        """The txids (oldest first) of the work committed before ``boundary`` (an earlier
+        open) in the session's scope after the session's last write (its items, branches
+        or current branch: add, pop, clear, rewind ...): the tools of a turn that never
+        saved them.  None when there is nothing to look back for: the session holds no
+        item, its newest was saved in this open, or it is a final answer (a turn that
+        ended; work after it is the application's, between turns)."""
+        newest: list[tuple[str, Any]] = []
+        own = tx is None
+        if own:
+            tx = self.store.transaction()
+        try:
+            branches = [MAIN] + [unquote(k[len(self._prefix) + 3:])
+                                 for k, _v in tx.scan(prefix=self._prefix + "br/")]
+            for branch in branches:
+                for seq, item in self._newest(tx, branch, 1):
+                    newest.append((f"{self._items_prefix(branch)}{seq:0{_SEQ_DIGITS}d}", item))
+        finally:
+            if own:
+                tx.rollback()
+        if all(_ends_turn(item) for _key, item in newest):
+            return None   # (no history read: the common case, a session whose turns ended)
+        last: Any = None
+        for key, item in newest:
+            versions = self.store.history(key, limit=1)
+            if versions and (last is None or versions[0].lsn > last[0].lsn):
+                last = (versions[0], item)
+        if last is None or last[0].lsn >= boundary or _ends_turn(last[1]):
+            return None
+        writes = (self._prefix + "i/", self._prefix + "br/", self._head_key())
+        work: list[int] = []
+        since: Any = LSN(last[0].lsn)
+        while True:
+            try:
+                page = self.store.log(limit=256, since=since, oldest_first=True)
+            except HistoryTrimmed:   # (the item's commit is older than the retained
+                if since is None:    # history: every retained commit is after it)
+                    raise
+                since = None
+                continue
+            for info in page:
+                if info.lsn >= boundary:
+                    return work
+                keys = [k for k in info.keys if isinstance(k, str)]
+                if any(k.startswith(writes) for k in keys):
+                    work.clear()   # (a write of the session: work before it is kept)
+                elif not info.extra.get("reverts") and self._in_scope(info, keys):
+                    work.append(info.txid)
+            if len(page) < 256:
+                return work
+            since = LSN(page[-1].lsn)
+
+    def _in_scope(self, info: TxnInfo, keys: list[str]) -> bool:
+        """Whether transaction ``info`` worked in the session's scope: wrote a key there,
+        was begun with it (or a scope inside it), or declared an action in it."""
+        prefix = self._prefix
+        if any(k.startswith(prefix) for k in keys):
+            return True
+        if isinstance(info.scope, str) and info.scope.startswith(prefix):
+            return True
+        return any(isinstance(a, dict) and isinstance(a.get("scope"), str)
+                   and a["scope"].startswith(prefix) for a in info.actions)
 
     # ---- reading inside a transaction -------------------------------------------------------
     def _current_branch(self, tx: "Transaction") -> str:
@@ -1758,6 +2025,7 @@ class WalstoreSession:
         purged = [False]
 
         def work() -> None:
+            self._settle_restart()
             # (the purge first: the points went first before, and a purge failing at its
             # commit left them gone with the items all there, audit 68)
             try:
@@ -1785,9 +2053,15 @@ class WalstoreSession:
         """
         self._check_open()
         point = self._point_name(name)
+
+        def work() -> LSN:
+            # (after the first use's undo: a point before it, rewound to, brought back the
+            # keys of a booking its compensation had cancelled)
+            self._settle_restart()
+            return self.store.restore_point(point)
         # (a durable write: a cancelled caller hears of it only once it is made, as for
         # every other mutation; through to_thread alone it appeared after the cancellation)
-        return await finish_despite_cancel(lambda: self.store.restore_point(point))
+        return await finish_despite_cancel(work)
 
     async def restore_points(self) -> dict[str, LSN]:
         """This session's restore points, by the names they were given."""
@@ -1849,6 +2123,8 @@ class WalstoreSession:
             # session lock is held: the compensations run inside store.rewind, and one
             # that writes to this session (its add_items waits for that lock in another
             # thread) would wait for this rewind forever.
+            if not dry_run:
+                self._settle_restart()
             for attempt in range(_RETRIES + 1):
                 try:
                     return rewind(point, **kwargs)
