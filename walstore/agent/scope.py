@@ -18,7 +18,8 @@ Work that declares its scope itself (``scope=`` at the begin, or an action's) is
 the registered *scope guards* (``register_scope_guard``): the integration owning a kind of
 scope may fence or refuse it (OpenAI sessions: a tool's work for a turn a rewind of the
 session cut off), or add a check its commit runs as it appends (``add_commit_check``,
-chained with those already set: a workspace's read check).  Registered *undo watchers*
+chained with those already set: a workspace's read check), or tag its COMMIT
+(``add_commit_tag``: read back in ``TxnInfo.extra["tags"]``).  Registered *undo watchers*
 (``register_undo_watcher``) are told of each rewind and purge before it begins
 (``undo_kind`` tells which), of each revert once it planned (what it reaches:
 ``UndoReach``), and of each one's end, compensations included, in the undoing thread: the
@@ -152,6 +153,16 @@ def add_commit_check(tx: Any, check: Callable[[], None]) -> None:
         current.append(check)
     else:
         tx.commit_check = CommitChecks((current, check))
+
+
+def add_commit_tag(tx: Any, tag: str) -> None:
+    """Tag ``tx``'s COMMIT with ``tag`` (its ``tags`` field: ``store.log()`` shows them in
+    ``TxnInfo.extra["tags"]``), once: what an integration must read back from the log
+    after a restart about how the transaction was made (OpenAI sessions: work of a tool
+    inside an SDK run, ``"openai-run"``).  A transaction that never commits keeps none."""
+    tags = tx.commit_body.setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
 
 
 def commit_checks(tx: Any) -> list[Callable[[], None]]:

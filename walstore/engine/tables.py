@@ -348,7 +348,7 @@ def txid_key(txid: int) -> bytes:
 # ---- transaction log rows -------------------------------------------------------------
 TXN_ROW_FIELDS = ("actions", "scope", "compensate", "redo", "unredo", "gid", "reverts",
                   "rewound_to",
-                  "purge", "purge_range", "files")
+                  "purge", "purge_range", "files", "tags")
 
 
 def txn_row(event: Event) -> dict:

@@ -11,7 +11,8 @@ COMMIT               ``tx``, ``ts`` (unix seconds), ``meta``, ``w``: [[key, valu
                      it commits), ``scope``, ``compensate`` (ids of committed actions a
                      revert/rewind undoes), ``redo`` (ids a forced revert marks
                      needs-redo), ``gid`` (committing a prepared transaction),
-                     ``reverts``, ``rewound_to``, ``purge`` (a key prefix erased)
+                     ``reverts``, ``rewound_to``, ``purge`` (a key prefix erased),
+                     ``tags`` (str an integration stamped: ``add_commit_tag``)
 WRITES               ``tx``, ``w``: an earlier chunk of a large COMMIT or PREPARE
                      (contiguous with it)
 ABORT                ``tx``; ``recovered`` / ``copied``: written by recovery for a loser
@@ -265,6 +266,10 @@ def check_fields(rtype: int, body: dict) -> None:
             _ids(body, name, "action ids")
         _ids(body, "reverts", "txids")
         _ids(body, "files", "LSNs")
+        tags = body.get("tags")
+        if tags is not None and (not isinstance(tags, list)
+                                 or not all(isinstance(t, str) for t in tags)):
+            raise ValueError("field 'tags' is not a list of str")
         _gid(body.get("gid"), False)
         if "purge" in body:
             rng = body.get("purge_range")
