@@ -108,6 +108,30 @@ def booking_tool(store, session, world: list, then=None):
     return book_hotel
 
 
+class Killed(BaseException):
+    """The end of the process in a tool (SIGKILL), stood in for in process: out of
+    ``Runner.run`` with nothing of the tool's step saved (``cut_short_turn``)."""
+
+
+def cut_short_turn(session, work, request: str = "book it") -> None:
+    """A turn of the SDK's real Runner on ``session`` whose tool ``work_tool`` runs
+    ``work()`` and then ends as a killed process leaves it: the request saved, the step's
+    call and output never (``Killed`` out of the run)."""
+    from agents import Agent, RunConfig, Runner, function_tool
+    ex = example()
+
+    @function_tool
+    def work_tool() -> str:
+        """Do the work."""
+        work()
+        raise Killed()
+    agent = Agent(name="cut", tools=[work_tool],
+                  model=ex.ScriptedModel([[ex.call("work_tool", {}, 90)]]))
+    with pytest.raises(Killed):
+        asyncio.run(Runner.run(agent, request, session=session,
+                               run_config=RunConfig(tracing_disabled=True)))
+
+
 def spy_rewind_waits(monkeypatch) -> threading.Event:
     """An event set when a session write starts waiting on a rewind under way
     (``_WriterLock.await_rewinds`` with ``underway``)."""

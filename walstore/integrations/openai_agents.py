@@ -109,17 +109,27 @@ A turn cut short by the end of its process (SIGKILL, a crash, power loss while a
 ran: the Runner saves a step's tool calls and outputs only after its tools ran) left its
 tools' bookings committed and no item recording them; the request retried after the
 restart booked again.  So the first use of a session in an open of its store (the first
-read or write of each of its calls, ``_settle_restart``: a new run's history read comes
-before its model and tools) reverts, their actions compensated, the transactions an
-EARLIER open of the store committed in the session's scope after the session's last
-write (items, branches, current branch), unless the newest item is an assistant message
-(a turn that ended: work after it is the application's).  "Earlier": before the log end
-recovery found at this store object's open (``_Opened``; one writer process per store,
-so no turn of it is in flight; no mark needed in the transactions, so stores of older
-walstores too); this open's work is never undone.  Work undone already (an undo killed
-in its compensation: recovery finishes that) is recognised, not compensated again.
-Logged (a warning naming the session and txids) and kept on ``session.restart_undo``
-(``RestartUndo``).  A read-only store undoes nothing.
+read or write of each of its calls, and the first work in its scope, ``_settle_restart``:
+a new run's history read comes before its model and tools, a resumed run's approved
+tools before its read) reverts, their actions compensated, the transactions an EARLIER
+open of the store committed in the session's scope INSIDE AN SDK RUN (a tool's: the
+scope guard tags them, ``_RUN_TAG``) after the session's last write (items, branches,
+current branch), unless the newest item is an assistant message (a turn that ended).
+The application's work between runs carries no tag and is kept: after a run that ended
+without an assistant message (a pause for approval, ``stop_on_first_tool``, a raise, a
+compaction) it was taken for a killed turn's, its booking cancelled and its saved
+RunState deleted (stop 78 h3).  So only work declared in the scope (``tx.action(...,
+scope=session.scope)``, ``transaction(scope=...)``) is a tool's; keys a tool writes in a
+plain transaction are kept.  "Earlier": before the log end recovery found at this store
+object's open (``_Opened``; one writer process per store, so no turn of it is in
+flight); this open's work is never undone.  Work undone already (an undo killed in its
+compensation: recovery finishes that) is recognised, not compensated again.  A cascade
+(two tools of the turn writing one key) runs only when its plan takes back nothing else.
+A run resumed from a RunState whose paused step the SDK held back from the session
+(output guardrails with a stopping ``tool_use_behavior``) finds that step's bookings
+undone after a restart (no item recorded them): its first write is refused, its
+approved tools' work reverted.  Logged (a warning naming the session and txids) and
+kept on ``session.restart_undo`` (``RestartUndo``).  A read-only store undoes nothing.
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
 two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
@@ -203,8 +213,8 @@ from urllib.parse import quote, unquote
 from .. import (LSN, ConflictError, ErasureOwed, HistoryTrimmed, RevertConflict,
                SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
-from ..agent.scope import (add_commit_check, add_undo_fence, commit_checks, undo_committed,
-                           undo_kind)
+from ..agent.scope import (add_commit_check, add_commit_tag, add_undo_fence, commit_checks,
+                           undo_committed, undo_kind)
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
 
@@ -275,7 +285,7 @@ class _WriterLock:
     since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
     (``"rewind"``, ``"erase"``, ``"purge"``), for the refusals to say."""
     __slots__ = ("_lock", "epoch", "underway", "done", "_mutex", "marks", "kinds",
-                 "settled", "settling", "__weakref__")
+                 "settled", "settling", "owner", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -292,6 +302,9 @@ class _WriterLock:
         # the session's first use in this open of the store ran (``_settle_restart``)
         self.settled = False
         self.settling = threading.Lock()
+        # (the newest WalstoreSession object of it: the scope guard's first use runs its
+        # ``_settle_restart``)
+        self.owner: Callable[[], Any] = lambda: None
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
@@ -719,6 +732,13 @@ _PIN: "contextvars.ContextVar[list[Any] | None]" = contextvars.ContextVar(
 _MOVES_CALLER = frozenset({"switch_branch", "create_branch"})
 
 
+class _RestartUndid(Exception):
+    """Raised inside a session write's transaction function: a resumed run's first write
+    saves the step its RunState held back (tool calls the branch never held), and the
+    session's first use in this open undid an earlier open's work no item recorded:
+    that step's (refused)."""
+
+
 class _BranchGone(Exception):
     """Raised inside a session write's transaction function: the branch the caller was
     on was deleted since (refused)."""
@@ -776,10 +796,10 @@ def _session_of_scope(store: Any, scope: str) -> tuple[str, _WriterLock] | None:
 # first use of a session in an open of its store (``_settle_restart``, before that call's
 # read or write: a new run's first call, its history read, comes before its model and
 # tools) reverts the work in the session's scope that an EARLIER open committed after the
-# session's last write and that no saved item records.  "Earlier open": committed before
-# this store object's log began (``_Opened.boundary``): a store has one writer process, so
-# such work belongs to no turn in flight; older walstores' stores have it too (it needs no
-# mark in their transactions).
+# session's last write and that no saved item records, the work of a tool inside an SDK
+# run (``_RUN_TAG``; the application's between runs is kept).  "Earlier open": committed
+# before this store object's log began (``_Opened.boundary``): a store has one writer
+# process, so such work belongs to no turn in flight.
 @dataclass(frozen=True)
 class RestartUndo:
     """What the first use of a session in this open of its store undid
@@ -807,6 +827,14 @@ class _Opened:
 
 
 _opened: "weakref.WeakKeyDictionary[Store, _Opened]" = weakref.WeakKeyDictionary()
+
+# The COMMIT tag (``add_commit_tag``) of work in a session's scope done inside an SDK run
+# (a tool's: the scope guard stamps it).  Only such work of an earlier open is undone at
+# the first use: the application's work between runs carries none, and after a run that
+# ended without an assistant message (a pause for approval, ``stop_on_first_tool``,
+# ``StopAtTools``, ``MaxTurnsExceeded``, a compaction) it was taken for a killed turn's
+# and undone: the app's booking cancelled, its saved RunState deleted (stop 78 h3).
+_RUN_TAG = "openai-run"
 
 
 def _opened_record(store: "Store") -> _Opened:
@@ -916,6 +944,17 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     prefix, state = found
     if state in _REWINDING.get():
         return   # (the rewind's compensators: they write for it)
+    if _in_flight(_turn_now()):
+        # (a tool's work inside an SDK run: after a restart, work of a run the process
+        # ended in is told from the application's between runs by this, _cut_short_work)
+        add_commit_tag(tx, _RUN_TAG)
+    # (work in the session's scope is a first use of it in this open: an earlier open's
+    # turn cut short is undone before it — a run resumed from a RunState runs its
+    # approved tools before it reads the session, and their booking rewrote the key of
+    # the killed resume's, whose revert was then refused: two payments, one recorded)
+    owner = state.owner()
+    if owner is not None:
+        owner._settle_restart(wait=False)
     # (work for another scope too, another session's or a LangGraph thread's, is fenced
     # for both: left at that one, a rewind of this session committing while the tool
     # ran let its booking here commit after it and stand)
@@ -1200,6 +1239,7 @@ class WalstoreSession:
         self._lock = _writer_lock(store, self._prefix)
         self._opened = _opened_record(store)
         self._closed = False
+        self._lock.owner = weakref.ref(self)   # (last: the scope guard may use it at once)
 
     def __repr__(self) -> str:
         return f"WalstoreSession({self.session_id!r}, scope={self._prefix!r})"
@@ -1420,6 +1460,15 @@ class WalstoreSession:
                     f"({op}); read the session again (get_items, outside the run that was cut "
                     f"off: a new Runner.run does) and run the turn anew"
                     ) from None
+            except _RestartUndid:
+                raise self._refusal(
+                    f"session {self.session_id!r}: this run resumes a RunState whose paused "
+                    f"step the SDK held back from the session (output guardrails with a "
+                    f"tool_use_behavior that stops at tools), and the session's first use "
+                    f"after the restart undid the work no item recorded, that step's "
+                    f"bookings (restart_undo): its outputs are not saved, nothing was "
+                    f"written ({op}); start a new Runner.run from the session as it is"
+                    ) from None
             except _Unanswered as e:
                 raise self._refusal(
                     f"session {self.session_id!r} {e.args[0]}: the turn this run resumes "
@@ -1481,7 +1530,9 @@ class WalstoreSession:
                         # standing, to cancel by hand — a second cancellation; stop 77 h5)
                         if _undone_already(self.store, txid, e):
                             already.append(txid)
-                        elif not cascade and self._only_batch(e, batch):
+                        elif (not cascade
+                              and self._only_batch(getattr(e, "txids", None), batch)
+                              and self._cascade_stays_in(txid, batch)):
                             cascade = True
                             continue
                         else:
@@ -1493,10 +1544,10 @@ class WalstoreSession:
             _REWINDING.reset(rewinding)
         return undone, already, failed
 
-    def _only_batch(self, error: RevertConflict, batch: set[int]) -> bool:
-        """Whether every later writer ``error`` names is in ``batch`` or an undo of work
-        in it alone (a cascade then takes back nothing else)."""
-        later = getattr(error, "txids", None) or ()
+    def _only_batch(self, txids: Any, batch: set[int]) -> bool:
+        """Whether every one of ``txids`` (a refusal's later writers, a cascade's plan) is
+        in ``batch`` or an undo of work in it alone."""
+        later = txids or ()
         if not later:
             return False
         try:
@@ -1510,6 +1561,17 @@ class WalstoreSession:
             return False
         return True
 
+    def _cascade_stays_in(self, txid: int, batch: set[int]) -> bool:
+        """Whether the cascade of reverting ``txid`` (its plan, a dry run) takes back
+        only ``batch`` and undos of it: it walks on from the later writers the refusal
+        named to theirs, and took back this open's work, or another caller's, that wrote
+        a key of a batch transaction's later writer (stop 78 h3)."""
+        try:
+            plan = self.store.revert(txid, scope=self._prefix, cascade=True, dry_run=True)
+        except WalstoreError:
+            return False
+        return self._only_batch(getattr(plan, "txids", None), batch)
+
     # ---- a turn an earlier open left cut short ----------------------------------------------
     @property
     def restart_undo(self) -> RestartUndo | None:
@@ -1519,7 +1581,7 @@ class WalstoreSession:
         nothing (or the session was not used yet in this open)."""
         return self._opened.settled.get(self._prefix)
 
-    def _settle_restart(self, tx: "Transaction | None" = None) -> bool:
+    def _settle_restart(self, tx: "Transaction | None" = None, wait: bool = True) -> bool:
         """The first use of the session in this open of the store (run in the worker
         thread of every session call that reads or writes it, before its work): revert
         the work an earlier open did in the session's scope after the session's last
@@ -1527,7 +1589,9 @@ class WalstoreSession:
         snapshot).  Once per session and store object; concurrent first uses wait for
         the one that runs it; a read-only store writes nothing.  Logged (a warning naming
         the session and txids) and kept on ``restart_undo``.  True when ``tx`` may
-        predate what it waited for or reverted (the caller reads again)."""
+        predate what it waited for or reverted (the caller reads again).  ``wait=False``
+        (the scope guard: a tool's transaction, perhaps on the event loop): another
+        caller's undo under way refuses instead of waiting."""
         state = self._lock
         opened = self._opened
         if state.settled or opened.boundary is None or self.store.readonly:
@@ -1536,6 +1600,12 @@ class WalstoreSession:
             return False   # (its own compensators)
         if not state.settling.acquire(blocking=False):
             tx = None   # (another caller checks: its undo may write after ``tx``)
+            if not wait:
+                raise ConflictError(
+                    f"session {self.session_id!r}: the undo of the work a turn an earlier "
+                    f"open of the store left cut short (its first use in this open) is "
+                    f"under way: refused, nothing ran or was written; try again once it "
+                    f"ended")
             if not state.settling.acquire(timeout=_REWIND_WAIT_S):
                 raise ConflictError(
                     f"session {self.session_id!r}: the undo of the work a turn an earlier "
@@ -1577,9 +1647,9 @@ class WalstoreSession:
     def _cut_short_work(self, boundary: int, tx: "Transaction | None" = None
                         ) -> list[int] | None:
         """The txids (oldest first) of the work committed before ``boundary`` (an earlier
-        open) in the session's scope after the session's last write (its items, branches
-        or current branch: add, pop, clear, rewind ...): the tools of a turn that never
-        saved them.  None when there is nothing to look back for: the session holds no
+        open) in the session's scope inside an SDK run (``_RUN_TAG``) after the session's
+        last write (its items, branches or current branch: add, pop, clear, rewind ...):
+        the tools of a turn that never saved them.  None when there is nothing to look back for: the session holds no
         item, its newest was saved in this open, or it is a final answer (a turn that
         ended; work after it is the application's, between turns)."""
         newest: list[tuple[str, Any]] = []
@@ -1621,8 +1691,9 @@ class WalstoreSession:
                 keys = [k for k in info.keys if isinstance(k, str)]
                 if any(k.startswith(writes) for k in keys):
                     work.clear()   # (a write of the session: work before it is kept)
-                elif not info.extra.get("reverts") and self._in_scope(info, keys):
-                    work.append(info.txid)
+                elif (_RUN_TAG in (info.extra.get("tags") or ())
+                      and not info.extra.get("reverts") and self._in_scope(info, keys)):
+                    work.append(info.txid)   # (a tool's, inside an SDK run: _RUN_TAG)
             if len(page) < 256:
                 return work
             since = LSN(page[-1].lsn)
@@ -1763,6 +1834,9 @@ class WalstoreSession:
                     # (and noted: a resume answering one again is refused, _check_answers)
                     for call in self._check_answers(tx, branch, normalized):
                         tx.put(self._answered_key(call), {"call_id": call.get("call_id")})
+                    if self._restart_undid() and any(_call_id(i, "_call") is not None
+                                                     for i in normalized):
+                        raise _RestartUndid()
                 last = self._newest(tx, branch, 1)
                 seq = last[0][0] + 1 if last else 1
                 prefix = self._items_prefix(branch)
@@ -1770,6 +1844,12 @@ class WalstoreSession:
                     tx.put(f"{prefix}{seq + i:0{_SEQ_DIGITS}d}", item)
             return add
         await self._write_made("add_items", make, wrapper)
+
+    def _restart_undid(self) -> bool:
+        """Whether the session's first use in this open undid (or found undone) work an
+        earlier open did in its scope (``restart_undo``)."""
+        report = self._opened.settled.get(self._prefix)
+        return report is not None and bool(report.reverted or report.already)
 
     def _answered_key(self, call: Any) -> str:
         """The key noting that a resumed run answered tool call item ``call`` (by its
