@@ -208,3 +208,35 @@ def test_a_functional_run_resumed_after_a_rewind_of_its_thread_runs_its_tasks(tm
         assert trip.invoke(None, CONFIG) == 3
     finally:
         store.close()
+
+
+def test_a_copys_resume_leaves_its_sources_killed_booking_to_the_source(tmp_path):
+    # (a backup taken of a store whose run was killed mid-step.  A copy never runs its
+    # source's compensations on its own (CONTRACT 4.10): before, the copy's resume
+    # refunded the source's booking, and the source's own resume refunded it again --
+    # two refunds of one booking.  Now the copy names it in ``left``; the source undoes
+    # it once)
+    from walstore.ops.backup import backup
+    store_path, path = killed(tmp_path, "single", "sync")
+    (first,), _ = ledger(path)
+    copy = str(tmp_path / "copy")
+    backup(store_path, copy)
+    store = walstore.open(copy, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "single")
+        txid = list(store.actions())[0].txid
+        graph.invoke(None, CONFIG)
+        assert ledger(path)[1] == []   # (the copy refunded nothing)
+        (undo,) = saver.resume_undos
+        assert undo.undone == () and len(undo.left) == 1
+        assert undo.left[0].startswith(f"{txid} (made in the store this one is a copy")
+    finally:
+        store.close()
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "single")
+        graph.invoke(None, CONFIG)
+        assert ledger(path)[1] == [first]   # (refunded once, by the source)
+        assert first not in live(path)
+    finally:
+        store.close()

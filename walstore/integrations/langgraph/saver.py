@@ -2013,6 +2013,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue   # (trimmed from history)
             if info.extra.get("undone_by"):
                 continue   # (undone already: a rewind, a revert, an earlier resume)
+            if self.store.engine.inherited(txid):
+                # (a copy's -- backup, restore -- of its source's work: a copy never runs
+                # its source's compensations on its own, CONTRACT 4.10; undone here, the
+                # source's own resume refunded the booking a second time)
+                run.left.append(f"{txid} (made in the store this one is a copy of: its "
+                                f"compensation is held here; undo it in one store only, "
+                                f"by hand)")
+                continue
             if at == head and task is None:
                 # (stamped by an older walstore, no task named: alone in its step it is
                 # the step's, and nothing records it; beside tasks whose outcome is
