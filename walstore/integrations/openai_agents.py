@@ -113,7 +113,8 @@ read or write of each of its calls, and the first work in its scope, ``_settle_r
 a new run's history read comes before its model and tools, a resumed run's approved
 tools before its read) reverts, their actions compensated, the transactions an EARLIER
 open of the store committed in the session's scope INSIDE AN SDK RUN (a tool's: the
-scope guard tags them, ``_RUN_TAG``) after the session's last write (items, branches,
+scope guard tags them, ``_RUN_TAG``; from a thread without the run's context, such as an
+executor's, while a run that touched the session goes on) after the session's last write (items, branches,
 current branch), unless the newest item is an assistant message (a turn that ended).
 The application's work between runs carries no tag and is kept: after a run that ended
 without an assistant message (a pause for approval, ``stop_on_first_tool``, a raise, a
@@ -128,7 +129,8 @@ compensation: recovery finishes that) is recognised, not compensated again.  A c
 A run resumed from a RunState whose paused step the SDK held back from the session
 (output guardrails with a stopping ``tool_use_behavior``) finds that step's bookings
 undone after a restart (no item recorded them): its first write is refused, its
-approved tools' work reverted.  Logged (a warning naming the session and txids) and
+approved tools' work reverted, when the branch's newest item is an earlier open's (a
+pause made in this open saved its input in it: resumed as usual).  Logged (a warning naming the session and txids) and
 kept on ``session.restart_undo`` (``RestartUndo``).  A read-only store undoes nothing.
 
 History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
@@ -285,7 +287,7 @@ class _WriterLock:
     since (``_check_at_commit``).  ``kinds`` holds what the newest that committed were
     (``"rewind"``, ``"erase"``, ``"purge"``), for the refusals to say."""
     __slots__ = ("_lock", "epoch", "underway", "done", "_mutex", "marks", "kinds",
-                 "settled", "settling", "owner", "__weakref__")
+                 "settled", "settling", "owner", "runs", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -305,6 +307,9 @@ class _WriterLock:
         # (the newest WalstoreSession object of it: the scope guard's first use runs its
         # ``_settle_restart``)
         self.owner: Callable[[], Any] = lambda: None
+        # (weak references to the SDK runs of this process that read or wrote the
+        # session, pruned of those ended as one is added: ``_run_going_on``)
+        self.runs: tuple[Callable[[], Any], ...] = ()
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
@@ -635,8 +640,13 @@ def _contact(state: _WriterLock, wrapper: Any = None) -> None:
     first of an SDK run that has not read or written the session (the context's note is
     of no run going on) opens the run's entry (``_OPENINGS``) and, given the run's
     context wrapper, takes the stamp of the turn it resumes (``_adopt``) and learns
-    whether the run resumes one (``_decided``)."""
-    if not _in_flight(_turn_now()) or _in_flight(_seen_turn(state)):
+    whether the run resumes one (``_decided``).  The run is noted on the session
+    (``_note_run``)."""
+    turn = _turn_now()
+    if not _in_flight(turn):
+        return
+    _note_run(state, turn)
+    if _in_flight(_seen_turn(state)):
         return
     opening = _opening(state, create=True)
     if wrapper is None:
@@ -645,6 +655,24 @@ def _contact(state: _WriterLock, wrapper: Any = None) -> None:
     if opening is not None:
         opening.resumed = adopted
         opening.checked = adopted or _decided(wrapper)
+
+
+def _note_run(state: _WriterLock, turn: Any) -> None:
+    """Note ``turn``, an SDK run going on, as one that read or wrote the session."""
+    runs = state.runs
+    if any(ref() is turn for ref in runs):
+        return
+    ref = _ref(turn)
+    with state._mutex:
+        state.runs = tuple(r for r in state.runs if _in_flight(r())) + (ref,)
+
+
+def _run_going_on(state: _WriterLock) -> bool:
+    """Whether an SDK run of this process that read or wrote the session goes on: work in
+    its scope from a context in no run (a tool's thread that does not carry the run's
+    context: ``loop.run_in_executor``, a ``ThreadPoolExecutor``, a ``threading.Thread``)
+    is then taken for a tool's (``_RUN_TAG``)."""
+    return any(_in_flight(ref()) for ref in state.runs)
 
 
 def _first_checked(opening: _Opening | None, items: list[Any]) -> bool:
@@ -944,9 +972,12 @@ def _guard_session_scope(store: Any, tx: Any, scope: Any) -> None:
     prefix, state = found
     if state in _REWINDING.get():
         return   # (the rewind's compensators: they write for it)
-    if _in_flight(_turn_now()):
+    if _in_flight(_turn_now()) or _run_going_on(state):
         # (a tool's work inside an SDK run: after a restart, work of a run the process
-        # ended in is told from the application's between runs by this, _cut_short_work)
+        # ended in is told from the application's between runs by this, _cut_short_work;
+        # from a thread that does not carry the run's context, work while a run of the
+        # session goes on is taken for its tool's: untagged, a killed turn's booking made
+        # in an executor's thread was kept and the retry booked again, stop 78 h5)
         add_commit_tag(tx, _RUN_TAG)
     # (work in the session's scope is a first use of it in this open: an earlier open's
     # turn cut short is undone before it — a run resumed from a RunState runs its
@@ -1830,26 +1861,37 @@ class WalstoreSession:
 
             def add(tx: "Transaction") -> None:
                 branch = self._pinned_branch(tx)
+                last = self._newest(tx, branch, 1)
+                prefix = self._items_prefix(branch)
                 if first:
                     # (and noted: a resume answering one again is refused, _check_answers)
                     for call in self._check_answers(tx, branch, normalized):
                         tx.put(self._answered_key(call), {"call_id": call.get("call_id")})
-                    if self._restart_undid() and any(_call_id(i, "_call") is not None
-                                                     for i in normalized):
+                    if (any(_call_id(i, "_call") is not None for i in normalized)
+                            and self._restart_undid(
+                                f"{prefix}{last[0][0]:0{_SEQ_DIGITS}d}" if last else None)):
                         raise _RestartUndid()
-                last = self._newest(tx, branch, 1)
                 seq = last[0][0] + 1 if last else 1
-                prefix = self._items_prefix(branch)
                 for i, item in enumerate(normalized):
                     tx.put(f"{prefix}{seq + i:0{_SEQ_DIGITS}d}", item)
             return add
         await self._write_made("add_items", make, wrapper)
 
-    def _restart_undid(self) -> bool:
+    def _restart_undid(self, newest: str | None) -> bool:
         """Whether the session's first use in this open undid (or found undone) work an
-        earlier open did in its scope (``restart_undo``)."""
+        earlier open did in its scope (``restart_undo``) that a held-back step saved on a
+        branch whose newest item is ``newest`` (its key; None: none) may hold: that item
+        was written in an earlier open (a run paused in this open saved its input here
+        first; its step's work was never undone: refused, its booking stood unrecorded
+        and its payment was reverted, stop 78 h5)."""
         report = self._opened.settled.get(self._prefix)
-        return report is not None and bool(report.reverted or report.already)
+        if report is None or not (report.reverted or report.already):
+            return False
+        boundary = self._opened.boundary
+        if newest is None or boundary is None:
+            return True
+        versions = self.store.history(newest, limit=1)
+        return not versions or versions[0].lsn < boundary
 
     def _answered_key(self, call: Any) -> str:
         """The key noting that a resumed run answered tool call item ``call`` (by its
