@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("agents")
 
+import walstore  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 from session_support import assistant, book, cut_short_turn, texts, user  # noqa: E402
 from test_openai_session_restart_review import Opens  # noqa: E402
@@ -93,3 +94,36 @@ def test_a_held_back_pause_resumed_in_the_open_that_undid_a_killed_turn_is_saved
         assert store.get(trip.session.key("bookings/pay rome")) == "confirmed"
     finally:
         store.close()
+
+
+def test_a_copys_first_use_leaves_its_sources_killed_turn_to_the_source(tmp_path):
+    """A backup taken of a store holding a turn killed in its tool.  Before: the copy's
+    first use reverted the booking, calling the refund (``cancel``) from the copy, and
+    the source's first use then cancelled it again: two refunds of one booking.  Now the
+    copy leaves it (its actions held, as the debts a copy inherits are), the source
+    undoes it once."""
+    from walstore.ops.backup import backup
+    o = Opens(tmp_path)
+    store = o.open()
+    s = WalstoreSession("u", store)
+    cut_short_turn(s, lambda: book(store, s, "rome", o.world), "book rome")
+    store.close()
+    copy = str(tmp_path / "copy")
+    backup(o.path, copy)
+    store = walstore.open(copy)
+    store.compensator("cancel")(lambda a: o.world.append(f"copy cancel {a.args['what']}"))
+    try:
+        s = WalstoreSession("u", store)
+        assert texts(asyncio.run(s.get_items())) == ["book rome"]
+        assert s.restart_undo is None
+        assert store.get(s.key("bookings/rome")) == "confirmed"
+    finally:
+        store.close()
+    store = o.open()
+    try:
+        s = WalstoreSession("u", store)
+        asyncio.run(s.get_items())
+        assert len(s.restart_undo.reverted) == 1
+    finally:
+        store.close()
+    assert o.world == ["book rome", "cancel rome"]

@@ -114,8 +114,10 @@ a new run's history read comes before its model and tools, a resumed run's appro
 tools before its read) reverts, their actions compensated, the transactions an EARLIER
 open of the store committed in the session's scope INSIDE AN SDK RUN (a tool's: the
 scope guard tags them, ``_RUN_TAG``; from a thread without the run's context, such as an
-executor's, while a run that touched the session goes on) after the session's last write (items, branches,
-current branch), unless the newest item is an assistant message (a turn that ended).
+executor's, while a run that touched the session goes on) after the session's last write
+(items, branches, current branch), unless the newest item is an assistant message (a
+turn that ended); in a copy (backup, restore) not its source's (``engine.inherited``:
+held, as a copy's debts are).
 The application's work between runs carries no tag and is kept: after a run that ended
 without an assistant message (a pause for approval, ``stop_on_first_tool``, a raise, a
 compaction) it was taken for a killed turn's, its booking cancelled and its saved
@@ -1706,6 +1708,10 @@ class WalstoreSession:
         if last is None or last[0].lsn >= boundary or _ends_turn(last[1]):
             return None
         writes = (self._prefix + "i/", self._prefix + "br/", self._head_key())
+        # (in a copy, backup or restore, the source's transactions: their compensations
+        # are never run here automatically, CONTRACT 4.10; the copy's first use refunded
+        # the source's booking, and the source's first use refunded it again: stop 78 h5)
+        inherited = self.store.engine.inherited
         work: list[int] = []
         since: Any = LSN(last[0].lsn)
         while True:
@@ -1723,7 +1729,8 @@ class WalstoreSession:
                 if any(k.startswith(writes) for k in keys):
                     work.clear()   # (a write of the session: work before it is kept)
                 elif (_RUN_TAG in (info.extra.get("tags") or ())
-                      and not info.extra.get("reverts") and self._in_scope(info, keys)):
+                      and not info.extra.get("reverts") and not inherited(info.txid)
+                      and self._in_scope(info, keys)):
                     work.append(info.txid)   # (a tool's, inside an SDK run: _RUN_TAG)
             if len(page) < 256:
                 return work
