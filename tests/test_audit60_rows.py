@@ -374,13 +374,16 @@ def _bad_records():
                                               "rewound_to": "x"})],
         "commit-action-tx-str": [(T.COMMIT, {"tx": 50, "ts": 1.0, "meta": None, "w": [],
                                              "actions": [{"id": "50.1", "tx": "q"}]})],
+        # (stop 78: a str, not a list of str -- ``"openai-run" in tags`` matched a part)
+        "commit-tags-str": [(T.COMMIT, {"tx": 50, "ts": 1.0, "meta": None, "w": [],
+                                        "tags": "openai-run"})],
     }
 
 
 @pytest.mark.parametrize("case", ["intent-compensate-int", "compensated-attempts-str",
                                   "compensated-state-unknown", "restore-point-ts-str",
                                   "prepare-r-int", "commit-rewound-to-str",
-                                  "commit-action-tx-str"])
+                                  "commit-action-tx-str", "commit-tags-str"])
 def test_a_wal_record_with_fields_of_the_wrong_type_is_a_bad_payload(built, tmp_path, case):
     path, _root = _copy(built, tmp_path)
     lsn = _append_records(path, _bad_records()[case])

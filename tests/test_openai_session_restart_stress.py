@@ -127,3 +127,33 @@ def test_a_copys_first_use_leaves_its_sources_killed_turn_to_the_source(tmp_path
     finally:
         store.close()
     assert o.world == ["book rome", "cancel rome"]
+
+
+def test_a_commits_tags_survive_redo_a_prepared_commit_and_a_backup(tmp_path):
+    """The COMMIT field the restart's undo reads (``tags``, de4c0531) on the paths a commit
+    takes: recovery's REDO of a process killed after it (os._exit), a transaction
+    prepared before that kill and committed after it (the PREPARE carries it), and a
+    backup of the store.  (Review: it passed; the txns row kept no tags before de4c0531.)"""
+    import os
+    import subprocess
+    import sys
+    from walstore.ops.backup import backup
+    from session_support import ROOT
+    path = str(tmp_path / "store")
+    code = (
+        "import os, walstore\n"
+        "from walstore.agent.scope import add_commit_tag\n"
+        f"s = walstore.open({path!r}, durability='full')\n"
+        "with s.transaction() as tx:\n"
+        "    tx.put('a', 1); add_commit_tag(tx, 'openai-run'); add_commit_tag(tx, 'openai-run')\n"
+        "tx = s.transaction(); tx.put('q', 1); add_commit_tag(tx, 'x'); tx.prepare('g')\n"
+        "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    with walstore.open(path) as s:
+        assert s.last_recovery.redone >= 1 and s.prepared() == ["g"]
+        s.commit_prepared("g")
+        assert [i.extra.get("tags") for i in s.log()] == [["x"], ["openai-run"]]
+    backup(path, str(tmp_path / "copy"))
+    with walstore.open(str(tmp_path / "copy")) as c:
+        assert [i.extra.get("tags") for i in c.log()] == [["x"], ["openai-run"]]
