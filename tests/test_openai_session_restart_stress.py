@@ -1,4 +1,4 @@
-"""Stress review of the first-use undo after a restart (stop 78 h5): what it still got wrong.
+"""Review of the first-use undo after a restart (stop 78 h5): what it still got wrong.
 
 - A tool whose booking runs in a thread that does not carry the run's context (a
   ``ThreadPoolExecutor``, ``loop.run_in_executor``, a ``threading.Thread``; the SDK runs a
@@ -65,9 +65,10 @@ def test_a_held_back_pause_resumed_in_the_open_that_undid_a_killed_turn_is_saved
     """Open 1: a turn killed in its tool (booking "oslo").  Open 2: the first use undoes
     it; then a run with output guardrails and ``stop_on_first_tool`` books "rome" and
     pauses for ``pay`` (its step held back from the session), and is resumed from its
-    JSON: it saves the held step and pay's output.  Before: the resume's first write was refused ("the session's first use after
-    the restart undid ... that step's bookings"): pay's booking reverted, "rome" booked
-    and standing with no item recording it."""
+    JSON: it saves the held step and pay's output.  Before: the resume's first write was
+    refused ("the session's first use after the restart undid ... that step's
+    bookings"): pay's booking reverted, "rome" booked and standing with no item
+    recording it."""
     o = Opens(tmp_path)
     store = o.open()
     s = WalstoreSession("u", store)
@@ -86,7 +87,8 @@ def test_a_held_back_pause_resumed_in_the_open_that_undid_a_killed_turn_is_saved
         assert asyncio.run(resume()).final_output == "booked rome"
         items = texts(asyncio.run(trip.session.get_items()), kinds=True)
         assert items == ["user: book oslo", "user: hi", "user: book rome",
-                         'function_call: {"city": "rome"}', 'function_call: {"city": "rome"}',
+                         'function_call: {"city": "rome"}',
+                         'function_call: {"city": "rome"}',
                          "function_call_output: booked rome",
                          "function_call_output: paid rome"]
         assert trip.world == ["book rome", "book pay rome"]   # nothing cancelled
@@ -145,7 +147,8 @@ def test_a_commits_tags_survive_redo_a_prepared_commit_and_a_backup(tmp_path):
         "from walstore.agent.scope import add_commit_tag\n"
         f"s = walstore.open({path!r}, durability='full')\n"
         "with s.transaction() as tx:\n"
-        "    tx.put('a', 1); add_commit_tag(tx, 'openai-run'); add_commit_tag(tx, 'openai-run')\n"
+        "    tx.put('a', 1)\n"
+        "    add_commit_tag(tx, 'openai-run'); add_commit_tag(tx, 'openai-run')\n"
         "tx = s.transaction(); tx.put('q', 1); add_commit_tag(tx, 'x'); tx.prepare('g')\n"
         "os._exit(0)\n")
     subprocess.run([sys.executable, "-c", code], check=True,
