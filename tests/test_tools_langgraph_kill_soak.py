@@ -20,4 +20,4 @@ def test_killed_runs_resumed_agree_with_the_ledger(capsys):
     assert rc == 0, out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["rounds"] == len(ROUNDS) and summary["unexplained"] == 0, out
-    assert summary["kills"] >= len(ROUNDS), out
+    assert summary["kills"] >= 1, out   # (round 1's first kill, after 2 of 4 bookings)

@@ -149,6 +149,13 @@ def build(store: Any, path: str, spec: dict, **saver_options: Any) -> tuple[Any,
     saver = WalstoreSaver(store, **saver_options)
     pause, inline = spec["pause"], spec["inline"]
 
+    def held(name: str) -> None:
+        """(``spec["hold"]``, the focused tests': after ``name``'s booking committed,
+        say so in ``<ledger>.held`` and wait to be killed)"""
+        if spec.get("hold") == name:
+            append(path + ".held", name)
+            time.sleep(120)
+
     def make(name: str, before: Callable | None = None) -> Callable:
         if spec["call"] == "invoke":
             def node(s: dict) -> dict:
@@ -157,6 +164,7 @@ def build(store: Any, path: str, spec: dict, **saver_options: Any) -> tuple[Any,
                 time.sleep(pause)
                 bid = book(store, path, name, s["rnd"])
                 time.sleep(pause)
+                held(name)
                 return {"ran": [bid]}
             return node
 
@@ -169,6 +177,7 @@ def build(store: Any, path: str, spec: dict, **saver_options: Any) -> tuple[Any,
             else:
                 bid = await asyncio.to_thread(book, store, path, name, s["rnd"])
             await asyncio.sleep(pause)
+            await asyncio.to_thread(held, name)
             return {"ran": [bid]}
         return anode
 
@@ -413,14 +422,17 @@ def lines_in(path: str) -> int:
 
 
 def kill_at(c: Child, how: tuple, path: str) -> dict:
-    """Kill ``c`` as ``how`` says: ("delay", seconds) after READY, or ("lines", n,
-    seconds) that long after the ledger has n lines more than at READY.  What
-    happened."""
+    """Kill ``c`` as ``how`` says: ("delay", seconds) after READY, ("lines", n,
+    seconds) that long after the ledger has n lines more than at READY, or ("held",)
+    once it holds where ``spec["hold"]`` says.  What happened."""
     if not c.ready.wait(CHILD_WAIT) or c.proc.poll() is not None and "READY" not in c.lines:
         c.kill()
         return {"killed": False, "stuck": "READY" not in c.lines, "rc": c.proc.returncode}
     base = lines_in(path)
-    if how[0] == "delay":
+    if how[0] == "held":   # (the focused tests': the child holds after a booking)
+        while c.proc.poll() is None and not os.path.exists(path + ".held"):
+            time.sleep(0.005)
+    elif how[0] == "delay":
         deadline = time.monotonic() + how[1]
         while time.monotonic() < deadline and c.proc.poll() is None:
             time.sleep(min(0.002, max(0.0, deadline - time.monotonic())))
