@@ -1,15 +1,23 @@
-"""Focused reproductions of what tools/langgraph_kill_soak.py (stop 78, h6) found about a
-LangGraph run killed (SIGKILL) mid-run and resumed in a new process
-(``WalstoreSaver._undo_on_resume``).
+"""Focused reproductions of what tools/langgraph_kill_soak.py and the stress runs of the
+resume-after-kill tests (stop 78, h6) found about a LangGraph run killed (SIGKILL) mid-run
+and resumed in a new process (``WalstoreSaver._undo_on_resume``), or cut off by a rewind.
 Real child processes (the tool's own child mode), real files, the outside ledger fsynced.
 
 - A run killed before its thread had any checkpoint (a new thread's first run under
   durability="exit") leaves its bookings: no head to judge from (not fixed; docs/GUIDE.md
   says how to revert them by hand).
+- LangGraph commits a functional-API ``@task``'s writes in its caller's thread when the
+  task finished before its future was registered (about 3 runs in 100 under load): the
+  saver's own save of the task's result then ran in the ``@entrypoint``'s node context,
+  was stamped and noted as the entrypoint task's node work, and a rewind's cut-off undo
+  reverted it -- the saved result gone, the task's booking refunded, the task run again
+  (tests/test_langgraph_resume_after_kill_review.py failed 1 run in 90 under a CPU hog).
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +26,9 @@ pytest.importorskip("langgraph.checkpoint.base")
 
 import walstore  # noqa: E402
 from tools import langgraph_kill_soak as soak  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_langgraph_resume_after_kill_review as review  # noqa: E402
 
 
 def spec(**over) -> dict:
@@ -84,3 +95,43 @@ def test_the_documented_revert_by_hand_of_a_kill_before_the_first_checkpoint(tmp
     finally:
         store.close()
 
+
+@pytest.fixture
+def first_done_before_registered(monkeypatch):
+    """LangGraph's other interleaving, forced: the ``@task`` ``first`` finishes before its
+    future is registered, so the done callback (its writes' commit, ``put_writes``) runs
+    at once in the caller's thread, in the ``@entrypoint``'s node context."""
+    from langgraph.pregel import _runner
+    setitem = _runner.FuturesDict.__setitem__
+
+    def late(self, key, value):
+        if value is not None and getattr(value, "name", None) == "first":
+            concurrent.futures.wait([key])
+        return setitem(self, key, value)
+    monkeypatch.setattr(_runner.FuturesDict, "__setitem__", late)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_task_result_saved_in_its_callers_context_is_no_node_work(
+        tmp_path, first_done_before_registered, durability):
+    path = str(tmp_path / "ledger")
+    store = walstore.open(str(tmp_path / "s"), compensators={"cancel": review.cancel_into(path)})
+    try:
+        trip, _saver = review.build(store, path, "functional")
+        trip.invoke({}, review.CONFIG, durability=durability)
+        saves = [i.meta for i in store.log() if isinstance(i.meta, dict)
+                 and i.meta.get("langgraph") == "put_writes"]
+        assert len(saves) >= 2   # (first's result, second's)
+        # (before: the one of ``first``'s result named the entrypoint's step and task,
+        # as a booking the entrypoint made would)
+        assert [m for m in saves if "langgraph_step" in m] == []
+    finally:
+        store.close()
+
+
+def test_a_rewind_cut_off_keeps_a_task_result_saved_in_its_callers_context(
+        tmp_path, first_done_before_registered):
+    # (the review's test, in LangGraph's other interleaving: before, the cut-off run's
+    # undo reverted the save of ``first``'s result as node work, then ``first``'s booking)
+    review.test_a_rewind_cutting_off_a_functional_run_keeps_a_task_whose_result_was_saved(
+        tmp_path)

@@ -881,6 +881,29 @@ def _outside_node(fn: Callable[[], Any]) -> Any:
     return contextvars.copy_context().run(outside)
 
 
+def _root_save_in_node(ns_name: str) -> bool:
+    """Is a save to namespace ``ns_name`` a save of the outermost graph's loop made
+    inside one of its nodes?  LangGraph commits a functional-API ``@task``'s writes (its
+    result) in its caller's thread when the task finished before its future was
+    registered: the saver's ``put_writes`` then ran in the ``@entrypoint``'s node
+    context, and walstore's scope guard stamped it as that task's node work
+    (``_stamp_step``, ``_note_step_txn``), so a rewind's cut-off undo, or a resume
+    after a kill, reverted the saved result as work nothing records, then the called
+    task's booking (stop 78, h6: about 3 runs in 100 under load).  The outermost loop's
+    saves record its tasks' outcomes and are no task's work: such a save runs outside
+    the node (``_outside_node``), as it does from LangGraph's own threads.  (A save of a
+    subgraph's loop stays the work of the outermost task it runs in: a resume runs that
+    task, the subgraph included, again.)"""
+    if ns_name:
+        return False
+    try:
+        from langchain_core.runnables.config import var_child_runnable_config
+    except ImportError:  # pragma: no cover - (langgraph depends on it)
+        return False
+    conf = (var_child_runnable_config.get() or {}).get("configurable") or {}
+    return bool(conf.get("checkpoint_ns"))   # (in a node: its task's namespace)
+
+
 def _task_at(task_ns: str, ns_name: str,
              checkpoint_map: Mapping | None = None) -> str | None:
     """The id of the task of namespace ``ns_name`` that a node whose own namespace is
@@ -1683,9 +1706,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             try:
                 self._refuse_cut_off(conf, thread_id, ns_name, ns, parent,
                                      "a checkpoint built on", undo=False)
-                self._run(write, scope=ns.thread_prefix,
-                          meta=self._meta("put", thread_id=thread_id,
-                                          checkpoint_ns=ns_name or None, checkpoint_id=cid))
+                meta = self._meta("put", thread_id=thread_id,
+                                  checkpoint_ns=ns_name or None, checkpoint_id=cid)
+                if _root_save_in_node(ns_name):   # (no node work: see there)
+                    _outside_node(lambda: self._run(write, scope=ns.thread_prefix,
+                                                    meta=meta))
+                else:
+                    self._run(write, scope=ns.thread_prefix, meta=meta)
                 break
             except StaleCheckpointError as e:
                 if self._removal_failed(e, conf, ns_name, ns, budget):
@@ -2391,9 +2418,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             try:
                 self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid,
                                      "pending writes for", undo=False)
-                self._run(write, scope=ns.thread_prefix,
-                          meta=self._meta("put_writes", thread_id=thread_id,
-                                          checkpoint_id=cid, task_id=task_id))
+                meta = self._meta("put_writes", thread_id=thread_id,
+                                  checkpoint_id=cid, task_id=task_id)
+                if _root_save_in_node(ns_name):   # (a @task's result, in its caller's node)
+                    _outside_node(lambda: self._run(write, scope=ns.thread_prefix,
+                                                    meta=meta))
+                else:
+                    self._run(write, scope=ns.thread_prefix, meta=meta)
                 return
             except StaleCheckpointError as e:
                 if self._removal_failed(e, _conf(config), ns_name, ns, budget):
