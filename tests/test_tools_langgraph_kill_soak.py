@@ -11,12 +11,11 @@ pytest.importorskip("langgraph")
 
 from tools import langgraph_kill_soak  # noqa: E402
 
-ROUNDS = ["1", "12"]   # (a subgraph, an interrupt)
-# (seed 4's round 16, the functional API with the resuming process killed too, is OPEN:
-# in stop 78's final CI-like run the third process's resume undid the booking of a
-# @task whose result the killed resume had saved -- "recorded-but-cancelled", timing-
-# dependent; passed in the helpers' runs.  Reproduce: tools/langgraph_kill_soak.py
-# --seed 4 --only 16, many times; docs/RELIABILITY.md stop 78)
+ROUNDS = ["1", "12", "16"]   # (a subgraph, an interrupt, the functional API)
+# (seed 4's round 16 kills the resuming process too: in stop 78's final CI-like run its
+# third process undid the booking of a @task the killed resume had made, while the
+# entrypoint's saved result recorded it; tests/test_langgraph_resume_after_kill_callers.py
+# forces that order of saves)
 
 
 def test_killed_runs_resumed_agree_with_the_ledger(capsys):

@@ -16,6 +16,9 @@ checkpoint the step builds on landed, which ``put`` holds until the booking comm
 so that save comes after the booking in the log), writes MARKER and sleeps; "interrupt"
 writes MARKER once the run returned at its interrupt.  "legacy" is "run" with node
 transactions stamped as walstore did before ``TASK_META`` (their step, no task).
+"racing" ("functional" only) resumes the thread and dies (SIGKILL, itself) in the save of
+``second``'s result once the entrypoint's result, which LangGraph saves in parallel, was
+saved, and before the step's checkpoint: the entrypoint's outcome saved, its task's not.
 "answer" resumes the interrupted thread with ``Command(resume="yes")`` and holds in
 ``ask`` after its second booking, once ``interrupt()`` returned.  "undo" resumes the
 thread (``graph.invoke(None, config)``) with a "cancel" compensator that writes MARKER
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import operator
 import os
+import signal
 import sys
 import threading
 import time
@@ -191,6 +195,25 @@ def main(kind: str, store_path: str, path: str, marker: str, durability: str,
         from walstore.integrations.langgraph import saver as module
         stamp = module._stamp_step
         module._stamp_step = lambda tx, checkpoint_map, task=None: stamp(tx, checkpoint_map)
+    if mode == "racing":   # (the entrypoint's result saved, ``second``'s never)
+        store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+        graph, saver = build(store, path, kind)
+        put_writes, entry_saved = saver.put_writes, threading.Event()
+
+        def racing(conf, writes, task_id, task_path=""):
+            if any(isinstance(v, str) and v.startswith("second-") for _c, v in writes):
+                entry_saved.wait(60)
+                os.kill(os.getpid(), signal.SIGKILL)
+            put_writes(conf, writes, task_id, task_path)
+            if any(c == "__end__" for c, _v in writes):
+                entry_saved.set()
+
+        def no_checkpoint(*args, **kwargs):
+            entry_saved.wait(60)
+            os.kill(os.getpid(), signal.SIGKILL)
+        saver.put_writes, saver.put = racing, no_checkpoint
+        graph.invoke(None, config, durability=durability)
+        sys.exit("the resume finished: it should have killed itself")
     if mode == "undo":   # (a resume whose undo is killed midway)
         def stuck(action) -> None:   # (killed here, before it cancels anything)
             append(marker, f"cancelling {action.args['id']}")

@@ -86,9 +86,12 @@ which thread a transaction begun inside a graph node belongs to.
   the store committed in the step built on that head, or in a later step whose
   checkpoint was never saved, judged at the outermost graph by ``_step_recorded`` with
   the task each names (``TASK_META``, stamped beside ``STEP_META``; a functional-API
-  ``@task``'s own, ``_task_at``): kept when the task's outcome (regular writes, an
-  interrupt's, an error's) was saved on the head after it committed, as the same
-  process's resume would run it.  "Earlier" is the
+  ``@task``'s own, ``_task_chain``, with its callers, ``CALLERS_META``): kept when the
+  task's outcome (regular writes, an interrupt's, an error's) was saved on the head
+  after it committed, or a regular outcome of a task that called it was (LangGraph
+  saves a ``@task``'s result and its caller's in parallel: the caller's may land
+  alone, and a resume then never calls the task again), as the same process's resume
+  would run it.  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  Each undo is logged at WARNING by this module's
@@ -179,6 +182,8 @@ STEP_META = "langgraph_step"                 # node transaction meta: {ns: check
 #                                              its step builds on} (``_stamp_step``)
 TASK_META = "langgraph_task"                 # node transaction meta: the id of the task
 #                                              of the outermost graph it is work of
+CALLERS_META = "langgraph_callers"           # node transaction meta: the tasks that called
+#                                              it, outermost first (``_task_chain``)
 _PUT_RETRIES = 8
 _RESUME_UNDOS_KEPT = 256  # ResumeUndo records a saver keeps (``resume_undos``), newest last
 _CLOCK_SLACK = 0.05  # s: commit times are taken as commits queue, not quite in log order
@@ -837,7 +842,8 @@ class _EarlierOpen:
 class _WorkIndex:
     """The node transactions an earlier open committed in the threads under one key root
     (``_EarlierOpen.index``): ``work``, thread prefix -> txid -> (LSN, the checkpoint its
-    outermost step built on, its outermost task or None), of the commits made from the
+    outermost step built on, its outermost task and the tasks that called it,
+    ``_task_chain``, or () when not named), of the commits made from the
     time ``covered`` on with an LSN in (``lo``, ``open_lsn``].  Only work built on or
     after its thread's newest checkpoint is held (a step built on an older one ended in
     a checkpoint, or was undone by the rewind that removed it)."""
@@ -847,7 +853,7 @@ class _WorkIndex:
     def __init__(self, open_lsn: int) -> None:
         self.covered: float | None = None
         self.lo = open_lsn
-        self.work: dict[bytes, dict[int, tuple[int, str, str | None]]] = {}
+        self.work: dict[bytes, dict[int, tuple[int, str, tuple[str, ...]]]] = {}
 
 
 _EARLIER: "weakref.WeakKeyDictionary[Any, _EarlierOpen]" = weakref.WeakKeyDictionary()
@@ -904,11 +910,12 @@ def _root_save_in_node(ns_name: str) -> bool:
     return bool(conf.get("checkpoint_ns"))   # (in a node: its task's namespace)
 
 
-def _task_at(task_ns: str, ns_name: str,
-             checkpoint_map: Mapping | None = None) -> str | None:
-    """The id of the task of namespace ``ns_name`` that a node whose own namespace is
-    ``task_ns`` (LangGraph's ``"name:task id|name:task id..."``) runs in -- the task
-    whose saved outcome (pending writes) records the node's work; None when
+def _task_chain(task_ns: str, ns_name: str,
+                checkpoint_map: Mapping | None = None) -> tuple[str, ...]:
+    """The ids of the tasks of namespace ``ns_name``'s loop that a node whose own
+    namespace is ``task_ns`` (LangGraph's ``"name:task id|name:task id..."``) runs in,
+    outermost first: last the task whose saved outcome (pending writes) records the
+    node's work, before it the tasks that called it (functional-API calls); () when
     ``task_ns`` does not lie in ``ns_name``.
 
     A task LangGraph's functional API runs for a call (a ``@task`` called from an
@@ -920,10 +927,14 @@ def _task_at(task_ns: str, ns_name: str,
     ``ns_name``'s own, where a subgraph's maps to the subgraph's own checkpoint.  (Before,
     stop 78's review, the caller's task was named: a resume after a kill, and a rewind's
     cut-off run, refunded the booking of a ``@task`` whose saved result the run then
-    returned.)"""
+    returned.)  The callers matter too: LangGraph saves a finished ``@task``'s result
+    and its caller's (an ``@entrypoint``'s return) in parallel, so a kill can leave the
+    caller's saved alone; a resume then takes the caller as done and never calls the
+    task again, so the caller's regular outcome records the task's work (stop 79: the
+    booking of a ``@task`` was refunded while the saved state recorded it)."""
     if ns_name:
         if not task_ns.startswith(ns_name + "|"):
-            return None
+            return ()
         rest = task_ns[len(ns_name) + 1:]
     else:
         rest = task_ns
@@ -935,14 +946,16 @@ def _task_at(task_ns: str, ns_name: str,
         while depth < len(parts) and \
                 checkpoint_map.get(lead + "|".join(parts[:depth])) == here:
             depth += 1   # (a call's task, in the same loop as its caller)
-    task = parts[depth - 1].rpartition(":")[2]
-    return task or None
+    chain = tuple(part.rpartition(":")[2] for part in parts[:depth])
+    if not chain[-1]:
+        return ()
+    return tuple(t for t in chain[:-1] if t) + chain[-1:]
 
 
 def _call_caller(checkpoint_map: Mapping, ns_name: str, cid: str) -> bool:
     """Is ``ns_name`` (a key of a run config's ``checkpoint_map``) the namespace of a task
     that made a functional-API call (a ``@task``), not a loop's: LangGraph maps it to the
-    checkpoint of the loop the call runs in, its caller's own (``_task_at``), and no
+    checkpoint of the loop the call runs in, its caller's own (``_task_chain``), and no
     checkpoint is ever saved under it.  (Before, stop 78's review, the fence of a
     ``@task``'s transaction looked for that checkpoint there: after a rewind of the
     thread in the process, every ``@task`` transaction of a run resuming from a
@@ -2033,7 +2046,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """``_undo_on_resume``'s judgement of the earlier open's work on ``head``, newest
         first: reverted (``run.undone``), ``kept``, or left (``run.left``, with why)."""
         written: dict = {}
-        for txid, lsn, at, task in self._leftovers(earlier, ns.thread_prefix, head):
+        for txid, lsn, at, chain in self._leftovers(earlier, ns.thread_prefix, head):
             try:
                 info = self.store.txn_info(txid)
             except (KeyError, WalstoreError):
@@ -2048,7 +2061,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                 f"compensation is held here; undo it in one store only, "
                                 f"by hand)")
                 continue
-            if at == head and task is None:
+            if at == head and not chain:
                 # (stamped by an older walstore, no task named: alone in its step it is
                 # the step's, and nothing records it; beside tasks whose outcome is
                 # saved, whose it is cannot be told)
@@ -2059,7 +2072,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                     f"name its task, beside tasks whose outcome the "
                                     f"checkpoint records)")
                     continue
-            elif self._step_recorded(thread_id, ("", at, None, task), {}, {}, written,
+            elif self._step_recorded(thread_id, ("", at, None, chain), {}, {}, written,
                                      committed_at=lsn):
                 kept.append(txid)
                 continue
@@ -2082,9 +2095,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
              f"{'; '.join(done.left)}" if done.left else ""))
 
     def _leftovers(self, earlier: _EarlierOpen, prefix: bytes, head: str
-                   ) -> list[tuple[int, int, str, str | None]]:
-        """(txid, LSN, the checkpoint its outermost step built on, its outermost task or
-        None), newest first, of the node transactions of the thread ``prefix`` that an
+                   ) -> list[tuple[int, int, str, tuple[str, ...]]]:
+        """(txid, LSN, the checkpoint its outermost step built on, its outermost task
+        after its callers, ``_task_chain``, or ()), newest first, of the node transactions of the thread ``prefix`` that an
         earlier open committed in a step built on ``head`` or a later checkpoint (they
         began after ``head`` was made: the log is read from then, once per store object,
         ``_EarlierOpen``)."""
@@ -2095,7 +2108,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             index = earlier.index(self.keys.root)
             self._cover(index, made - _CLOCK_SLACK)
             work = index.work.get(prefix, {})
-            found = [(txid, lsn, at, task) for txid, (lsn, at, task) in work.items()
+            found = [(txid, lsn, at, chain) for txid, (lsn, at, chain) in work.items()
                      if at >= head]
         return sorted(found, key=lambda w: w[1], reverse=True)
 
@@ -2145,18 +2158,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         head = heads[prefix]
         if head is None or at < head:
             return   # (no checkpoint to resume from, or its step ended in one)
-        task = meta.get(TASK_META)
-        index.work.setdefault(prefix, {})[info.txid] = (
-            int(info.lsn), at, task if isinstance(task, str) else None)
+        index.work.setdefault(prefix, {})[info.txid] = (int(info.lsn), at, _chain_of(meta))
 
     def _step_recorded(self, thread_id: str, level: tuple, runs: dict, heads: dict,
                        written: dict, committed_at: int | None = None) -> bool:
         """Does the thread record the step ``level`` (namespace, the checkpoint the step
-        built on, the run's token, the node's task) stands for: a checkpoint that run
-        saved on or after it still exists (``runs``: the checkpoints each run saved;
-        ``heads``: the newest of them that exists, found once), or that checkpoint and
-        the task's regular pending writes on it do (``written``, read once a
-        checkpoint).  (Writes on a checkpoint the rewind took back record nothing: no
+        built on, the run's token, the node's task after the tasks that called it:
+        ``_task_chain``) stands for: a checkpoint that run saved on or after it still
+        exists (``runs``: the checkpoints each run saved; ``heads``: the newest of them
+        that exists, found once), or that checkpoint and the regular pending writes on
+        it of the task or of a task that called it do (``written``, read once a
+        checkpoint: LangGraph takes a caller whose result was saved as done, and never
+        calls the task again).  (Writes on a checkpoint the rewind took back record nothing: no
         resume loads them.  With durability="async" a task's writes may commit before
         its step's checkpoint; a rewind to a point between left them, and the task's
         booking was kept while a resume ran the task again and booked twice.)
@@ -2167,8 +2180,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         interrupt's, an error's -- when saved after the transaction committed
         (``_task_records``): a task LangGraph runs again after its interrupt or error
         (a resume in another process, as in this one) re-did that work in a run killed
-        later, and only what it did before the outcome was saved is the outcome's."""
-        ns_name, cid, token, task = level
+        later, and only what it did before the outcome was saved is the outcome's.  A
+        caller's outcome counts only in its regular form, saved after the commit: one
+        interrupted or failed runs again, and calls the task again unless the task's
+        own result was saved."""
+        ns_name, cid, token, chain = level
         if (ns_name, token) not in heads:
             ns = self.keys.at(thread_id, ns_name)
             heads[(ns_name, token)] = next(
@@ -2177,7 +2193,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         head = heads[(ns_name, token)]
         if head is not None and head > cid:
             return True
-        if task is None:
+        if not chain:
             return False
         if (ns_name, cid) not in written:
             ns = self.keys.at(thread_id, ns_name)
@@ -2186,18 +2202,21 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 written[(ns_name, cid)] = self._tasks_done(ns, cid) if there else set()
             else:
                 written[(ns_name, cid)] = self._task_records(ns, cid) if there else {}
+        found = written[(ns_name, cid)]
         if committed_at is None:
-            return task in written[(ns_name, cid)]
-        return written[(ns_name, cid)].get(task, -1) > committed_at
+            return any(task in found for task in chain)
+        *callers, task = chain
+        return found.get(task, (-1, -1))[0] > committed_at or any(
+            found.get(caller, (-1, -1))[1] > committed_at for caller in callers)
 
-    def _task_records(self, ns: Namespace, cid: str) -> dict[str, int]:
-        """task id -> the LSN of the newest of its pending writes on checkpoint ``cid``,
-        of any kind (regular, an interrupt's, an error's, a resume's), the null task's
-        (a run's input) aside."""
+    def _task_records(self, ns: Namespace, cid: str) -> dict[str, tuple[int, int]]:
+        """task id -> (the LSN of the newest of its pending writes on checkpoint
+        ``cid`` of any kind -- regular, an interrupt's, an error's, a resume's --, that
+        of the newest regular one or -1), the null task's (a run's input) aside."""
         prefix, records = ns.writes_of(cid), {}
         for key, row in self.store.scan(prefix=prefix):
             try:
-                task_id, _idx = self.keys.parse_write(prefix, key)
+                task_id, idx = self.keys.parse_write(prefix, key)
             except (ValueError, IndexError, UnicodeDecodeError):
                 continue
             task_id = row[4] if task_id is None and len(row) > 4 else task_id
@@ -2205,7 +2224,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue
             newest = self.store.history(key, limit=1)
             if newest and not newest[0].deleted:
-                records[task_id] = max(records.get(task_id, -1), int(newest[0].lsn))
+                lsn = int(newest[0].lsn)
+                any_kind, regular = records.get(task_id, (-1, -1))
+                records[task_id] = (max(any_kind, lsn), max(regular, lsn)
+                                    if isinstance(idx, int) and idx >= 0 else regular)
         return records
 
     def _tasks_done(self, ns: Namespace, cid: str) -> set[str]:
@@ -2333,7 +2355,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # shared by its entries; a run cut off by a rewind judges by it whether a saved
         # checkpoint or pending write records the transaction, _undo_cut_off_step)
         levels = tuple((ns_name, cid, conf.get(RUN_TOKEN + ns_name),
-                        _task_at(task_ns, ns_name, checkpoint_map))
+                        _task_chain(task_ns, ns_name, checkpoint_map))
                        for ns_name, cid in checkpoint_map.items()
                        if isinstance(ns_name, str) and isinstance(cid, str)
                        and conf.get(RUN_TOKEN + ns_name) is not None)
@@ -3384,8 +3406,8 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
     """``fence_node_transaction``'s work, for a transaction of ``saver``'s store."""
     checkpoint_map = conf.get("checkpoint_map") or {}
     task_ns = conf.get("checkpoint_ns")
-    _stamp_step(tx, checkpoint_map, _task_at(task_ns, "", checkpoint_map)
-                if isinstance(task_ns, str) else None)
+    _stamp_step(tx, checkpoint_map, _task_chain(task_ns, "", checkpoint_map)
+                if isinstance(task_ns, str) else ())
     if saver.fencing:
         # a rewind of the thread (or its delete) committed after this began makes its
         # commit conflict, whatever it read (its snapshot is taken now): a booking of
@@ -3454,10 +3476,12 @@ def guard_node_scope(store: "walstore.Store", tx: Any, scope: Any) -> None:
     fence_node_transaction(store, tx)
 
 
-def _stamp_step(tx: Any, checkpoint_map: Mapping, task: str | None = None) -> None:
+def _stamp_step(tx: Any, checkpoint_map: Mapping, chain: tuple[str, ...] = ()) -> None:
     """Name, in ``tx``'s meta (logged with its commit), the checkpoint each namespace's
     step builds on (``{STEP_META: {ns: checkpoint id}}``) and the task of the outermost
-    graph it is work of (``TASK_META``, when known): the durable link from a node
+    graph it is work of (``TASK_META``, when known: the last of ``chain``,
+    ``_task_chain``) with the tasks that called it (``CALLERS_META``, outermost first,
+    when any): the durable link from a node
     transaction to its step, so a rewind in any process, after a restart too, finds the
     work of a step whose checkpoint was never saved (:meth:`WalstoreSaver._early_work`),
     and a run resuming the thread after a kill tells a task whose outcome was saved
@@ -3468,7 +3492,11 @@ def _stamp_step(tx: Any, checkpoint_map: Mapping, task: str | None = None) -> No
              if isinstance(ns, str) and isinstance(cid, str)}
     if not steps:
         return
-    stamp = {STEP_META: steps, TASK_META: task} if task else {STEP_META: steps}
+    stamp: dict = {STEP_META: steps}
+    if chain:
+        stamp[TASK_META] = chain[-1]
+        if len(chain) > 1:
+            stamp[CALLERS_META] = list(chain[:-1])
     meta = tx.meta
     if meta is None:
         tx.meta = stamp
@@ -3476,6 +3504,21 @@ def _stamp_step(tx: Any, checkpoint_map: Mapping, task: str | None = None) -> No
         tx.meta = {**meta, **stamp}
     else:
         tx.meta = {"meta": meta, **stamp}
+
+
+def _chain_of(meta: Any) -> tuple[str, ...]:
+    """The task chain (``_task_chain``: callers outermost first, then the task) a node
+    transaction's meta names (``_stamp_step``); () when it names no task (a walstore
+    before stop 78 named none, one before stop 79 no callers)."""
+    if not isinstance(meta, dict):
+        return ()
+    task = meta.get(TASK_META)
+    if not isinstance(task, str) or not task:
+        return ()
+    callers = meta.get(CALLERS_META)
+    if not isinstance(callers, list):
+        return (task,)
+    return tuple(c for c in callers if isinstance(c, str) and c) + (task,)
 
 
 def _stamped_steps(meta: Any) -> list[str]:
