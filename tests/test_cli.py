@@ -93,6 +93,20 @@ def test_log_lists_transactions_newest_first_with_meta(store_path):
     assert json.loads(run("log", store_path, "--json").stdout)["more"] is False
 
 
+def test_log_json_shows_the_tags_of_a_commit(store_path):
+    # (an integration's tags on a COMMIT -- the OpenAI session's "openai-run" -- were in
+    # the log but not in ``walstore log --json``: an operator could not tell such work)
+    from walstore.agent.scope import add_commit_tag
+    with walstore.open(store_path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+            add_commit_tag(tx, "openai-run")
+        with s.transaction() as tx:
+            tx.put("k", 2)
+    doc = json.loads(run("log", store_path, "--json").output)
+    assert [t["tags"] for t in doc["transactions"]] == [[], ["openai-run"]]
+
+
 def test_dump_shows_records_from_an_lsn(store_path):
     with walstore.open(store_path) as s:
         with s.transaction() as tx:

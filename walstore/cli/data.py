@@ -161,7 +161,8 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
         if as_json:
             emit_json_list("transactions", (
                 {"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp, "meta": i.meta,
-                 "keys": list(i.keys), "actions": list(i.actions)} for i in infos),
+                 "keys": list(i.keys), "actions": list(i.actions),
+                 "tags": _tags(i)} for i in infos),
                 tail=lambda: {"more": more[0]})
             return
         stream_table(([i.txid, i.lsn, show_time(i.timestamp, local=True), len(i.keys),
@@ -169,6 +170,13 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
                      ["TXID", "LSN", "TIME", "KEYS", "META"])
     if more[0]:  # (on stderr: a pipe reading the table gets only the table)
         click.echo(f"(the newest {limit} shown; older ones with --limit N)", err=True)
+
+
+def _tags(info: Any) -> list[str]:
+    """The tags an integration put on a transaction's COMMIT (``add_commit_tag``: the
+    OpenAI session's ``"openai-run"``); [] when none (every commit before stop 78)."""
+    tags = info.extra.get("tags") if isinstance(info.extra, dict) else None
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 def _first(items: Iterator[Any], limit: int | None, more: list[bool]) -> Iterator[Any]:
