@@ -32,6 +32,7 @@ SCRIPTS = Path(__file__).parent / "findings_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from langgraph_resume_kill_child import build, cancel_into, ledger  # noqa: E402
 from test_langgraph_resume_after_kill import CONFIG, killed, live  # noqa: E402
+from test_langgraph_resume_after_kill_review import run_cut_off  # noqa: E402
 
 
 def test_a_resume_killed_between_the_entrypoints_save_and_its_tasks_keeps_the_task(
@@ -98,15 +99,7 @@ def test_a_rewind_between_the_entrypoints_save_and_its_tasks_keeps_the_task(tmp_
                 assert rewound.wait(60)
             return put(conf, checkpoint, metadata, new_versions)
         saver.put_writes, saver.put = racing, held
-        errors: list = []
-
-        def run() -> None:
-            try:
-                trip.invoke({}, CONFIG)
-            except walstore.ConflictError as e:   # (StaleCheckpointError: cut off)
-                errors.append(e)
-        runner = threading.Thread(target=run)
-        runner.start()
+        runner, errors = run_cut_off(trip)
         try:
             assert entry_saved.wait(60)
             store.restore_point("entry-saved")

@@ -90,16 +90,8 @@ def test_a_rewind_cutting_off_a_functional_run_keeps_a_task_whose_result_was_sav
                 go.set()
             return book(st, p, name)
         child.book = booking
-        errors: list = []
-
-        def run() -> None:
-            try:
-                trip.invoke({}, CONFIG)
-            except walstore.ConflictError as e:   # (StaleCheckpointError: cut off)
-                errors.append(e)
         try:
-            runner = threading.Thread(target=run)
-            runner.start()
+            runner, errors = run_cut_off(trip)
             assert marked.wait(60)
             store.rewind("before-second", scope=saver.thread_scope("t"))
             rewound.set()
@@ -115,6 +107,21 @@ def test_a_rewind_cutting_off_a_functional_run_keeps_a_task_whose_result_was_sav
         assert sorted(live(path)) == sorted(out["log"])
     finally:
         store.close()
+
+
+def run_cut_off(trip) -> tuple[threading.Thread, list]:
+    """(a thread running ``trip`` on a new thread "t" of the graph, the ``ConflictError``
+    it ended with: a run cut off by a rewind is refused its next save)"""
+    errors: list = []
+
+    def run() -> None:
+        try:
+            trip.invoke({}, CONFIG)
+        except walstore.ConflictError as e:   # (StaleCheckpointError: cut off)
+            errors.append(e)
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, errors
 
 
 def _built_on() -> str:
