@@ -4,8 +4,9 @@ and resumed in a new process (``WalstoreSaver._undo_on_resume``), or cut off by 
 Real child processes (the tool's own child mode), real files, the outside ledger fsynced.
 
 - A run killed before its thread had any checkpoint (a new thread's first run under
-  durability="exit") leaves its bookings: no head to judge from (not fixed; docs/GUIDE.md
-  says how to revert them by hand).
+  durability="exit") left its bookings: no head to judge from.  Since stop 79 the next run
+  on the empty thread undoes them (``WalstoreSaver._undo_on_fresh_start``, from the
+  thread's fresh-start mark); tests/test_langgraph_resume_after_kill_fresh.py has more.
 - LangGraph commits a functional-API ``@task``'s writes in its caller's thread when the
   task finished before its future was registered (about 3 runs in 100 under load): the
   saver's own save of the task's result then ran in the ``@entrypoint``'s node context,
@@ -53,12 +54,10 @@ def live_by_node(path: str) -> collections.Counter:
     return collections.Counter(w[2] for w in ledger if w[0] == "book" and w[4] not in cancelled)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a thread with no checkpoint saved has "
-                   "no head to judge from (docs/GUIDE.md, LangGraph: 'Still by hand')")
-def test_a_kill_before_the_threads_first_checkpoint_leaves_its_bookings(tmp_path):
+def test_a_kill_before_the_threads_first_checkpoint_is_undone_by_the_next_run(tmp_path):
     # durability="exit" saves nothing of a new thread before the run ends: killed in n1,
     # the thread has no checkpoint, the next run starts from its input and books n0 and
-    # n1 again
+    # n1 again -- after undoing the killed run's two bookings (before stop 79 they stood)
     store_path, path = killed_in(tmp_path, spec(), "n1")
     store = walstore.open(store_path, compensators=soak.compensators(path))
     try:
@@ -68,14 +67,18 @@ def test_a_kill_before_the_threads_first_checkpoint_leaves_its_bookings(tmp_path
         soak.resume(graph, spec(), 1)
         ran = graph.get_state(soak.CONFIG).values["ran"]
         assert sorted(b.split(".")[0] for b in ran) == ["n0", "n1", "n2"]
-        assert live_by_node(path) == {"n0": 1, "n1": 1, "n2": 1}   # (now: n0, n1 twice)
+        assert live_by_node(path) == {"n0": 1, "n1": 1, "n2": 1}   # (was: n0, n1 twice)
+        (undo,) = saver.resume_undos
+        assert undo.checkpoint_id is None and len(undo.undone) == 2 and undo.left == ()
     finally:
         store.close()
 
 
-def test_the_documented_revert_by_hand_of_a_kill_before_the_first_checkpoint(tmp_path):
-    # (docs/GUIDE.md's recipe for the case above: the killed run's node transactions in
-    # the thread's scope, from before the restart, reverted; then the run books once)
+def test_a_revert_by_hand_of_a_kill_before_the_first_checkpoint_is_not_undone_again(
+        tmp_path):
+    # (the recipe docs/GUIDE.md gave before stop 79 for the case above: the killed run's
+    # node transactions in the thread's scope, from before the restart, reverted by hand;
+    # the run then finds them undone already, and books once)
     store_path, path = killed_in(tmp_path, spec(), "n1")
     store = walstore.open(store_path, compensators=soak.compensators(path))
     try:

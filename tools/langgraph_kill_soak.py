@@ -35,10 +35,11 @@ Each round (its own store and ledger, its choices drawn from ``--seed`` and its 
   ``walstore verify`` finds no error and nothing owed after the last close.
 
 A disagreement a documented limit (docs/GUIDE.md, LangGraph, "Still by hand") explains
-is counted as such: ``fresh-thread`` (bookings of a process killed before its thread had
-any checkpoint -- a new thread's first run under durability="exit" -- stand: no head to
-judge from, the next run starts from its input).  Exit status 1 for any other
-disagreement, a crash of a resume, a child stuck, or a verify problem.  ``--no-undo``
+would be counted as such (``documented``); none is left: a process killed before its
+thread had any checkpoint (a new thread's first run under durability="exit") was one
+until stop 79, when the first run on the empty thread began undoing such work
+(``WalstoreSaver._undo_on_fresh_start``).  Exit status 1 for any disagreement, a crash
+of a resume, a child stuck, or a verify problem.  ``--no-undo``
 runs the savers with ``undo_on_resume=False``: the checks then find the killed steps'
 bookings standing beside the resumed ones'.
 """
@@ -542,16 +543,9 @@ def judge(spec: dict, out: dict, ledger: list[list[str]], state: dict) -> list[s
 
 
 def documented(spec: dict, out: dict, problems: list[str]) -> str | None:
-    """The documented limit that explains ``problems``, if one does."""
-    # a run killed before its thread had any checkpoint: no head, nothing judged, the
-    # next run starts from its input ("Still by hand"); what stands was booked by a
-    # process killed
-    if set(problems) == {"live-unrecorded"} and out.get("no_head_at_resume"):
-        pids = {str(p) for p in out.get("killed_pids", ())}
-        by = {w.split()[4]: w.split()[5] for w in out.get("ledger", ())
-              if w.startswith("book ")}
-        if all(by.get(b) in pids for b in set(out["live"]) - set(out["recorded"])):
-            return "fresh-thread"
+    """The documented limit that explains ``problems``, if one does (none now: the one
+    there was, a run killed before its thread's first checkpoint, is undone since stop
+    79 by the next run on the empty thread)."""
     return None
 
 

@@ -73,7 +73,9 @@ class KillAtNextUndo(fileio.OSBackend):
 def main() -> int:
     path, world, marker = sys.argv[1:4]
     store = open_store(path, world)
-    saver = WalstoreSaver(store)
+    # (no fresh-start mark: since stop 79 a run on an empty thread first commits one,
+    # and the store's first commit would be that mark, not the step's work)
+    saver = WalstoreSaver(store, undo_on_resume=False)
     booked, written = threading.Event(), threading.Event()
     put = WalstoreSaver.put
 

@@ -15,6 +15,8 @@ checkpoint namespace (subgraphs included), starts with the thread's prefix::
     P w <ns part> <checkpoint_id> 00 <task part> <msgpack idx>  -> one pending write
     P r <run part> <ns part> <checkpoint_id>       -> b"" (run index, for delete_for_runs)
     P l <ns part> <run token part>                 -> never a value: a run's fence
+    P s                                            -> the LSN a run of the thread began
+                                                      at while it had no checkpoint
 
 so ``store.rewind(to, scope=P)`` and ``store.purge(P)`` address exactly one thread, and
 a scan of ``P c`` lists its checkpoints.  A "part" is a self-delimiting component: the
@@ -61,6 +63,7 @@ MAX_KEY = 480           # walstore's limit is 500 bytes per key; keep a margin
 THREADS, MEMORY, EXPIRY = b"\x00", b"\x01", b"\x02"
 CHECKPOINT, BLOB, WRITE, RUN = b"c", b"b", b"w", b"r"
 LOST = b"l"  # P l <ns part> <run token>: never holds a value (see Namespace.lost_run)
+FRESH = b"s"  # P s: where a run on the thread with no checkpoint began (fresh_start)
 _LABEL, _HASHED_LABEL, _ITEM_KEY, _HASHED_ITEM_KEY = b"\x02", b"\x03", b"\x01", b"\x00"
 
 
@@ -192,6 +195,13 @@ class SaverKeys:
     @staticmethod
     def all_checkpoints(thread_prefix: bytes) -> bytes:
         return thread_prefix + CHECKPOINT
+
+    @staticmethod
+    def fresh_start(thread_prefix: bytes) -> bytes:
+        """The key holding the log position (an int LSN) at which a run of the thread
+        began while the thread had no checkpoint (``WalstoreSaver._undo_on_fresh_start``):
+        where a later open looks for the work of such a run that a kill cut off."""
+        return thread_prefix + FRESH
 
     def thread_of(self, key: bytes) -> tuple[bytes, str | None]:
         """(thread prefix, thread id or None when hashed) of any key of this saver."""

@@ -94,8 +94,12 @@ which thread a transaction begun inside a graph node belongs to.
   would run it.  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
-  a read-only store writes nothing.  Each undo is logged at WARNING by this module's
-  logger and kept in ``WalstoreSaver.resume_undos`` (:class:`ResumeUndo`).
+  a read-only store writes nothing.  A run that finds the thread with no checkpoint at
+  all (a new thread, or one whose first run was killed before any save:
+  ``durability="exit"``) does the same from the thread's fresh-start mark
+  (``_undo_on_fresh_start``: where the earlier open's run on the empty thread began;
+  set by the first such run of each open).  Each undo is logged at WARNING by this
+  module's logger and kept in ``WalstoreSaver.resume_undos`` (:class:`ResumeUndo`).
 - **A ``store.revert`` cuts off no run.**  A revert of a node's transaction compensates
   its bookings and puts back its keys, but the thread's checkpoints, written by separate
   transactions, still say what the node returned: to undo a thread's steps, rewind the
@@ -158,9 +162,9 @@ from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
 from .._async import finish_despite_cancel
 from .._checks import check_store as _check_store
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
-from .keys import (BLOB, CHECKPOINT, LEGACY_LETTERS, RUN, THREADS, WRITE, Namespace,
-                   SaverKeys, is_hashed, is_legacy_checkpoint, legacy_checkpoint_ranges,
-                   prefix_end, read_part)
+from .keys import (BLOB, CHECKPOINT, FRESH, LEGACY_LETTERS, RUN, THREADS, WRITE,
+                   Namespace, SaverKeys, is_hashed, is_legacy_checkpoint,
+                   legacy_checkpoint_ranges, prefix_end, read_part)
 from .serde import StateSerializer
 
 __all__ = ["WalstoreSaver", "StaleCheckpointError", "ResumeUndo",
@@ -232,10 +236,13 @@ class ResumeUndo:
     ``interrupt()`` or failed, after they committed); ``left`` "txid (why)" of those
     that could not be undone (a later writer changed their keys, or their task is
     unknown: written by an older walstore beside tasks whose outcome is recorded) --
-    undo them by hand (``saver.rewind`` of the head, or ``store.revert``)."""
+    undo them by hand (``saver.rewind`` of the head, or ``store.revert``).
+    ``checkpoint_id`` is None when the thread had no checkpoint: the run the earlier open
+    ran on it was killed before its first was saved, and all its node transactions were
+    judged (``_undo_on_fresh_start``)."""
 
     thread_id: str
-    checkpoint_id: str
+    checkpoint_id: str | None
     undone: tuple[int, ...]
     kept: tuple[int, ...] = ()
     left: tuple[str, ...] = ()
@@ -1313,9 +1320,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         resuming = (self.undo_on_resume and not ns_name
                     and _RUN_KEY in (_conf(config) or {}))
         head: list = []
+        fresh: list = []
 
         def read(tx):
             head.clear()
+            fresh.clear()
             if cid:
                 found, rec = cid, tx.get(ns.checkpoint(cid))
                 if resuming and rec is not None:
@@ -1330,6 +1339,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if rec is None:
                 if not cid and self.fencing:
                     _mark(config, READ_EMPTY, ns_name)
+                if not cid and resuming:
+                    fresh.append(True)   # (no checkpoint: the thread is new, or a kill
+                    # came before its first: _undo_on_fresh_start)
                 return None
             extra = {EXTENDS_HEAD: None if cid else ns_name} if self.fencing else {}
             if READ_EMPTY in _conf(config):
@@ -1341,6 +1353,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             # (what it reverts is node transactions: no checkpoint, blob or pending write
             # of the thread, so the tuple read stays what the run resumes from)
             self._undo_on_resume(thread_id, ns, head[0])
+        elif fresh:
+            self._undo_on_fresh_start(thread_id, ns)
         return got
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
@@ -2041,6 +2055,99 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     thread_id, head, tuple(sorted(run.undone, reverse=True)),
                     tuple(sorted(kept, reverse=True)), tuple(run.left)))
 
+    def _undo_on_fresh_start(self, thread_id: str, ns: Namespace) -> None:
+        """A run loaded the thread's outermost graph and found no checkpoint: the thread is
+        new -- or a process that ran it was killed before any checkpoint of it was saved
+        (``durability="exit"`` saves only at the run's end; ``"async"`` saves behind the
+        steps, so a first step's booking can commit before the thread's first save).
+        Such a run's node transactions stand and nothing records them, and LangGraph
+        starts the thread over from its input: they would be made twice.
+
+        The thread's fresh-start mark (``SaverKeys.fresh_start``: ``[the log's end
+        before it was set, the open that set it]``, set here by the first run of each
+        open that finds the thread empty) says where an earlier open's run on the empty
+        thread began: the node transactions (``STEP_META``) that open committed in the
+        thread from there up to this open (``_EarlierOpen.open_lsn``) are reverted,
+        newest first, with their compensations (``store.revert``) -- no checkpoint
+        records any of them -- then the mark is set for this open.  Passed over: one
+        undone already (a rewind, a revert, an earlier undo cut short), a copy's of its
+        source's work (named in ``left``, CONTRACT 4.10).  A mark this open set costs one
+        read per run on the empty thread; a read-only store does nothing; a thread an
+        older walstore ran (no mark) is not looked into; ``delete_thread`` and
+        ``delete_for_runs`` remove the mark (they compensate nothing).  Told like
+        ``_undo_on_resume``'s undo, with ``checkpoint_id`` None."""
+        store = self.store
+        if store.readonly:
+            return
+        earlier = _earlier_open(store)
+        prefix = ns.thread_prefix
+        key = self.keys.fresh_start(prefix)
+        if _fresh_mark(store.get(key))[1] == earlier.open_lsn:
+            return   # (set by this open: its runs are live, or ended in this process)
+        run = _LostRunUndo()
+        try:
+            with earlier.gate(prefix).lock:
+                since, opened = _fresh_mark(store.get(key))
+                if opened == earlier.open_lsn:
+                    return
+                if since is not None and earlier.open_lsn >= 0:
+                    for txid in self._fresh_leftovers(prefix, since, earlier.open_lsn):
+                        self._judge_fresh(thread_id, prefix, txid, run)
+                newest = store.log(limit=1)
+                mark = [int(newest[0].lsn) if newest else -1, earlier.open_lsn]
+                _outside_node(lambda: self._run(
+                    lambda tx: tx.put(key, mark), scope=prefix,
+                    meta=self._meta("fresh_start", thread_id=thread_id)))
+        finally:   # (what was undone is told, whatever stopped the rest)
+            if run.undone:
+                for saver in _savers_of(store):
+                    saver.codec.forget(prefix)
+            if run.undone or run.left:
+                self._tell_resume_undo(ResumeUndo(
+                    thread_id, None, tuple(sorted(run.undone, reverse=True)), (),
+                    tuple(run.left)))
+
+    def _fresh_leftovers(self, prefix: bytes, since: int, upto: int) -> list[int]:
+        """The txids, newest first, of the node transactions (``STEP_META``) of the thread
+        ``prefix`` committed after LSN ``since`` and up to ``upto`` (a walk of the log
+        between them: the work of the run that set the fresh-start mark, and of what ran
+        after it in that open)."""
+        found: list[int] = []
+        try:
+            for info in self._commits_after(since if since > 0 else None):
+                lsn = int(info.lsn)
+                if lsn > upto:
+                    break
+                if lsn <= since:
+                    continue
+                meta, scope = info.meta, info.scope
+                if isinstance(meta, dict) and isinstance(meta.get(STEP_META), dict) \
+                        and isinstance(scope, bytes) and scope.startswith(self.keys.root) \
+                        and _thread_prefix_of(self.keys.root, scope) == prefix:
+                    found.append(info.txid)
+        except HistoryTrimmed:
+            pass   # (trimmed under the walk: nothing older to find)
+        return sorted(found, reverse=True)
+
+    def _judge_fresh(self, thread_id: str, prefix: bytes, txid: int,
+                     run: _LostRunUndo) -> None:
+        """Revert ``txid``, a node transaction of a run of an earlier open on the thread
+        while it had no checkpoint (``_undo_on_fresh_start``), unless undone already or a
+        copy's of its source's work."""
+        try:
+            info = self.store.txn_info(txid)
+        except (KeyError, WalstoreError):
+            return   # (trimmed from history)
+        if info.extra.get("undone_by"):
+            return
+        if self.store.engine.inherited(txid):
+            run.left.append(f"{txid} (made in the store this one is a copy of: its "
+                            f"compensation is held here; undo it in one store only, "
+                            f"by hand)")
+            return
+        self._revert_into(run, txid, prefix, self._meta(
+            "undo_on_fresh_start", thread_id=thread_id, txid=txid))
+
     def _judge_leftovers(self, thread_id: str, ns: Namespace, head: str,
                          earlier: _EarlierOpen, run: _LostRunUndo, kept: list[int]) -> None:
         """``_undo_on_resume``'s judgement of the earlier open's work on ``head``, newest
@@ -2085,11 +2192,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.resume_undos.append(done)
         if not (done.undone or done.left):
             return
+        where = (f"resumed from checkpoint {done.checkpoint_id!r}: a process that ran the "
+                 f"step built on it ended before saving it"
+                 if done.checkpoint_id is not None else
+                 "had no checkpoint: a process that ran it ended before saving its first")
         _log.warning(
-            "thread %r resumed from checkpoint %r: a process that ran the step built on "
-            "it ended before saving it; %s%s", done.thread_id, done.checkpoint_id,
+            "thread %r %s; %s%s", done.thread_id, where,
             (f"its node transactions {', '.join(map(str, done.undone))} were reverted "
-             f"and their actions compensated before the step runs again"
+             f"and their actions compensated before the "
+             f"{'step runs' if done.checkpoint_id is not None else 'run starts over'} again"
              if done.undone else "nothing of it was reverted"),
             (f"; NOT undone (revert them by hand, or undo what they did outside): "
              f"{'; '.join(done.left)}" if done.left else ""))
@@ -2559,6 +2670,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                         touched.add(ns_part)
                 if touched:
                     self._removing(tp)
+                    tx.delete(self.keys.fresh_start(tp))   # (it compensates nothing)
                 for ns_part in touched:
                     kept = [rec for _k, rec in tx.scan(prefix=Namespace(tp, ns_part)
                                                        .checkpoints())]
@@ -2633,8 +2745,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     @staticmethod
     def _refuse_existing_target(src: Any, source: str, target: str, dst_p: bytes) -> None:
         """ValueError when thread ``target`` (prefix ``dst_p``) has anything stored, read
-        from ``src`` (the store, or a copy transaction)."""
-        row = _first(src.scan(prefix=dst_p))
+        from ``src`` (the store, or a copy transaction); its fresh-start mark alone is
+        not (``_undo_on_fresh_start``: a run began on it and saved nothing)."""
+        row = _first(src.scan(start=dst_p, end=dst_p + FRESH)) or \
+            _first(src.scan(start=prefix_end(dst_p + FRESH), end=prefix_end(dst_p)))
         if row is None:
             return
         same = " (it is the source itself)" if source == target else ""
@@ -2649,7 +2763,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """The source thread's keys as ``_copy_steps`` plans them: a checkpoint's record
         as it is, a delta blob as ``{"b": its base}``, anything else as True."""
         index: dict[bytes, Any] = {}
+        fresh = self.keys.fresh_start(src_p)
         for k, v in snap.scan(prefix=src_p):
+            if k == fresh:
+                continue   # (the source's runs' mark, not the copy's)
             if k.startswith(checkpoints):
                 index[k] = v
             elif k.startswith(blobs) and isinstance(v, dict):
@@ -3504,6 +3621,15 @@ def _stamp_step(tx: Any, checkpoint_map: Mapping, chain: tuple[str, ...] = ()) -
         tx.meta = {**meta, **stamp}
     else:
         tx.meta = {"meta": meta, **stamp}
+
+
+def _fresh_mark(value: Any) -> tuple[int | None, int | None]:
+    """(since, opened) of a thread's fresh-start mark (``SaverKeys.fresh_start``); (None,
+    None) when absent or not one."""
+    if isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value[0], value[1]
+    return None, None
 
 
 def _chain_of(meta: Any) -> tuple[str, ...]:
