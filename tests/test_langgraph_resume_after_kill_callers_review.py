@@ -30,6 +30,7 @@ import pytest
 pytest.importorskip("langgraph.checkpoint.base")
 
 import walstore  # noqa: E402
+from walstore.integrations.langgraph.saver import _stamped_callers  # noqa: E402
 
 SCRIPTS = Path(__file__).parent / "findings_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -163,10 +164,17 @@ def build(store: "walstore.Store", path: str, kind: str, call: str, flag: str = 
     raise ValueError(kind)
 
 
-def child(case: str, store_path: str, path: str, durability: str, call: str) -> None:
+def child(case: str, store_path: str, path: str, durability: str, call: str,
+          stamp: str = "") -> None:
     """Run ``case`` once on a new thread and die (SIGKILL) in the save of a write it
     drops, once the writes it keeps and the checkpoint the booking's step builds on
-    (``durability="async"``: saved in the background) were saved."""
+    (``durability="async"``: saved in the background) were saved.  ``stamp`` "78":
+    node transactions stamped as stop 78's walstore did (their task, no callers)."""
+    if stamp == "78":
+        from walstore.integrations.langgraph import saver as module
+        stamped = module._stamp_step
+        module._stamp_step = lambda tx, checkpoint_map, chain=(): stamped(
+            tx, checkpoint_map, chain[-1:])
     kind, keep, drop, ends = CASES[case]
     store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
     graph, saver = build(store, path, kind, call, flag=path + ".fail")
@@ -205,12 +213,12 @@ def child(case: str, store_path: str, path: str, durability: str, call: str) -> 
     die()   # (every save was submitted: the dropped one kills)
 
 
-def race(tmp_path: Path, case: str, durability: str = "sync", call: str = "invoke"
-         ) -> tuple[str, str]:
+def race(tmp_path: Path, case: str, durability: str = "sync", call: str = "invoke",
+         stamp: str = "") -> tuple[str, str]:
     """Run ``child`` in a process until it killed itself; (store path, ledger path)."""
     store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
     done = subprocess.run(
-        [sys.executable, __file__, case, store_path, path, durability, call],
+        [sys.executable, __file__, case, store_path, path, durability, call, stamp],
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True,
         timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
@@ -251,6 +259,31 @@ def test_a_caller_saved_alone_keeps_the_booking_of_the_task_it_called(
         assert live(path) == [bid]
         (undo,) = saver.resume_undos
         assert undo.undone == () and undo.kept == (txid,)
+        # (its callers, named; a stamp without them reads the same from its step's)
+        meta = store.txn_info(txid).meta
+        assert len(meta["langgraph_callers"]) == (2 if case.startswith("nested") else 1)
+        assert _stamped_callers(meta["langgraph_step"]) == meta["langgraph_callers"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("case", ["nested-entry", "node"])
+def test_a_caller_saved_alone_keeps_the_booking_stamped_by_stop_78(tmp_path, case):
+    # (stop 78's walstore named the task, not its callers: they are in the step's stamp,
+    # the namespaces of the run config's checkpoint map that map to the outermost
+    # graph's checkpoint -- a store killed by it keeps the booking when resumed by this)
+    store_path, path = race(tmp_path, case, stamp="78")
+    (bid,), cancelled = ledger(path)
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, CASES[case][0], "invoke")
+        (txid,) = [a.txid for a in store.actions()]
+        assert "langgraph_callers" not in store.txn_info(txid).meta
+        out = resume(graph, None, "invoke")
+        assert ledger(path) == ([bid], [])
+        assert out == {"log": ["a:" + bid if case == "nested-entry" else bid]}
+        (undo,) = saver.resume_undos
+        assert undo.undone == () and undo.kept == (txid,)
     finally:
         store.close()
 
@@ -287,4 +320,4 @@ def test_a_caller_interrupted_or_failed_alone_refunds_the_task_it_calls_again(
 
 
 if __name__ == "__main__":
-    child(*sys.argv[1:6])
+    child(*sys.argv[1:7])

@@ -86,7 +86,8 @@ which thread a transaction begun inside a graph node belongs to.
   the store committed in the step built on that head, or in a later step whose
   checkpoint was never saved, judged at the outermost graph by ``_step_recorded`` with
   the task each names (``TASK_META``, stamped beside ``STEP_META``; a functional-API
-  ``@task``'s own, ``_task_chain``, with its callers, ``CALLERS_META``): kept when the
+  ``@task``'s own, ``_task_chain``, with its callers, ``CALLERS_META``, else read from
+  its ``STEP_META``, ``_stamped_callers``): kept when the
   task's outcome (regular writes, an interrupt's, an error's) was saved on the head
   after it committed, or a regular outcome of a task that called it was (LangGraph
   saves a ``@task``'s result and its caller's in parallel: the caller's may land
@@ -3635,7 +3636,10 @@ def _fresh_mark(value: Any) -> tuple[int | None, int | None]:
 def _chain_of(meta: Any) -> tuple[str, ...]:
     """The task chain (``_task_chain``: callers outermost first, then the task) a node
     transaction's meta names (``_stamp_step``); () when it names no task (a walstore
-    before stop 78 named none, one before stop 79 no callers)."""
+    before stop 78 named none).  Without ``CALLERS_META`` (stop 78's walstore named no
+    callers) they are read from its step's stamp (``_stamped_callers``): before, a
+    store killed by it between a ``@task``'s save and its caller's, resumed by this
+    one, still had the booking refunded while the caller's saved result held it."""
     if not isinstance(meta, dict):
         return ()
     task = meta.get(TASK_META)
@@ -3643,8 +3647,23 @@ def _chain_of(meta: Any) -> tuple[str, ...]:
         return ()
     callers = meta.get(CALLERS_META)
     if not isinstance(callers, list):
-        return (task,)
+        callers = _stamped_callers(meta.get(STEP_META))
     return tuple(c for c in callers if isinstance(c, str) and c) + (task,)
+
+
+def _stamped_callers(steps: Any) -> list[str]:
+    """The tasks that called a node transaction's task, outermost first, as its step's
+    stamp (``STEP_META``: its run config's ``checkpoint_map``) tells them: a caller's
+    namespace maps to the outermost graph's checkpoint, the one its call runs in
+    (``_call_caller``; a subgraph's maps to the subgraph's own), and nests in the
+    namespace of the caller that called it."""
+    here = steps.get("") if isinstance(steps, dict) else None
+    if not isinstance(here, str):
+        return []
+    callers = sorted((ns for ns, cid in steps.items()
+                      if isinstance(ns, str) and ns and cid == here),
+                     key=lambda ns: ns.count("|"))
+    return [ns.rpartition("|")[2].rpartition(":")[2] for ns in callers]
 
 
 def _stamped_steps(meta: Any) -> list[str]:
