@@ -5,11 +5,13 @@ a ``@task`` (the middle one's result saved alone, or the entrypoint's alone), a
 ``@task`` called from a ``StateGraph`` node (the node's writes saved alone), async
 ``ainvoke``, ``durability="async"`` and ``"exit"``, and a caller interrupted or failing
 after the call with the task's result lost (the resume calls the task again: its first
-booking must be refunded).
+booking must be refunded); node transactions stamped by stop 78's walstore (no
+callers named: read from their step's stamp); and, in one process, a store.rewind's
+cut-off run after the caller's interrupt was saved (refunded too).
 
 Each case is a real process that runs the graph once and kills itself (SIGKILL) in the
 save it drops, once the saves it keeps landed (``racing``, below: the child mode of this
-file, ``python THIS_FILE CASE STORE LEDGER DURABILITY CALL``); this process then resumes
+file, ``python THIS_FILE CASE STORE LEDGER DURABILITY CALL [78]``); this process then resumes
 the thread, and the fsynced outside ledger (tests/findings_scripts/
 langgraph_resume_kill_child.py's) must agree with the state.
 """
@@ -160,6 +162,20 @@ def build(store: "walstore.Store", path: str, kind: str, call: str, flag: str = 
             @entrypoint(checkpointer=saver)
             def trip(state: dict) -> dict:
                 return after(t(1).result())
+        return trip, saver
+    if kind == "beside":   # (interrupt, with a @task ``u`` that books nothing beside ``t``)
+        @task
+        def t(n: int) -> str:
+            return book(store, path, "t")
+
+        @task
+        def u(n: int) -> str:
+            return "u"
+
+        @entrypoint(checkpointer=saver)
+        def trip(state: dict) -> dict:
+            booked, other = t(1), u(2)
+            return {"log": [booked.result(), other.result(), interrupt("keep it?")]}
         return trip, saver
     raise ValueError(kind)
 
@@ -321,3 +337,62 @@ def test_a_caller_interrupted_or_failed_alone_refunds_the_task_it_calls_again(
 
 if __name__ == "__main__":
     child(*sys.argv[1:7])
+
+
+def test_a_rewind_after_the_callers_interrupt_was_saved_refunds_the_task_it_calls_again(
+        tmp_path):
+    # (one process: ``t`` books, the entrypoint's interrupt is saved, a restore point;
+    # ``u``'s result is saved after it, and ``t``'s is held until a store.rewind to the
+    # point took ``u``'s back and cut the run off: ``t``'s save is refused.  The
+    # entrypoint's interrupt records no call's work -- the resume runs it again and it
+    # calls ``t`` again -- so the refusal refunds ``t``'s booking, and one stands)
+    from langgraph.types import Command
+    path = str(tmp_path / "ledger")
+    store = walstore.open(str(tmp_path / "s"), compensators={"cancel": cancel_into(path)})
+    try:
+        trip, saver = build(store, path, "beside", "invoke")
+        put_writes = saver.put_writes
+        asked, point, u_saved, rewound = (threading.Event() for _ in range(4))
+
+        def racing(conf, writes, task_id, task_path=""):
+            if _returns("u")(writes):
+                assert point.wait(60)
+            if _returns("t-")(writes):
+                assert rewound.wait(60)
+            try:
+                put_writes(conf, writes, task_id, task_path)
+            finally:
+                if _returns("u")(writes):
+                    u_saved.set()
+                if _channel("__interrupt__")(writes):
+                    asked.set()
+        saver.put_writes = racing
+        errors: list = []
+
+        def run() -> None:
+            try:
+                trip.invoke({}, CONFIG)
+            except walstore.ConflictError as e:   # (StaleCheckpointError: cut off)
+                errors.append(e)
+        runner = threading.Thread(target=run)
+        runner.start()
+        try:
+            assert asked.wait(60)
+            store.restore_point("asked")
+            point.set()
+            assert u_saved.wait(60)
+            store.rewind("asked", scope=saver.thread_scope("t"))
+        finally:
+            point.set()
+            rewound.set()
+            runner.join(60)
+        assert len(errors) == 1, errors
+        saver.put_writes = put_writes
+        (first,), cancelled = ledger(path)
+        assert cancelled == [first]   # (refunded by the refused save)
+        out = trip.invoke(Command(resume="yes"), CONFIG)
+        booked, cancelled = ledger(path)
+        assert booked[0] == first and len(booked) == 2 and cancelled == [first]
+        assert out == {"log": [booked[1], "u", "yes"]} and live(path) == [booked[1]]
+    finally:
+        store.close()
