@@ -3657,7 +3657,9 @@ def _stamped_callers(steps: Any) -> list[str]:
     namespace maps to the outermost graph's checkpoint, the one its call runs in
     (``_call_caller``; a subgraph's maps to the subgraph's own), and nests in the
     namespace of the caller that called it."""
-    here = steps.get("") if isinstance(steps, dict) else None
+    if not isinstance(steps, dict) or len(steps) < 2:
+        return []   # (a node of the outermost graph: the common case, read per commit)
+    here = steps.get("")
     if not isinstance(here, str):
         return []
     callers = sorted((ns for ns, cid in steps.items()
