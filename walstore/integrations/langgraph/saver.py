@@ -2113,21 +2113,31 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         ``prefix`` committed after LSN ``since`` and up to ``upto`` (a walk of the log
         between them: the work of the run that set the fresh-start mark, and of what ran
         after it in that open)."""
-        found: list[int] = []
-        try:
-            for info in self._commits_after(since if since > 0 else None):
-                lsn = int(info.lsn)
-                if lsn > upto:
+        found: set[int] = set()
+        start: int | None = since if since > 0 else None
+        while True:
+            try:
+                for info in self._commits_after(start):
+                    lsn = int(info.lsn)
+                    if lsn > upto:
+                        break
+                    if lsn <= since:
+                        continue
+                    meta, scope = info.meta, info.scope
+                    if isinstance(meta, dict) and isinstance(meta.get(STEP_META), dict) \
+                            and isinstance(scope, bytes) \
+                            and scope.startswith(self.keys.root) \
+                            and _thread_prefix_of(self.keys.root, scope) == prefix:
+                        found.add(info.txid)
+                break
+            except HistoryTrimmed:
+                if start is None:   # pragma: no cover - (the retained log: never raised)
                     break
-                if lsn <= since:
-                    continue
-                meta, scope = info.meta, info.scope
-                if isinstance(meta, dict) and isinstance(meta.get(STEP_META), dict) \
-                        and isinstance(scope, bytes) and scope.startswith(self.keys.root) \
-                        and _thread_prefix_of(self.keys.root, scope) == prefix:
-                    found.append(info.txid)
-        except HistoryTrimmed:
-            pass   # (trimmed under the walk: nothing older to find)
+                # (the mark's position is older than the retained history -- retention
+                # trimmed it, the killed run's work after it may be kept: it found none
+                # of it, and the run booked again -- or a trim came under the walk: the
+                # retained log from its start, what lies after the mark)
+                start = None
         return sorted(found, reverse=True)
 
     def _judge_fresh(self, thread_id: str, prefix: bytes, txid: int,

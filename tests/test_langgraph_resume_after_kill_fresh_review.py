@@ -1,0 +1,86 @@
+"""Review (stop 79, h3) of ``WalstoreSaver._undo_on_fresh_start``: a run killed (SIGKILL)
+before its thread had any checkpoint is undone by the next open's first run on the empty
+thread, from the thread's fresh-start mark.  Real children (the kill soak's graph, in a
+child of this file), real files, the outside ledger fsynced.
+
+- With history retention (``retain_transactions``), the position the mark begins at can
+  be trimmed while the killed run's node transactions are still kept: the walk of the
+  log from it raised HistoryTrimmed, which was taken for "nothing to find" -- the killed
+  run's bookings stood and the run booked again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langgraph.checkpoint.base")
+
+import walstore  # noqa: E402
+from tools import langgraph_kill_soak as soak  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_langgraph_resume_after_kill_soak import live_by_node, spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(spec_: dict, store_path: str, path: str, before: int, options: dict) -> None:
+    """(the child) ``before`` commits outside any thread, then the soak graph's run on
+    its new thread, held (and killed) where ``spec_["hold"]`` says."""
+    store = walstore.open(store_path, compensators=soak.compensators(path), **options)
+    for i in range(before):
+        with store.transaction() as tx:
+            tx.put(f"other/{i}", i)
+    graph, _saver = soak.build(store, path, spec_)
+    soak.invoke(graph, spec_, {"rnd": spec_["rnd"], "ran": []})
+
+
+def killed(tmp_path: Path, spec_: dict, node: str, before: int = 0,
+           options: dict | None = None) -> tuple[str, str]:
+    """A child of this file that ran ``spec_``'s graph on a new thread, SIGKILLed in
+    ``node`` once its booking committed (store, ledger)."""
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]), "PYTHONDONTWRITEBYTECODE": "1"}
+    arg = json.dumps([{**spec_, "hold": node}, store_path, path, before, options or {}])
+    proc = subprocess.Popen([sys.executable, __file__, arg], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not os.path.exists(path + ".held"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return store_path, path
+
+
+def test_a_fresh_start_mark_older_than_the_retained_history_still_finds_the_killed_run(
+        tmp_path):
+    # (the mark begins at the commit before it, here one of 5 others; 3 transactions
+    # are kept: the mark's and the two bookings'.  The walk from the trimmed position
+    # raised HistoryTrimmed and found nothing: n0 and n1 were booked twice)
+    opts = {"retain_transactions": 3}
+    store_path, path = killed(tmp_path, spec(), "n1", before=5, options=opts)
+    store = walstore.open(store_path, compensators=soak.compensators(path), **opts)
+    try:
+        store.checkpoint()   # (the trim: a checkpoint of the new open, before the run)
+        graph, saver = soak.build(store, path, spec())
+        assert list(saver.list(soak.CONFIG)) == []
+        soak.resume(graph, spec(), 1)
+        assert live_by_node(path) == {"n0": 1, "n1": 1, "n2": 1}
+        (undo,) = saver.resume_undos
+        assert undo.checkpoint_id is None and len(undo.undone) == 2
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    _child(*json.loads(sys.argv[1]))
