@@ -7,13 +7,21 @@ child of this file), real files, the outside ledger fsynced.
   be trimmed while the killed run's node transactions are still kept: the walk of the
   log from it raised HistoryTrimmed, which was taken for "nothing to find" -- the killed
   run's bookings stood and the run booked again.
+- Two runs starting on the empty thread at once (threads, asyncio) were to undo it once,
+  the second waiting for the first under the thread's gate -- but ``with
+  earlier.gate(prefix).lock`` let the gate go the moment its lock was read (a weak
+  dictionary holds it), so each caller made its own: both walked and reverted, split the
+  undo in two records and wrote the mark twice (``_undo_on_resume`` the same).
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +86,55 @@ def test_a_fresh_start_mark_older_than_the_retained_history_still_finds_the_kill
         assert live_by_node(path) == {"n0": 1, "n1": 1, "n2": 1}
         (undo,) = saver.resume_undos
         assert undo.checkpoint_id is None and len(undo.undone) == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("how", ["threads", "asyncio"])
+def test_two_runs_starting_on_the_empty_thread_at_once_undo_it_once(tmp_path, how):
+    # (the compensations sleep: the first run is inside its undo as the others come.
+    # Before, each run made its own gate: two ResumeUndo records of one txid each, two
+    # or three fresh-start marks written)
+    sp = spec(call="ainvoke") if how == "asyncio" else spec()
+    store_path, path = killed(tmp_path, sp, "n1")
+    store = walstore.open(store_path, compensators=soak.compensators(path, 0.1))
+    try:
+        graph, saver = soak.build(store, path, sp)
+        opened = store.log(limit=1)[0].lsn
+        lost: list[str] = []
+
+        def run() -> None:
+            try:
+                graph.invoke({"rnd": 1, "ran": []}, soak.CONFIG, durability="exit")
+            except walstore.ConflictError as e:   # (StaleCheckpointError: one wins)
+                lost.append(type(e).__name__)
+
+        if how == "threads":
+            runs = [threading.Thread(target=run) for _ in range(3)]
+            for t in runs:
+                t.start()
+            for t in runs:
+                t.join()
+        else:
+            async def arun() -> None:
+                try:
+                    await graph.ainvoke({"rnd": 1, "ran": []}, soak.CONFIG,
+                                        durability="exit")
+                except walstore.ConflictError as e:
+                    lost.append(type(e).__name__)
+
+            async def three() -> None:
+                await asyncio.gather(arun(), arun(), arun())
+            asyncio.run(three())
+        (undo,) = saver.resume_undos
+        assert undo.checkpoint_id is None and len(undo.undone) == 2
+        marks = [i for i in store.log(since=opened) if i.meta.get("langgraph") == "fresh_start"]
+        assert len(marks) == 1
+        ledger = soak.read_ledger(path)
+        cancels = collections.Counter(w[4] for w in ledger if w[0] == "cancel")
+        assert all(n == 1 for n in cancels.values())
+        assert {w[4] for w in ledger[:2]} <= set(cancels)   # (the killed run's, once)
+        assert len(lost) == 2
     finally:
         store.close()
 

@@ -827,6 +827,10 @@ class _EarlierOpen:
         return got
 
     def gate(self, prefix: bytes) -> _Gate:
+        """The gate of thread ``prefix``: the caller keeps a reference while it holds the
+        lock (``with earlier.gate(p).lock`` let the gate go at once, the weak dictionary
+        forgot it, and the next caller made another: two runs judged one thread at
+        once)."""
         with self.lock:
             got = self.gates.get(prefix)
             if got is None:
@@ -2041,8 +2045,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             earlier.judge(prefix, head)   # (saved by this open: nothing earlier on it)
             return
         run, kept = _LostRunUndo(), []
+        gate = earlier.gate(prefix)   # (held while it is used: _EarlierOpen.gate)
         try:
-            with earlier.gate(prefix).lock:
+            with gate.lock:
                 if earlier.is_judged(prefix, head):
                     return
                 self._judge_leftovers(thread_id, ns, head, earlier, run, kept)
@@ -2086,8 +2091,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if _fresh_mark(store.get(key))[1] == earlier.open_lsn:
             return   # (set by this open: its runs are live, or ended in this process)
         run = _LostRunUndo()
+        gate = earlier.gate(prefix)   # (held while it is used: _EarlierOpen.gate)
         try:
-            with earlier.gate(prefix).lock:
+            with gate.lock:
                 since, opened = _fresh_mark(store.get(key))
                 if opened == earlier.open_lsn:
                     return
