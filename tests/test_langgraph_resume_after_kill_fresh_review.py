@@ -38,9 +38,19 @@ from test_langgraph_resume_after_kill_soak import live_by_node, spec  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _child(spec_: dict, store_path: str, path: str, before: int, options: dict) -> None:
+def _child(spec_: dict, store_path: str, path: str, before: int, options: dict,
+           hold_put: str = "") -> None:
     """(the child) ``before`` commits outside any thread, then the soak graph's run on
-    its new thread, held (and killed) where ``spec_["hold"]`` says."""
+    its new thread, held (and killed) where ``spec_["hold"]`` says; ``hold_put``: every
+    ``saver.put`` waits to be killed ("quiet"), saying so first ("held")."""
+    if hold_put:
+        from walstore.integrations.langgraph import WalstoreSaver
+
+        def put(self, *args, **kwargs):
+            if hold_put == "held":
+                soak.append(path + ".held", "put")
+            time.sleep(120)
+        WalstoreSaver.put = put
     store = walstore.open(store_path, compensators=soak.compensators(path), **options)
     for i in range(before):
         with store.transaction() as tx:
@@ -50,13 +60,15 @@ def _child(spec_: dict, store_path: str, path: str, before: int, options: dict) 
 
 
 def killed(tmp_path: Path, spec_: dict, node: str, before: int = 0,
-           options: dict | None = None) -> tuple[str, str]:
+           options: dict | None = None, hold_put: str = "") -> tuple[str, str]:
     """A child of this file that ran ``spec_``'s graph on a new thread, SIGKILLed in
-    ``node`` once its booking committed (store, ledger)."""
+    ``node`` once its booking committed, or in ``saver.put`` (``hold_put``: see
+    ``_child``) (store, ledger)."""
     store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]), "PYTHONDONTWRITEBYTECODE": "1"}
-    arg = json.dumps([{**spec_, "hold": node}, store_path, path, before, options or {}])
+    arg = json.dumps([{**spec_, "hold": node}, store_path, path, before, options or {},
+                      hold_put])
     proc = subprocess.Popen([sys.executable, __file__, arg], env=env, cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -86,6 +98,36 @@ def test_a_fresh_start_mark_older_than_the_retained_history_still_finds_the_kill
         assert live_by_node(path) == {"n0": 1, "n1": 1, "n2": 1}
         (undo,) = saver.resume_undos
         assert undo.checkpoint_id is None and len(undo.undone) == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind,durability,call,node,hold_put", [
+    ("linear", "async", "ainvoke", "n1", "quiet"),
+    ("functional", "exit", "invoke", "", "held"),
+    ("subgraph", "async", "invoke", "s1", "quiet"),
+])
+def test_a_first_run_killed_before_its_first_save_landed_is_undone(
+        tmp_path, kind, durability, call, node, hold_put):
+    # (not covered before: the fresh-start undo under "async", whose saves run behind
+    # the steps -- here held, so the bookings commit before the thread's first save --
+    # and of a functional-API run, whose @tasks all booked before its exit save)
+    sp = spec(kind=kind, durability=durability, call=call)
+    store_path, path = killed(tmp_path, sp, node, hold_put=hold_put)
+    killed_bookings = [w[4] for w in soak.read_ledger(path)]
+    assert killed_bookings
+    store = walstore.open(store_path, compensators=soak.compensators(path))
+    try:
+        graph, saver = soak.build(store, path, sp)
+        assert list(saver.list(soak.CONFIG)) == []
+        soak.resume(graph, sp, 1)
+        assert live_by_node(path) == {n: 1 for n in soak.node_names(sp)}
+        cancels = collections.Counter(w[4] for w in soak.read_ledger(path)
+                                      if w[0] == "cancel")
+        assert sorted(cancels) == sorted(killed_bookings)
+        assert set(cancels.values()) == {1}
+        (undo,) = saver.resume_undos
+        assert undo.checkpoint_id is None and undo.left == ()
     finally:
         store.close()
 
