@@ -11,7 +11,8 @@ child of this file), real files, the outside ledger fsynced.
   the second waiting for the first under the thread's gate -- but ``with
   earlier.gate(prefix).lock`` let the gate go the moment its lock was read (a weak
   dictionary holds it), so each caller made its own: both walked and reverted, split the
-  undo in two records and wrote the mark twice (``_undo_on_resume`` the same).
+  undo in two records and wrote the mark twice (``_undo_on_resume`` the same: three
+  runs resuming one head split the killed step's undo in three records).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import walstore  # noqa: E402
 from tools import langgraph_kill_soak as soak  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_langgraph_resume_after_kill_soak import killed_in as soak_killed_in  # noqa: E402
 from test_langgraph_resume_after_kill_soak import live_by_node, spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +179,37 @@ def test_two_runs_starting_on_the_empty_thread_at_once_undo_it_once(tmp_path, ho
         assert all(n == 1 for n in cancels.values())
         assert {w[4] for w in ledger[:2]} <= set(cancels)   # (the killed run's, once)
         assert len(lost) == 2
+    finally:
+        store.close()
+
+
+def test_two_runs_resuming_a_head_at_once_undo_the_killed_step_once(tmp_path):
+    # (the same gate, _undo_on_resume's: killed in s2 of a subgraph the node invokes,
+    # the killed step's node transactions are several.  Before, three runs resuming at
+    # once each reverted some: three ResumeUndo records, (14, 12, 11, 10), (16,), (15, 13))
+    sp = spec(kind="subgraph", durability="sync", sub_as_node=False)
+    store_path, path = soak_killed_in(tmp_path, sp, "s2")
+    store = walstore.open(store_path, compensators=soak.compensators(path, 0.1))
+    try:
+        graph, saver = soak.build(store, path, sp)
+        assert list(saver.list(soak.CONFIG))   # (a head: judged by _undo_on_resume)
+        lost: list[str] = []
+
+        def run() -> None:
+            try:
+                graph.invoke(None, soak.CONFIG, durability="sync")
+            except walstore.ConflictError as e:   # (StaleCheckpointError: one wins)
+                lost.append(type(e).__name__)
+        runs = [threading.Thread(target=run) for _ in range(3)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+        (undo,) = saver.resume_undos
+        assert undo.checkpoint_id is not None and len(undo.undone) > 1
+        cancels = collections.Counter(w[4] for w in soak.read_ledger(path)
+                                      if w[0] == "cancel")
+        assert set(cancels.values()) == {1} and len(lost) == 2
     finally:
         store.close()
 
