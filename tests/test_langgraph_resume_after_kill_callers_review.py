@@ -367,15 +367,8 @@ def test_a_rewind_after_the_callers_interrupt_was_saved_refunds_the_task_it_call
                 if _channel("__interrupt__")(writes):
                     asked.set()
         saver.put_writes = racing
-        errors: list = []
-
-        def run() -> None:
-            try:
-                trip.invoke({}, CONFIG)
-            except walstore.ConflictError as e:   # (StaleCheckpointError: cut off)
-                errors.append(e)
-        runner = threading.Thread(target=run)
-        runner.start()
+        from test_langgraph_resume_after_kill_review import run_cut_off
+        runner, errors = run_cut_off(trip)
         try:
             assert asked.wait(60)
             store.restore_point("asked")
