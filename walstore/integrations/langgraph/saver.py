@@ -2225,8 +2225,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def _leftovers(self, earlier: _EarlierOpen, prefix: bytes, head: str
                    ) -> list[tuple[int, int, str, tuple[str, ...]]]:
         """(txid, LSN, the checkpoint its outermost step built on, its outermost task
-        after its callers, ``_task_chain``, or ()), newest first, of the node transactions of the thread ``prefix`` that an
-        earlier open committed in a step built on ``head`` or a later checkpoint (they
+        after its callers, ``_task_chain``, or ()), newest first, of the node
+        transactions of the thread ``prefix`` that an earlier open committed in a step
+        built on ``head`` or a later checkpoint (they
         began after ``head`` was made: the log is read from then, once per store object,
         ``_EarlierOpen``)."""
         made = _uuid6_time(head)
@@ -2297,10 +2298,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         that exists, found once), or that checkpoint and the regular pending writes on
         it of the task or of a task that called it do (``written``, read once a
         checkpoint: LangGraph takes a caller whose result was saved as done, and never
-        calls the task again).  (Writes on a checkpoint the rewind took back record nothing: no
-        resume loads them.  With durability="async" a task's writes may commit before
-        its step's checkpoint; a rewind to a point between left them, and the task's
-        booking was kept while a resume ran the task again and booked twice.)
+        calls the task again).  (Writes on a checkpoint the rewind took back record
+        nothing: no resume loads them.  With durability="async" a task's writes may
+        commit before its step's checkpoint; a rewind to a point between left them, and
+        the task's booking was kept while a resume ran the task again and booked
+        twice.)
 
         ``committed_at``: the LSN of the node transaction judged, after a restart
         (``_undo_on_resume``: no run is known, ``runs`` is empty): then the task's
