@@ -8,10 +8,19 @@ scripted chat model answering with several tool calls at once; ``WalstoreSaver``
 ``WalstoreStore`` (each booking noted in memory).  The checks: each booking the final
 messages record is live exactly once in the fsynced ledger, nothing else is live, nothing
 is cancelled twice, and ``walstore verify`` is clean.
+
+- Found here: a resume sending NEW input (not ``None``) to a head whose killed step had a
+  parallel task with its outcome saved (a ``Send`` tool call of create_react_agent v2,
+  a branch) kept that task's booking (``_undo_on_resume``: LangGraph does not run it
+  again) -- but new input makes LangGraph discard the head's pending writes and run the
+  graph from the input, so the booking stood with nothing recording it, and the task
+  booked again.  ``WalstoreSaver._undo_discarded`` now reverts it when the run's input
+  checkpoint is saved on that head (durability "sync", "async").
 """
 from __future__ import annotations
 
 import collections
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +30,10 @@ pytest.importorskip("langgraph.prebuilt")
 import walstore  # noqa: E402
 from tools import langgraph_react_kill_soak as soak  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_langgraph_resume_after_kill import CONFIG, build, cancel_into, killed  # noqa: E402,I001
+from test_langgraph_resume_after_kill import live as live_in  # noqa: E402
 
 
 def spec(**over) -> dict:
@@ -93,3 +106,25 @@ def test_an_astream_agent_killed_inside_a_tool_after_its_booking_is_undone(
     assert "i1" in [w[1].split(".")[0] for w in ledger if w[0] == "cancel"]
     assert live(ledger) == {"i0": 1, "i1": 1, "i2": 1}
     assert undos and undos[0].undone
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_new_input_after_a_kill_undoes_the_parallel_task_whose_outcome_was_saved(
+        tmp_path, durability):
+    # killed in "slow" once "fast" (beside it) booked and its writes were saved on the
+    # head: a plain resume keeps fast's booking (LangGraph applies its saved writes), but
+    # new input discards them and runs fast again -- its first booking must be refunded
+    store_path, path = killed(tmp_path, "parallel", durability)
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "parallel")
+        assert {t.name for t in graph.get_state(CONFIG).tasks if t.result} == {"fast"}
+        out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
+        recorded = [v for v in out["log"] if "-" in v]
+        assert sorted(b.split("-")[0] for b in recorded) == ["fast", "slow"]
+        assert sorted(live_in(path)) == sorted(recorded)   # (was: the first fast's too)
+        assert [u.kept for u in saver.resume_undos][-1] == ()
+    finally:
+        store.close()
+    rep = verify_store(store_path)
+    assert not (rep.errors or rep.pending_compensations or rep.in_doubt)

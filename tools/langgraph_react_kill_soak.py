@@ -149,7 +149,9 @@ def build(store: Any, path: str, spec: dict, kill: list | None = None,
             other = kill[2]
             wait_for(lambda: any(w[0] == "book" and w[2] == other
                                  for w in read_ledger(path)), f"{other}'s booking")
-            if spec["shape"] == "react_v2":   # (each call its own task: other's saved)
+            if spec["shape"] == "react_v2" and spec["durability"] != "exit":
+                # (each call its own task: other's writes saved; "exit" saves no step
+                # checkpoint to find them on)
                 from langgraph.config import get_config
                 built_on = get_config()["configurable"]["checkpoint_map"][""]
                 at = {"configurable": {"thread_id": THREAD, "checkpoint_ns": "",
@@ -387,7 +389,7 @@ def kill_child(c: Child, kill: list, path: str) -> dict:
     base = lines_in(path)
     deadline = time.monotonic() + CHILD_WAIT
     if kill[0] in ("tool", "between", "model", "put", "put_writes"):
-        while c.proc.poll() is None and not os.path.exists(path + ".held") \
+        while c.proc.poll() is None and not open(path + ".held", "a+").seek(0, 2) \
                 and time.monotonic() < deadline:
             time.sleep(0.003)
     elif kill[0] == "delay":

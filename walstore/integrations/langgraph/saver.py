@@ -92,7 +92,10 @@ which thread a transaction begun inside a graph node belongs to.
   after it committed, or a regular outcome of a task that called it was (LangGraph
   saves a ``@task``'s result and its caller's in parallel: the caller's may land
   alone, and a resume then never calls the task again), as the same process's resume
-  would run it.  "Earlier" is the
+  would run it -- until the run saves an input checkpoint on that head (new input:
+  LangGraph discards the head's saved outcomes and runs from the input), when the kept
+  work is reverted too (``_undo_discarded``; before, a finished branch's booking
+  stood beside its new one).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -808,7 +811,9 @@ class _EarlierOpen:
     the number of threads resumed.  ``judged``: thread prefix -> the newest head judged
     (its work undone or kept) or saved by this open (``WalstoreSaver.put``: nothing of an
     earlier open builds on it): a run loading it again costs a dict read; ``gates``: one
-    lock per thread, so two runs resuming it at once judge it once."""
+    lock per thread, so two runs resuming it at once judge it once.  ``kept``: (thread
+    prefix, head) -> the txids a resume kept on that head because their task's outcome
+    was saved on it; new input discards those outcomes (``WalstoreSaver.put``)."""
 
     def __init__(self, open_lsn: int) -> None:
         self.open_lsn = open_lsn
@@ -816,6 +821,7 @@ class _EarlierOpen:
         self.index_lock = threading.Lock()    # (the indexes: held while the log is read)
         self.indexes: dict[bytes, _WorkIndex] = {}
         self.judged: OrderedDict[bytes, str] = OrderedDict()
+        self.kept: OrderedDict[tuple[bytes, str], list[int]] = OrderedDict()
         self.gates: "weakref.WeakValueDictionary[bytes, _Gate]" = \
             weakref.WeakValueDictionary()
 
@@ -1691,6 +1697,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             or (parent is not None and marker in (ns_name, ns_name + _WRITTEN)))
         first_latest: list = []
         cache_updates: list = []
+        if not ns_name and parent is not None and md.get("source") == "input":
+            self._undo_discarded(thread_id, ns, parent)
 
         def write(tx):
             # the marks again, after the transaction's snapshot, and fenced against undo
@@ -2052,6 +2060,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     return
                 self._judge_leftovers(thread_id, ns, head, earlier, run, kept)
                 earlier.judge(prefix, head)
+                if kept:   # (undone after all if new input discards their outcomes)
+                    with earlier.lock:
+                        earlier.kept[(prefix, head)] = list(kept)
+                        while len(earlier.kept) > _MARKS_MAX:
+                            earlier.kept.popitem(last=False)
         finally:   # (what was undone is told, whatever stopped the rest)
             if run.undone:
                 for saver in _savers_of(store):
@@ -2060,6 +2073,28 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 self._tell_resume_undo(ResumeUndo(
                     thread_id, head, tuple(sorted(run.undone, reverse=True)),
                     tuple(sorted(kept, reverse=True)), tuple(run.left)))
+
+    def _undo_discarded(self, thread_id: str, ns: Namespace, parent: str) -> None:
+        """New input is saved on ``parent`` (a checkpoint of source "input"): LangGraph
+        discards the pending writes of ``parent``'s tasks and runs the graph from the
+        input, so the killed process's work that ``_undo_on_resume`` kept on that head
+        because its task's outcome was saved there is recorded nowhere any more: revert
+        it now, with its compensations.  (Before, a parallel branch that finished before
+        the kill kept its booking while the run from new input booked it again.)"""
+        earlier = _earlier_open(self.store)
+        with earlier.lock:
+            kept = earlier.kept.pop((ns.thread_prefix, parent), None)
+        if not kept:
+            return
+        run = _LostRunUndo()
+        for txid in sorted(kept, reverse=True):
+            self._revert_into(run, txid, ns.thread_prefix, self._meta(
+                "undo_on_resume", thread_id=thread_id, checkpoint_id=parent, txid=txid))
+        for saver in _savers_of(self.store):
+            saver.codec.forget(ns.thread_prefix)
+        self._tell_resume_undo(ResumeUndo(
+            thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
+            tuple(run.left)))
 
     def _undo_on_fresh_start(self, thread_id: str, ns: Namespace) -> None:
         """A run loaded the thread's outermost graph and found no checkpoint: the thread is
