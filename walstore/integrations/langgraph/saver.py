@@ -2078,12 +2078,22 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """New input is saved on ``parent`` (a checkpoint of source "input"): LangGraph
         discards the pending writes of ``parent``'s tasks and runs the graph from the
         input, so the killed process's work that ``_undo_on_resume`` kept on that head
-        because its task's outcome was saved there is recorded nowhere any more: revert
-        it now, with its compensations.  (Before, a parallel branch that finished before
+        because its task's (or a caller's) regular outcome was saved there is recorded
+        nowhere any more: revert it now, with its compensations.  (Before, a parallel branch that finished before
         the kill kept its booking while the run from new input booked it again.)"""
         earlier = _earlier_open(self.store)
         with earlier.lock:
             kept = earlier.kept.pop((ns.thread_prefix, parent), None)
+        if not kept:
+            return
+        # (only what was kept for a regular outcome, its task's or a caller's: a task
+        # kept for its interrupt or error LangGraph runs again from its start anyway, as
+        # in the process that ran it -- a booking before interrupt() is made again)
+        done = self._tasks_done(ns, parent)
+        with earlier.index_lock:
+            work = earlier.index(self.keys.root).work.get(ns.thread_prefix, {})
+            chains = {txid: work[txid][2] for txid in kept if txid in work}
+        kept = [txid for txid in kept if done.intersection(chains.get(txid, ()))]
         if not kept:
             return
         run = _LostRunUndo()
