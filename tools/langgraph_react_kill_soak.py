@@ -17,8 +17,8 @@ input when the thread never saved it), possibly killed again, until the turn fin
 Kill points (``spec["kill"]``): ``tool`` (inside a tool, after its booking committed),
 ``between`` (in a parallel step, a tool holding before its booking once another tool of
 the step booked -- and, "react_v2", once that tool's task's writes were saved: a
-resume keeps it and runs the held call alone), ``model`` (inside the model call of a given turn), ``put`` /
-``put_writes`` (the child kills itself right after the n-th checkpoint / pending-writes
+resume keeps it and runs the held call alone), ``model`` (inside the model call of a
+given turn), ``put`` / ``put_writes`` (the child kills itself right after the n-th checkpoint / pending-writes
 save returned), ``delay`` (a random delay), ``lines`` (once the ledger has n lines).
 Durability sync/async/exit; invoke, stream, ainvoke, astream (async tools or sync tools
 in the async run); sometimes a finished first turn on the thread before.
@@ -187,7 +187,8 @@ def build(store: Any, path: str, spec: dict, kill: list | None = None,
             return await asyncio.to_thread(do_book, item, mem)
     else:
         @tool
-        def book(item: str, mem: Annotated[BaseStore, InjectedStore()]) -> str:  # type: ignore[misc]
+        def book(item: str,  # type: ignore[misc]
+                 mem: Annotated[BaseStore, InjectedStore()]) -> str:
             """Book ``item``; the booking's id."""
             return do_book(item, mem)
 

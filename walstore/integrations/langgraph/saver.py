@@ -2079,8 +2079,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         discards the pending writes of ``parent``'s tasks and runs the graph from the
         input, so the killed process's work that ``_undo_on_resume`` kept on that head
         because its task's (or a caller's) regular outcome was saved there is recorded
-        nowhere any more: revert it now, with its compensations.  (Before, a parallel branch that finished before
-        the kill kept its booking while the run from new input booked it again.)"""
+        nowhere any more: revert it now, with its compensations.  (Before, a parallel
+        branch that finished before the kill kept its booking while the run from new
+        input booked it again.)"""
         earlier = _earlier_open(self.store)
         with earlier.lock:
             kept = earlier.kept.pop((ns.thread_prefix, parent), None)
