@@ -18,8 +18,9 @@ Kill points (``spec["kill"]``): ``tool`` (inside a tool, after its booking commi
 ``between`` (in a parallel step, a tool holding before its booking once another tool of
 the step booked -- and, "react_v2", once that tool's task's writes were saved: a
 resume keeps it and runs the held call alone), ``model`` (inside the model call of a
-given turn), ``put`` / ``put_writes`` (the child kills itself right after the n-th checkpoint / pending-writes
-save returned), ``delay`` (a random delay), ``lines`` (once the ledger has n lines).
+given turn), ``put`` / ``put_writes`` (the child kills itself right after the n-th
+checkpoint / pending-writes save returned), ``delay`` (a random delay), ``lines`` (once
+the ledger has n lines).
 Durability sync/async/exit; invoke, stream, ainvoke, astream (async tools or sync tools
 in the async run); sometimes a finished first turn on the thread before.
 
