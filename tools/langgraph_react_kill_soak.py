@@ -42,10 +42,8 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -59,26 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.kill_soak_support import Child as Child_  # noqa: E402
+from tools.kill_soak_support import append, lines_in, read_ledger  # noqa: E402,F401
+
 THREAD = "t"
 CONFIG = {"configurable": {"thread_id": THREAD}}
 CHILD_WAIT = 90.0
 SHAPES = ("react_v2", "react_v1", "toolnode")
 CALLS = ("invoke", "stream", "ainvoke", "astream")
-
-
-def append(path: str, line: str) -> None:
-    """One line at the end of ``path``, on disk before this returns."""
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_ledger(path: str) -> list[list[str]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line.split() for line in f.read().splitlines() if line.strip()]
 
 
 def compensators(path: str) -> dict[str, Callable]:
@@ -318,69 +304,17 @@ def child(mode: str, spec: dict, store_path: str, path: str) -> None:
     store.close()
 
 
-class Child:
-    """This file in ``--child`` mode in a subprocess, with this walstore on its path."""
+class Child(Child_):
+    """This file in ``--child`` mode, in a subprocess (``kill_soak_support.Child``)."""
 
     def __init__(self, mode: str, spec: dict, store_path: str, path: str) -> None:
-        import walstore
-        paths = [str(Path(walstore.__file__).resolve().parents[1]), str(ROOT)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", mode,
-             json.dumps(spec), store_path, path], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
-        self.lines: list[str] = []
-        self.err = b""
-        self.ready = threading.Event()
-        self._t = [threading.Thread(target=self._read, daemon=True),
-                   threading.Thread(target=self._read_err, daemon=True)]
-        for t in self._t:
-            t.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode().rstrip("\n")
-            self.lines.append(line)
-            if line == "READY":
-                self.ready.set()
-        self.ready.set()
-
-    def _read_err(self) -> None:
-        self.err = self.proc.stderr.read()
+        super().__init__(__file__, mode, spec, store_path, path, CHILD_WAIT)
 
     def kill(self) -> bool:
-        alive = self.proc.poll() is None
-        if alive:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        for t in self._t:
-            t.join(10)
+        """SIGKILL it; did it end killed (by this, or by itself at a self-made kill
+        point)?"""
+        super().kill()
         return self.proc.returncode == -signal.SIGKILL
-
-    def finish(self) -> int | None:
-        try:
-            self.proc.wait(CHILD_WAIT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-        for t in self._t:
-            t.join(10)
-        return self.proc.returncode
-
-    def done(self) -> dict | None:
-        for line in self.lines:
-            if line.startswith("DONE {"):
-                return json.loads(line[5:])
-        return None
-
-
-def lines_in(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def kill_child(c: Child, kill: list, path: str) -> dict:

@@ -56,11 +56,8 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -71,6 +68,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.kill_soak_support import Child as Child_  # noqa: E402
+from tools.kill_soak_support import append, lines_in, read_ledger  # noqa: E402,F401
+
 SESSION = "u"
 CHILD_WAIT = 90.0      # a child's budget to reach READY or finish (never in a good round)
 SHAPES = ("one", "several", "steps", "stop_first", "approval", "held")
@@ -79,21 +79,6 @@ CALLS = ("run", "streamed", "sync")
 
 
 # -- the world, the model and the agent (imported by the children) --
-
-def append(path: str, line: str) -> None:
-    """One line at the end of ``path``, on disk before this returns."""
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_ledger(path: str) -> list[list[str]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line.split() for line in f.read().splitlines() if line.strip()]
-
 
 def compensators(path: str, pause: float = 0.0) -> dict[str, Callable]:
     """The "cancel" compensator: the booking's cancellation in the ledger (after
@@ -347,70 +332,11 @@ def child(mode: str, spec: dict, store_path: str, path: str) -> None:
 
 # -- the parent --
 
-class Child:
-    """This file in ``--child`` mode, in a subprocess; its stdout lines as they come."""
+class Child(Child_):
+    """This file in ``--child`` mode, in a subprocess (``kill_soak_support.Child``)."""
 
     def __init__(self, mode: str, spec: dict, store_path: str, path: str) -> None:
-        import walstore   # (the child imports this walstore: an older one may be installed)
-        paths = [str(Path(walstore.__file__).resolve().parents[1]), str(ROOT),
-                 os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", mode,
-             json.dumps(spec), store_path, path],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
-        self.lines: list[str] = []
-        self.err = b""
-        self.ready = threading.Event()
-        self._out = threading.Thread(target=self._read, daemon=True)
-        self._out.start()
-        self._errs = threading.Thread(target=self._read_err, daemon=True)
-        self._errs.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode().rstrip("\n")
-            self.lines.append(line)
-            if line == "READY":
-                self.ready.set()
-        self.ready.set()
-
-    def _read_err(self) -> None:
-        self.err = self.proc.stderr.read()
-
-    def kill(self) -> bool:
-        alive = self.proc.poll() is None
-        if alive:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._out.join(10)
-        self._errs.join(10)
-        return alive and self.proc.returncode == -signal.SIGKILL
-
-    def finish(self) -> int | None:
-        try:
-            self.proc.wait(CHILD_WAIT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-        self._out.join(10)
-        self._errs.join(10)
-        return self.proc.returncode
-
-    def done(self) -> dict | None:
-        for line in self.lines:
-            if line.startswith("DONE {"):
-                return json.loads(line[5:])
-        return None
-
-
-def lines_in(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
+        super().__init__(__file__, mode, spec, store_path, path, CHILD_WAIT)
 
 
 def kill_at(c: Child, how: tuple, path: str) -> dict:
