@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +110,40 @@ class Child:
             if line.startswith("DONE {"):
                 return json.loads(line[5:])
         return None
+
+
+def ledger_problems(out: dict, ledger: list[list[str]], rec: Any, booked: Any,
+                    cancels: dict[str, list], pid_at: int, key_at: int) -> list[str]:
+    """The disagreements between the ledger and what the state records (``rec``: the
+    booking ids it records): recorded but never booked, recorded but cancelled, standing
+    (booked, not cancelled) but unrecorded, and cancelled twice -- unless each earlier
+    cancellation was the last line its process wrote, a process the round killed
+    (``out["killed_pids"]``), with the idempotency key of the last: a compensation run
+    again by recovery after its process was killed right after its effect (at least
+    once, CONTRACT), counted in ``out["recompensated"]``.  ``cancels``: booking id ->
+    [(line number, words)]; ``pid_at``/``key_at``: where a cancel line has its writer's
+    pid and its key.  Sets ``out["live"]`` and ``out["recorded"]``."""
+    problems: list[str] = []
+    live = {b for b in booked if b not in cancels}
+    if set(rec) - set(booked):
+        problems.append("recorded-never-booked")
+    if set(rec) & set(cancels):
+        problems.append("recorded-but-cancelled")
+    if live - set(rec):
+        problems.append("live-unrecorded")
+    killed = set(out.get("killed_pids", ()))
+    for _bid, cs in cancels.items():
+        if len(cs) < 2:
+            continue
+        explained = True
+        for (i, w), _later in zip(cs, cs[1:]):
+            pid = w[pid_at]
+            last_of_pid = max(j for j, x in enumerate(ledger) if x[-1] == pid)
+            if int(pid) not in killed or last_of_pid != i or w[key_at] != cs[-1][1][key_at]:
+                explained = False
+        if explained:
+            out["recompensated"] = out.get("recompensated", 0) + 1
+        else:
+            problems.append("cancelled-twice")
+    out["live"], out["recorded"] = sorted(live), sorted(rec)
+    return problems

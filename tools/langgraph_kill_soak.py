@@ -66,7 +66,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.kill_soak_support import Child as Child_  # noqa: E402
-from tools.kill_soak_support import append, lines_in, read_ledger  # noqa: E402,F401
+from tools.kill_soak_support import (append, ledger_problems, lines_in,  # noqa: E402,F401
+                                     read_ledger)
 
 THREAD = "t"
 CONFIG = {"configurable": {"thread_id": THREAD}}
@@ -431,7 +432,6 @@ def judge(spec: dict, out: dict, ledger: list[list[str]], state: dict) -> list[s
     for i, w in enumerate(ledger):
         if w[0] == "cancel":
             cancels[w[4]].append((i, w))
-    live = {b for b in booked if b not in cancels}
     rec = collections.Counter(ran)
     if any(v > 1 for v in rec.values()):
         problems.append("recorded-twice")
@@ -440,30 +440,8 @@ def judge(spec: dict, out: dict, ledger: list[list[str]], state: dict) -> list[s
         for n in node_names(spec):
             if counts[(str(r), n)] != 1:
                 problems.append(f"node-ran-{counts[(str(r), n)]}x")
-    if set(rec) - set(booked):
-        problems.append("recorded-never-booked")
-    if set(rec) & set(cancels):
-        problems.append("recorded-but-cancelled")
-    if live - set(rec):
-        problems.append("live-unrecorded")
-    killed = set(out.get("killed_pids", ()))
-    for bid, cs in cancels.items():
-        if len(cs) < 2:
-            continue
-        # a compensation run again after its process was killed right after its effect
-        # (before its outcome was recorded): at least once, same idempotency key
-        explained = True
-        for (i, w), _later in zip(cs, cs[1:]):
-            pid = w[6]
-            last_of_pid = max(j for j, x in enumerate(ledger) if x[-1] == pid)
-            if int(pid) not in killed or last_of_pid != i or w[5] != cs[-1][1][5]:
-                explained = False
-        if explained:
-            out["recompensated"] = out.get("recompensated", 0) + 1
-        else:
-            problems.append("cancelled-twice")
-    out["live"], out["recorded"] = sorted(live), sorted(rec)
-    return problems
+    return problems + ledger_problems(out, ledger, rec, booked, cancels, pid_at=6,
+                                      key_at=5)
 
 
 def documented(spec: dict, out: dict, problems: list[str]) -> str | None:

@@ -69,7 +69,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.kill_soak_support import Child as Child_  # noqa: E402
-from tools.kill_soak_support import append, lines_in, read_ledger  # noqa: E402,F401
+from tools.kill_soak_support import (append, ledger_problems, lines_in,  # noqa: E402,F401
+                                     read_ledger)
 
 SESSION = "u"
 CHILD_WAIT = 90.0      # a child's budget to reach READY or finish (never in a good round)
@@ -414,33 +415,12 @@ def judge(spec: dict, out: dict, ledger: list[list[str]], state: dict) -> list[s
     for i, w in enumerate(ledger):
         if w[0] == "cancel":
             cancels[w[1]].append((i, w))
-    live = {b for b in booked if b not in cancels}
     if any(v > 1 for v in rec.values()):
         problems.append("recorded-twice")
     if any(v > 1 for v in booked.values()):
         problems.append("booked-twice")
-    if set(rec) - set(booked):
-        problems.append("recorded-never-booked")
-    if set(rec) & set(cancels):
-        problems.append("recorded-but-cancelled")
-    if live - set(rec):
-        problems.append("live-unrecorded")
-    killed = set(out.get("killed_pids", ()))
-    for bid, cs in cancels.items():
-        if len(cs) < 2:
-            continue
-        explained = True
-        for (i, w), _later in zip(cs, cs[1:]):
-            pid = w[3]
-            last_of_pid = max(j for j, x in enumerate(ledger) if x[-1] == pid)
-            if int(pid) not in killed or last_of_pid != i or w[2] != cs[-1][1][2]:
-                explained = False
-        if explained:
-            out["recompensated"] = out.get("recompensated", 0) + 1
-        else:
-            problems.append("cancelled-twice")
-    out["live"], out["recorded"] = sorted(live), sorted(rec)
-    return problems
+    return problems + ledger_problems(out, ledger, rec, booked, cancels, pid_at=3,
+                                      key_at=2)
 
 
 def documented(spec: dict, out: dict, problems: list[str]) -> str | None:
