@@ -147,3 +147,23 @@ def ledger_problems(out: dict, ledger: list[list[str]], rec: Any, booked: Any,
             problems.append("cancelled-twice")
     out["live"], out["recorded"] = sorted(live), sorted(rec)
     return problems
+
+
+def first_kill(out: dict, child: Child, kill_at: Any, how: tuple, path: str) -> bool:
+    """Kill the round's first child (``kill_at(child, how, path)``, the soak's own kill
+    points) and note it in ``out`` (``kill1``; ``kills`` and ``killed_pids`` when it
+    died of it; ``crash`` when it never got READY or ended with an error on its own);
+    whether the round goes on."""
+    k = kill_at(child, how, path)
+    out["kill1"] = k
+    if k.get("stuck"):
+        out["crash"] = "run child never READY: " + child.err.decode()[-2000:]
+        return False
+    if k["killed"]:
+        out["kills"] += 1
+        out["killed_pids"].append(child.proc.pid)
+    elif child.proc.returncode != 0:
+        out["crash"] = f"run child exit {child.proc.returncode}: " + \
+            child.err.decode()[-2000:]
+        return False
+    return True

@@ -69,8 +69,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.kill_soak_support import Child as Child_  # noqa: E402
-from tools.kill_soak_support import (append, ledger_problems, lines_in,  # noqa: E402,F401
-                                     read_ledger)
+from tools.kill_soak_support import (append, first_kill,  # noqa: E402,F401
+                                     ledger_problems, lines_in, read_ledger)
 
 SESSION = "u"
 CHILD_WAIT = 90.0      # a child's budget to reach READY or finish (never in a good round)
@@ -438,18 +438,9 @@ def round_(seed: int, rnd_no: int, root: str, shape: str | None = None) -> dict:
                  "killed_pids": [], "resumes": [], "undos": []}
     try:
         c = Child("run", spec, store_path, path)
-        k = kill_at(c, tuple(spec["kill1"]), path)
-        out["kill1"] = k
-        if k.get("stuck"):
-            out["crash"] = "run child never READY: " + c.err.decode()[-2000:]
+        if not first_kill(out, c, kill_at, tuple(spec["kill1"]), path):
             return out
-        if k["killed"]:
-            out["kills"] += 1
-            out["killed_pids"].append(c.proc.pid)
-        elif c.proc.returncode != 0:
-            out["crash"] = f"run child exit {c.proc.returncode}: " + c.err.decode()[-2000:]
-            return out
-        if spec["kill2"] is not None and k["killed"]:
+        if spec["kill2"] is not None and out["kill1"]["killed"]:
             c2 = Child("resume", spec, store_path, path)
             k2 = kill_at(c2, tuple(spec["kill2"]), path)
             out["kill2"] = k2
