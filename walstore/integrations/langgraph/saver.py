@@ -95,7 +95,9 @@ which thread a transaction begun inside a graph node belongs to.
   would run it -- until the run saves an input checkpoint on that head (new input:
   LangGraph discards the head's saved outcomes and runs from the input), when the kept
   work is reverted too (``_undo_discarded``; before, a finished branch's booking
-  stood beside its new one).  "Earlier" is the
+  stood beside its new one) -- and so is, inside one process, the work a run of this
+  process recorded on a head whose step it left unfinished (a branch failed or stopped
+  at an ``interrupt()`` beside one that finished: ``_undo_abandoned``, stop 80).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -243,13 +245,19 @@ class ResumeUndo:
     undo them by hand (``saver.rewind`` of the head, or ``store.revert``).
     ``checkpoint_id`` is None when the thread had no checkpoint: the run the earlier open
     ran on it was killed before its first was saved, and all its node transactions were
-    judged (``_undo_on_fresh_start``)."""
+    judged (``_undo_on_fresh_start``).  ``discarded`` is True for the undo of work whose
+    record new input discarded: the run's input checkpoint was saved on ``checkpoint_id``,
+    a head whose step was left unfinished -- by a killed process (work an earlier resume
+    kept, ``_undo_discarded``) or by a run of this process that failed or stopped at an
+    ``interrupt()`` (``_undo_abandoned``) -- so LangGraph dropped the finished tasks'
+    saved outcomes and runs them again."""
 
     thread_id: str
     checkpoint_id: str | None
     undone: tuple[int, ...]
     kept: tuple[int, ...] = ()
     left: tuple[str, ...] = ()
+    discarded: bool = False
 
 
 def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
@@ -1780,6 +1788,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             with _REMOVALS_LOCK:
                 key = (ns.thread_prefix, ns_name, parent, token)
                 saved.keep(key, (cid, registry.pop(key, None) or {}))
+        if not ns_name and parent is not None and md.get("source") == "input" \
+                and self.undo_on_resume:
+            self._undo_abandoned(thread_id, ns, parent, cid, token)
         if not ns_name and self.undo_on_resume:
             # (saved by this open: no earlier open's work builds on it, and a run loading
             # it as the head has nothing to judge, _undo_on_resume)
@@ -2105,7 +2116,74 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             saver.codec.forget(ns.thread_prefix)
         self._tell_resume_undo(ResumeUndo(
             thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
-            tuple(run.left)))
+            tuple(run.left), discarded=True))
+
+    def _undo_abandoned(self, thread_id: str, ns: Namespace, parent: str, cid: str,
+                        token: str | None) -> None:
+        """The input checkpoint ``cid`` of a run given new input was saved on ``parent``,
+        whose step a run of THIS process began and left unfinished -- a task failed, or
+        stopped at an ``interrupt()``, while a sibling finished -- so no checkpoint was
+        built on ``parent`` (it is still the thread's head: the check below).  A plain
+        resume (``invoke(None)``, ``Command(resume=...)``) reads the finished tasks'
+        saved outcomes back and never runs them again; new input makes LangGraph discard
+        them and run the graph from the input, the finished tasks again too.  So the node
+        transactions of such a step (``_step_txns``: begun in a node of a run whose token
+        is not this run's, on ``parent``) whose work the thread recorded -- their task's
+        or a caller's regular outcome on ``parent``, or a checkpoint that run saved after
+        them in a subgraph, at any level (``_step_recorded``) -- are reverted now, newest
+        first, with their compensations.  Work nothing recorded (a failed or interrupted
+        task's) is left: LangGraph runs that task again after a plain resume as well.
+        (Before, stop 79 left it alone: a finished branch's booking stood beside the one
+        its run from the new input made, the state recording one.)  Done after the input
+        checkpoint committed, so a put refused for a race discards nothing; an undo
+        already made (a rewind, a revert) is passed over."""
+        prefix = ns.thread_prefix
+        registry, saved = _step_txns(self.store), _saved_steps(self.store)
+        work: dict[int, tuple] = {}
+        runs: dict[tuple, list[str]] = {}
+        with _REMOVALS_LOCK:
+            for key, txns in registry.items():
+                if key[0] == prefix and key[1] == "" and key[2] == parent \
+                        and key[3] != token:
+                    work.update(txns)
+            if not work:
+                return
+            for key, (saved_cid, _txns) in saved.items():
+                if key[0] == prefix:
+                    runs.setdefault((key[1], key[3]), []).append(saved_cid)
+        # (the step built on ``parent`` never ended in a checkpoint: a checkpoint other
+        # than this run's with ``parent`` as its parent means a run, a resume of the
+        # interrupt say, read those outcomes back and recorded them further on)
+        checkpoints = ns.checkpoints()
+        for key, rec in self.store.scan(start=ns.checkpoint(parent) + b"\x00",
+                                        end=prefix_end(checkpoints)):
+            if isinstance(rec, dict) and rec.get("p") == parent and \
+                    key[len(checkpoints):].decode("utf-8", "replace") != cid:
+                return
+        heads: dict[tuple, str | None] = {}
+        written: dict[tuple, set[str]] = {}
+        run = _LostRunUndo()
+        for txid in sorted(work, reverse=True):
+            levels = work[txid]
+            if not levels or not any(
+                    self._step_recorded(thread_id, level, runs, heads, written)
+                    for level in levels):
+                continue   # (an undo's own work; work nothing records: run again anyway)
+            try:
+                info = self.store.txn_info(txid)
+            except (KeyError, WalstoreError):
+                continue   # (never committed: its actions, if any, were compensated)
+            if info.extra.get("undone_by"):
+                continue   # (undone already: a rewind, a revert)
+            self._revert_into(run, txid, prefix, self._meta(
+                "undo_abandoned", thread_id=thread_id, checkpoint_id=parent, txid=txid))
+        if run.undone:
+            for saver in _savers_of(self.store):
+                saver.codec.forget(prefix)
+        if run.undone or run.left:
+            self._tell_resume_undo(ResumeUndo(
+                thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
+                tuple(run.left), discarded=True))
 
     def _undo_on_fresh_start(self, thread_id: str, ns: Namespace) -> None:
         """A run loaded the thread's outermost graph and found no checkpoint: the thread is
@@ -2255,15 +2333,21 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.resume_undos.append(done)
         if not (done.undone or done.left):
             return
-        where = (f"resumed from checkpoint {done.checkpoint_id!r}: a process that ran the "
-                 f"step built on it ended before saving it"
-                 if done.checkpoint_id is not None else
-                 "had no checkpoint: a process that ran it ended before saving its first")
+        if done.discarded:
+            where = (f"took new input on checkpoint {done.checkpoint_id!r}, whose step was "
+                     f"left unfinished (a kill, an error or an interrupt()): LangGraph "
+                     f"discards the outcomes saved on it and runs its finished tasks again")
+        elif done.checkpoint_id is not None:
+            where = (f"resumed from checkpoint {done.checkpoint_id!r}: a process that ran "
+                     f"the step built on it ended before saving it")
+        else:
+            where = "had no checkpoint: a process that ran it ended before saving its first"
+        again = ("their tasks run" if done.discarded else
+                 "step runs" if done.checkpoint_id is not None else "run starts over")
         _log.warning(
             "thread %r %s; %s%s", done.thread_id, where,
             (f"its node transactions {', '.join(map(str, done.undone))} were reverted "
-             f"and their actions compensated before the "
-             f"{'step runs' if done.checkpoint_id is not None else 'run starts over'} again"
+             f"and their actions compensated before the {again} again"
              if done.undone else "nothing of it was reverted"),
             (f"; NOT undone (revert them by hand, or undo what they did outside): "
              f"{'; '.join(done.left)}" if done.left else ""))

@@ -1,0 +1,220 @@
+"""New input sent to a thread whose last step a run of THIS process left unfinished (a
+parallel branch failed, or called ``interrupt()``) while a sibling branch finished and
+booked: LangGraph saved the finished branch's outcome (pending writes) on the head, and
+a plain resume (``invoke(None)``, ``Command(resume=...)``) reads it back and never runs
+the branch again -- but NEW input makes LangGraph discard the head's saved outcomes and
+run the graph from the input, so the finished branch runs again and books again.
+Before (stop 79 left it alone), its first booking stood with nothing recording it: two
+live bookings in the world, one in the graph's state.  ``WalstoreSaver`` now reverts,
+with its compensations, the work of the discarded outcomes once the run's input
+checkpoint is saved on that head (``_undo_abandoned``), as it did after a kill
+(``_undo_discarded``).  The world: an fsynced ledger file each booking and cancellation
+is appended to.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import sys
+from pathlib import Path
+from typing import Annotated, TypedDict
+
+import pytest
+
+pytest.importorskip("langgraph.checkpoint.base")
+
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langgraph.types import Command, interrupt  # noqa: E402
+
+import walstore  # noqa: E402
+from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "findings_scripts"))
+from langgraph_resume_kill_child import book, cancel_into, ledger  # noqa: E402,I001
+
+CONFIG = {"configurable": {"thread_id": "t"}}
+LOGGER = "walstore.integrations.langgraph.saver"
+
+
+class State(TypedDict):
+    log: Annotated[list, operator.add]
+
+
+def live(path: str) -> list[str]:
+    booked, cancelled = ledger(path)
+    assert len(cancelled) == len(set(cancelled)), f"cancelled twice: {cancelled}"
+    return sorted(b for b in booked if b not in cancelled)
+
+
+def recorded(values: dict) -> list[str]:
+    return sorted(v for v in values["log"] if "-" in v)
+
+
+def build(store, path: str, how: str, shape: str = "parallel", **saver_options):
+    """``fast`` books and finishes; ``slow``, the first time it runs, fails (``how``
+    "error") or asks (``interrupt()``, "interrupt") before it books, then books.
+    ``shape`` "subgraph": ``fast`` is a subgraph (``f1`` books, then ``f2`` books), so
+    its work is recorded by the subgraph's own checkpoints, not by an outcome of the
+    outer task."""
+    saver = WalstoreSaver(store, **saver_options)
+    first = {"slow": True}
+
+    def slow(state: State) -> dict:
+        if first["slow"]:
+            first["slow"] = False
+            if how == "error":
+                raise RuntimeError("slow failed")
+            interrupt("go on?")
+        return {"log": [book(store, path, "slow")]}
+
+    b = StateGraph(State)
+    if shape == "subgraph":
+        inner = StateGraph(State)
+        inner.add_node("f1", lambda s: {"log": [book(store, path, "f1")]})
+        inner.add_node("f2", lambda s: {"log": [book(store, path, "f2")]})
+        inner.add_edge(START, "f1")
+        inner.add_edge("f1", "f2")
+        inner.add_edge("f2", END)
+        b.add_node("fast", inner.compile())
+    else:
+        b.add_node("fast", lambda s: {"log": [book(store, path, "fast")]})
+    b.add_node("slow", slow)
+    b.add_edge(START, "fast")
+    b.add_edge(START, "slow")
+    b.add_edge("fast", END)
+    b.add_edge("slow", END)
+    return b.compile(checkpointer=saver), saver
+
+
+def first_run(graph, how: str, durability: str) -> None:
+    if how == "error":
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+    else:
+        out = graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+        assert "__interrupt__" in out
+
+
+def checked(store_path: str) -> None:
+    rep = verify_store(store_path)
+    assert not (rep.errors or rep.pending_compensations or rep.in_doubt), rep
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+@pytest.mark.parametrize("how", ["error", "interrupt"])
+def test_new_input_after_an_unfinished_step_refunds_the_discarded_branch(
+        tmp_path, caplog, how, durability):
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, how)
+        first_run(graph, how, durability)
+        assert [b.split("-")[0] for b in live(path)] == ["fast"]
+        assert {t.name for t in graph.get_state(CONFIG).tasks if t.result} == {"fast"}
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
+        got = recorded(out)
+        assert sorted(b.split("-")[0] for b in got) == ["fast", "slow"], got
+        # the state records one fast booking (the new run's) and the world holds it alone
+        assert live(path) == got, (ledger(path), got)
+        undo = saver.resume_undos[-1]
+        assert undo.discarded and len(undo.undone) == 1 and not undo.left
+        assert "new input" in caplog.text
+    finally:
+        store.close()
+    checked(store_path)
+
+
+@pytest.mark.parametrize("how", ["error", "interrupt"])
+def test_a_plain_resume_keeps_the_finished_branch(tmp_path, how):
+    # the control: invoke(None) / Command(resume=) reads fast's saved outcome back and
+    # never runs it again -- its one booking stays, nothing is refunded
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, how)
+        first_run(graph, how, "sync")
+        out = graph.invoke(None if how == "error" else Command(resume="yes"), CONFIG)
+        got = recorded(out)
+        assert sorted(b.split("-")[0] for b in got) == ["fast", "slow"]
+        assert live(path) == got
+        assert ledger(path)[1] == []
+        assert not [u for u in saver.resume_undos if u.undone]
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_new_input_after_the_branch_was_resumed_refunds_nothing(tmp_path):
+    # interrupted, resumed to the end (the resume read fast's outcome back), then new
+    # input on the thread's new head: the head's step finished, nothing is discarded
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "interrupt")
+        first_run(graph, "interrupt", "sync")
+        graph.invoke(Command(resume="yes"), CONFIG)
+        out = graph.invoke({"log": ["again"]}, CONFIG)
+        got = recorded(out)
+        assert sorted(b.split("-")[0] for b in got) == ["fast", "fast", "slow", "slow"]
+        assert live(path) == got and ledger(path)[1] == []
+        assert not [u for u in saver.resume_undos if u.undone]
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_a_fork_of_the_interrupted_checkpoint_after_its_resume_keeps_the_booking(
+        tmp_path):
+    # interrupted on checkpoint P (fast's outcome saved there), resumed: the resume's
+    # step built on P read fast's outcome back and recorded its booking in the next
+    # checkpoint.  New input sent to P itself (time travel) branches: the main line
+    # still records the first booking, so it must stay (the branch books its own)
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "interrupt")
+        first_run(graph, "interrupt", "sync")
+        p = graph.get_state(CONFIG).config
+        main = graph.invoke(Command(resume="yes"), CONFIG)
+        branch = graph.invoke({"log": ["fork"]}, p)
+        assert ledger(path)[1] == []
+        assert live(path) == sorted(recorded(main) + [
+            b for b in recorded(branch) if b not in recorded(main)])
+        assert not [u for u in saver.resume_undos if u.undone]
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_a_subgraph_branch_recorded_by_its_own_checkpoints_is_refunded_too(tmp_path):
+    # fast is a subgraph: its two bookings are recorded by the subgraph's checkpoints
+    # (invoke(None) would resume it from there); new input runs a new subgraph task
+    # from its start, so both first bookings are discarded and refunded
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "error", shape="subgraph")
+        first_run(graph, "error", "sync")
+        assert sorted(b.split("-")[0] for b in live(path)) == ["f1", "f2"]
+        out = graph.invoke({"log": ["again"]}, CONFIG)
+        got = recorded(out)
+        assert sorted(b.split("-")[0] for b in got) == ["f1", "f2", "slow"]
+        assert live(path) == got, (ledger(path), got)
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_undo_on_resume_false_leaves_the_discarded_booking(tmp_path):
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph, saver = build(store, path, "error", undo_on_resume=False)
+        first_run(graph, "error", "sync")
+        graph.invoke({"log": ["again"]}, CONFIG)
+        assert [b.split("-")[0] for b in live(path)] == ["fast", "fast", "slow"]
+        assert not saver.resume_undos
+    finally:
+        store.close()
