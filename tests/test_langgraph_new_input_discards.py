@@ -218,3 +218,97 @@ def test_undo_on_resume_false_leaves_the_discarded_booking(tmp_path):
         assert not saver.resume_undos
     finally:
         store.close()
+
+
+class SlowInputSaver(WalstoreSaver):
+    """Holds the save of an input checkpoint (LangGraph makes it in the background while
+    the first step's tasks run), so the tasks re-run from new input read first."""
+
+    def put(self, config, checkpoint, metadata, new_versions):
+        if metadata.get("source") == "input":
+            import time
+            time.sleep(0.3)
+        return super().put(config, checkpoint, metadata, new_versions)
+
+
+def build_idempotent(store, path: str, saver: WalstoreSaver):
+    """``fast`` books only when its key says it has not (the usual way to make a node
+    safe to run again), in one walstore transaction; ``slow`` fails the first time."""
+    first = {"slow": True}
+
+    def fast(state: State) -> dict:
+        with store.transaction() as tx:
+            bid = tx.get("booked/fast")
+            if bid is None:
+                import uuid
+                from langgraph_resume_kill_child import append
+                bid = f"fast-{uuid.uuid4().hex[:8]}"
+                with tx.action("book", args={"id": bid}, compensate="cancel") as act:
+                    append(path, f"book {bid}")
+                    act.result = {"ok": True}
+                tx.put("booked/fast", bid)
+        return {"log": [bid]}
+
+    def slow(state: State) -> dict:
+        if first["slow"]:
+            first["slow"] = False
+            raise RuntimeError("slow failed")
+        return {"log": [book(store, path, "slow")]}
+
+    b = StateGraph(State)
+    b.add_node("fast", fast)
+    b.add_node("slow", slow)
+    b.add_edge(START, "fast")
+    b.add_edge(START, "slow")
+    b.add_edge("fast", END)
+    b.add_edge("slow", END)
+    return b.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async", "exit"])
+def test_a_rerun_that_reads_its_own_booking_key_sees_the_undo_first(tmp_path, durability):
+    # the input checkpoint's save is held: "fast", run again from the new input, begins
+    # its transaction before that save.  Undone only at the save, the first booking was
+    # found by fast's key, kept as its answer, and then refunded: the state recorded a
+    # cancelled booking.  The undo now comes first, at fast's transaction's begin
+    # (_discard_early), so fast books anew; under "exit" (no input checkpoint saved at
+    # all) too
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        saver = SlowInputSaver(store)
+        graph = build_idempotent(store, path, saver)
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+        if durability == "exit":
+            # (nothing saved by the failed run under "exit": nothing records fast's
+            # outcome, and LangGraph runs the whole step again -- fast finds its key)
+            out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
+            assert live(path) == recorded(out)
+            return
+        (first,) = live(path)
+        out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
+        got = recorded(out)
+        assert first not in got and live(path) == got, (ledger(path), got)
+        assert store.get("booked/fast") in got
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_a_plain_resume_takes_no_early_undo(tmp_path):
+    # the run that loaded the head with work to discard resumes with None: its step
+    # builds on the head itself, so its first node transaction undoes nothing
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        graph = build_idempotent(store, path, WalstoreSaver(store))
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG)
+        (first,) = live(path)
+        out = graph.invoke(None, CONFIG)
+        assert first in recorded(out) and live(path) == recorded(out)
+        assert ledger(path)[1] == []
+    finally:
+        store.close()
+    checked(store_path)

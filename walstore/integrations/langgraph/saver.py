@@ -97,7 +97,9 @@ which thread a transaction begun inside a graph node belongs to.
   work is reverted too (``_undo_discarded``; before, a finished branch's booking
   stood beside its new one) -- and so is, inside one process, the work a run of this
   process recorded on a head whose step it left unfinished (a branch failed or stopped
-  at an ``interrupt()`` beside one that finished: ``_undo_abandoned``, stop 80).  "Earlier" is the
+  at an ``interrupt()`` beside one that finished: ``_undo_abandoned``, stop 80); both
+  made at the new run's first node transaction, before it reads, when LangGraph's
+  background save of the input checkpoint has not come yet (``_discard_early``).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -714,6 +716,21 @@ class _LostRunUndo:
         self.undone: list[int] = []     # txids reverted, their actions compensated
         self.left: list[str] = []       # "txid (why)" of those a revert refused
         self.done: set[int] = set()     # txids a cut-off run's undo is done with
+
+
+_DISCARDS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _discards(store: Any) -> "OrderedDict[str, str]":
+    """run token (``RUN_TOKEN``) -> the head it loaded, of the runs that loaded a head
+    whose step was left unfinished with work to discard should the run have new input
+    (``WalstoreSaver._note_discardable``), per store object; the newest
+    ``_LOST_RUNS_MAX`` (a run that begins no node transaction never takes its entry)."""
+    with _REMOVALS_LOCK:
+        got = _DISCARDS.get(store)
+        if got is None:
+            got = _DISCARDS[store] = OrderedDict()
+        return got
 
 
 _LOST_RUN_UNDOS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -1372,6 +1389,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             # (what it reverts is node transactions: no checkpoint, blob or pending write
             # of the thread, so the tuple read stays what the run resumes from)
             self._undo_on_resume(thread_id, ns, head[0])
+            self._note_discardable(ns, head[0], _conf(config).get(RUN_TOKEN))
         elif fresh:
             self._undo_on_fresh_start(thread_id, ns)
         return got
@@ -2135,8 +2153,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         task's) is left: LangGraph runs that task again after a plain resume as well.
         (Before, stop 79 left it alone: a finished branch's booking stood beside the one
         its run from the new input made, the state recording one.)  Done after the input
-        checkpoint committed, so a put refused for a race discards nothing; an undo
-        already made (a rewind, a revert) is passed over."""
+        checkpoint committed, so a put refused for a race discards nothing -- and, when
+        the step ended in an error or an interrupt (no run builds on ``parent`` from it
+        any more), before that, at the new run's first node transaction
+        (``_discard_early``); an undo already made (a rewind, a revert, the early one)
+        is passed over."""
         prefix = ns.thread_prefix
         registry, saved = _step_txns(self.store), _saved_steps(self.store)
         work: dict[int, tuple] = {}
@@ -2184,6 +2205,73 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             self._tell_resume_undo(ResumeUndo(
                 thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
                 tuple(run.left), discarded=True))
+
+    def _note_discardable(self, ns: Namespace, head: str, token: Any) -> None:
+        """A run (load ``token``) loaded ``head``, the outermost graph's newest checkpoint:
+        when a step built on it was left unfinished with work its new input would
+        discard -- kept by a resume after a kill (``_EarlierOpen.kept``), or begun by
+        another run of this process (``_step_txns``) --, note the run, so that its first
+        node transaction, should it run from new input, first undoes that work
+        (``_discard_early``): LangGraph saves the input checkpoint in the background
+        while the first step's tasks run, so the undo at that save (``_undo_discarded``,
+        ``_undo_abandoned``) could come after a task re-run from the input had read the
+        work it undoes (a node that books only when its key says it has not: it found
+        the first booking, kept it, and the undo then refunded it).  One scan of the
+        in-flight registry a load that finds an earlier open's or another run's work."""
+        if token is None or not self.fencing:
+            return
+        prefix = ns.thread_prefix
+        earlier = _earlier_open(self.store)
+        with earlier.lock:
+            found = (prefix, head) in earlier.kept
+        registry, discards = _step_txns(self.store), _discards(self.store)
+        with _REMOVALS_LOCK:
+            found = found or any(k[0] == prefix and k[1] == "" and k[2] == head
+                                 and k[3] != token for k in registry)
+            if found:
+                discards[str(token)] = head
+                while len(discards) > _LOST_RUNS_MAX:
+                    discards.popitem(last=False)
+
+    def _discard_early(self, thread_id: str, conf: Mapping,
+                       checkpoint_map: Mapping) -> None:
+        """A node transaction of a run begins (``_fence_node_transaction``, before its
+        snapshot): when the run loaded a head with work to discard
+        (``_note_discardable``) and its step builds on another checkpoint -- the input
+        checkpoint LangGraph made on that head for new input (a plain resume's step
+        builds on the head itself) --, undo that work now, once, before the node reads:
+        what a killed process's resume kept (``_undo_discarded``), and what another run
+        of this process recorded on a head whose step ended in an error or an
+        ``interrupt()`` (``_undo_abandoned``: a run still working on the head is not
+        judged here; the input checkpoint's save judges it once it won the head)."""
+        token = conf.get(RUN_TOKEN)
+        if token is None:
+            return
+        discards = _discards(self.store)
+        with _REMOVALS_LOCK:
+            head = discards.pop(str(token), None)
+        step = checkpoint_map.get("")
+        if head is None or not isinstance(step, str) or step == head:
+            return
+        ns = self.keys.at(thread_id, "")
+        self._undo_discarded(thread_id, ns, head)
+        if self._step_ended(ns, head):
+            self._undo_abandoned(thread_id, ns, head, step, token)
+
+    def _step_ended(self, ns: Namespace, cid: str) -> bool:
+        """Was the step built on checkpoint ``cid`` ended by LangGraph without a checkpoint:
+        an error's or an interrupt's pending write of one of its tasks saved on it (no
+        run builds on ``cid`` from that step any more)?"""
+        prefix = ns.writes_of(cid)
+        ended = (WRITES_IDX_MAP.get("__error__"), WRITES_IDX_MAP.get("__interrupt__"))
+        for key, _row in self.store.scan(prefix=prefix):
+            try:
+                _task, idx = self.keys.parse_write(prefix, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            if idx in ended:
+                return True
+        return False
 
     def _undo_on_fresh_start(self, thread_id: str, ns: Namespace) -> None:
         """A run loaded the thread's outermost graph and found no checkpoint: the thread is
@@ -3710,6 +3798,12 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
         budget: dict = {}
         if not on_loop:
             _await_removal(store, prefix, budget)
+            if saver.undo_on_resume:
+                # (new input's discard of an unfinished step's work, before this
+                # transaction's snapshot: _discard_early; on an event loop the input
+                # checkpoint's save does it, as a compensator may need the loop)
+                _outside_node(lambda: saver._discard_early(thread_id, conf,
+                                                           checkpoint_map))
         while True:
             try:
                 saver._fence_step(tx, thread_id, checkpoint_map, conf)
