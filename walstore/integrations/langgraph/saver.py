@@ -99,7 +99,10 @@ which thread a transaction begun inside a graph node belongs to.
   process recorded on a head whose step it left unfinished (a branch failed or stopped
   at an ``interrupt()`` beside one that finished: ``_undo_abandoned``, stop 80); both
   made at the new run's first node transaction, before it reads, when LangGraph's
-  background save of the input checkpoint has not come yet (``_discard_early``).  "Earlier" is the
+  background save of the input checkpoint has not come yet (``_discard_early``).
+  A node LangGraph's ``RetryPolicy`` runs again after an attempt raised: the first node
+  transaction of the next attempt reverts what the earlier attempts committed
+  (``_undo_superseded``, stop 80; LangGraph drops their writes).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -252,7 +255,10 @@ class ResumeUndo:
     a head whose step was left unfinished -- by a killed process (work an earlier resume
     kept, ``_undo_discarded``) or by a run of this process that failed or stopped at an
     ``interrupt()`` (``_undo_abandoned``) -- so LangGraph dropped the finished tasks'
-    saved outcomes and runs them again."""
+    saved outcomes and runs them again.  ``superseded`` is True for the undo of what a
+    node's earlier attempts committed, made as LangGraph retried the node (its
+    ``RetryPolicy``: ``_undo_superseded``); ``checkpoint_id`` is then the checkpoint the
+    step builds on."""
 
     thread_id: str
     checkpoint_id: str | None
@@ -260,6 +266,7 @@ class ResumeUndo:
     kept: tuple[int, ...] = ()
     left: tuple[str, ...] = ()
     discarded: bool = False
+    superseded: bool = False
 
 
 def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
@@ -716,6 +723,63 @@ class _LostRunUndo:
         self.undone: list[int] = []     # txids reverted, their actions compensated
         self.left: list[str] = []       # "txid (why)" of those a revert refused
         self.done: set[int] = set()     # txids a cut-off run's undo is done with
+
+
+class _AttemptTxns(OrderedDict):
+    """(thread prefix, the node's task namespace, the run's load tokens) -> txid -> the
+    node attempt (LangGraph's ``execution_info.node_attempt``) that began it: the node
+    transactions of attempts that may yet be retried (``WalstoreSaver._undo_superseded``),
+    the newest tasks' kept, ``_STEP_TXNS_MAX`` tasks and ``_SAVED_TXNS_MAX`` transactions
+    at most (a retry of a task dropped leaves its earlier attempts' work standing).
+    Used under ``_REMOVALS_LOCK``."""
+
+    txns = 0
+
+    def note(self, key: tuple, txid: int, attempt: int) -> None:
+        got = self.get(key)
+        if got is None:
+            got = self[key] = {}
+        if txid not in got:
+            self.txns += 1
+        got[txid] = attempt
+        self.move_to_end(key)
+        while len(self) > _STEP_TXNS_MAX or (self.txns > _SAVED_TXNS_MAX and len(self) > 1):
+            self.txns -= len(self.popitem(last=False)[1])
+
+    def take(self, key: tuple, below: int) -> list[int]:
+        """The txids of ``key`` begun by an attempt before ``below``, newest first,
+        forgotten."""
+        got = self.get(key) or {}
+        taken = sorted((t for t, a in got.items() if a < below), reverse=True)
+        for txid in taken:
+            del got[txid]
+        self.txns -= len(taken)
+        return taken
+
+
+_ATTEMPTS: "weakref.WeakKeyDictionary[Any, _AttemptTxns]" = weakref.WeakKeyDictionary()
+
+
+def _attempts(store: Any) -> _AttemptTxns:
+    """The ``_AttemptTxns`` of ``store`` (per store object)."""
+    with _REMOVALS_LOCK:
+        got = _ATTEMPTS.get(store)
+        if got is None:
+            got = _ATTEMPTS[store] = _AttemptTxns()
+        return got
+
+
+def _node_attempt(conf: Mapping) -> tuple[tuple, int] | None:
+    """(the run's load tokens, LangGraph's attempt number) of the node whose config
+    ``conf`` is (``RetryPolicy``: 1, then 2, 3... as it retries); None when LangGraph
+    does not say (an older langgraph, a config without its Runtime)."""
+    info = getattr(conf.get(_RUN_KEY), "execution_info", None)
+    attempt = getattr(info, "node_attempt", None)
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        return None
+    tokens = tuple(sorted((k, str(v)) for k, v in conf.items()
+                          if isinstance(k, str) and k.startswith(RUN_TOKEN)))
+    return tokens, attempt
 
 
 _DISCARDS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -2206,6 +2270,50 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
                 tuple(run.left), discarded=True))
 
+    def _undo_superseded(self, thread_id: str, conf: Mapping,
+                         checkpoint_map: Mapping) -> None:
+        """A node transaction begins in a later attempt of its node (LangGraph's
+        ``RetryPolicy`` ran the node again after an attempt raised: ``node_attempt`` 2,
+        3...): first revert, newest first, with their compensations, the transactions the
+        node's earlier attempts in the same run and step committed (``_attempts``), once.
+        LangGraph drops a failed attempt's writes and runs the node from its start, so
+        what that attempt did through walstore is recorded nowhere, and the retry does it
+        again (before, stop 80: a booking made before the attempt raised stood beside
+        the retry's, the state recording one).  Made before this transaction reads, so a
+        node that books only when its key says it has not books anew rather than keeping
+        a booking the undo then refunds.  Not made on an event loop's thread (an async
+        node's own code; a compensator may need the loop), where the earlier attempts'
+        work stands: run walstore work in ``asyncio.to_thread``.  Told like a resume's
+        undo (``ResumeUndo.superseded``)."""
+        task_ns = conf.get("checkpoint_ns")
+        attempt = _node_attempt(conf) if isinstance(task_ns, str) and task_ns else None
+        if attempt is None or attempt[1] <= 1:
+            return
+        prefix = self.thread_scope(thread_id)
+        attempts = _attempts(self.store)
+        with _REMOVALS_LOCK:
+            earlier = attempts.take((prefix, task_ns, attempt[0]), attempt[1])
+        if not earlier:
+            return
+        run = _LostRunUndo()
+        step = checkpoint_map.get("") if isinstance(checkpoint_map.get(""), str) else None
+        for txid in earlier:
+            try:
+                info = self.store.txn_info(txid)
+            except (KeyError, WalstoreError):
+                continue   # (never committed: rolled back, its actions compensated)
+            if info.extra.get("undone_by"):
+                continue   # (undone already: a rewind, a revert)
+            self._revert_into(run, txid, prefix, self._meta(
+                "undo_superseded", thread_id=thread_id, checkpoint_id=step, txid=txid))
+        if run.undone:
+            for saver in _savers_of(self.store):
+                saver.codec.forget(prefix)
+        if run.undone or run.left:
+            self._tell_resume_undo(ResumeUndo(
+                thread_id, step, tuple(sorted(run.undone, reverse=True)), (),
+                tuple(run.left), superseded=True))
+
     def _note_discardable(self, ns: Namespace, head: str, token: Any) -> None:
         """A run (load ``token``) loaded ``head``, the outermost graph's newest checkpoint:
         when a step built on it was left unfinished with work its new input would
@@ -2421,7 +2529,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.resume_undos.append(done)
         if not (done.undone or done.left):
             return
-        if done.discarded:
+        if done.superseded:
+            where = (f"retried a node (a later attempt of its RetryPolicy) in the step "
+                     f"built on checkpoint {done.checkpoint_id!r}: LangGraph dropped the "
+                     f"earlier attempts' writes")
+        elif done.discarded:
             where = (f"took new input on checkpoint {done.checkpoint_id!r}, whose step was "
                      f"left unfinished (a kill, an error or an interrupt()): LangGraph "
                      f"discards the outcomes saved on it and runs its finished tasks again")
@@ -2430,7 +2542,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                      f"the step built on it ended before saving it")
         else:
             where = "had no checkpoint: a process that ran it ended before saving its first"
-        again = ("their tasks run" if done.discarded else
+        again = ("node runs" if done.superseded else
+                 "their tasks run" if done.discarded else
                  "step runs" if done.checkpoint_id is not None else "run starts over")
         _log.warning(
             "thread %r %s; %s%s", done.thread_id, where,
@@ -2707,7 +2820,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                        for ns_name, cid in checkpoint_map.items()
                        if isinstance(ns_name, str) and isinstance(cid, str)
                        and conf.get(RUN_TOKEN + ns_name) is not None)
+        attempt = _node_attempt(conf) if task_ns and not undo_work else None
+        attempts = _attempts(self.store) if attempt is not None else None
         with _REMOVALS_LOCK:
+            if attempts is not None:
+                attempts.note((prefix, task_ns, attempt[0]), tx.id, attempt[1])
             for ns_name, cid, token, _task in levels:
                 key = (prefix, ns_name, cid, token)
                 # (a dict: each once, a transaction fenced again by guard_node_scope too;
@@ -3799,11 +3916,13 @@ def _fence_node_transaction(store: "walstore.Store", tx: Any, saver: "WalstoreSa
         if not on_loop:
             _await_removal(store, prefix, budget)
             if saver.undo_on_resume:
-                # (new input's discard of an unfinished step's work, before this
-                # transaction's snapshot: _discard_early; on an event loop the input
-                # checkpoint's save does it, as a compensator may need the loop)
+                # (new input's discard of an unfinished step's work, and a retried
+                # node's earlier attempts' work, before this transaction's snapshot:
+                # _discard_early, _undo_superseded; on an event loop the input
+                # checkpoint's save does the first, as a compensator may need the loop)
                 _outside_node(lambda: saver._discard_early(thread_id, conf,
                                                            checkpoint_map))
+                saver._undo_superseded(thread_id, conf, checkpoint_map)
         while True:
             try:
                 saver._fence_step(tx, thread_id, checkpoint_map, conf)
