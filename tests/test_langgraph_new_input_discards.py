@@ -312,3 +312,108 @@ def test_a_plain_resume_takes_no_early_undo(tmp_path):
     finally:
         store.close()
     checked(store_path)
+
+
+def build_failing_after_booking(store, path: str, saver: WalstoreSaver,
+                                before: str = "error"):
+    """``fast`` books and finishes; ``slow`` books, then -- the first time -- raises
+    (``before`` "error") or asks (``interrupt()``, "interrupt") after its booking."""
+    first = {"slow": True}
+
+    def slow(state: State) -> dict:
+        bid = book(store, path, "slow")
+        if first["slow"]:
+            first["slow"] = False
+            if before == "error":
+                raise RuntimeError("slow failed")
+        if before == "interrupt":
+            interrupt("go on?")
+        return {"log": [bid]}
+
+    b = StateGraph(State)
+    b.add_node("fast", lambda s: {"log": [book(store, path, "fast")]})
+    b.add_node("slow", slow)
+    b.add_edge(START, "fast")
+    b.add_edge(START, "slow")
+    b.add_edge("fast", END)
+    b.add_edge("slow", END)
+    return b.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_resume_rerunning_a_task_that_failed_after_booking_refunds_it_first(
+        tmp_path, durability):
+    # slow booked, then raised: LangGraph saved its error (and fast's outcome); a plain
+    # resume runs slow again from its start, which books again.  Before, the failed
+    # attempt's booking stood beside the new one, the state recording one (the GUIDE's
+    # "still by hand"); now the rerun's first transaction reverts it first
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        saver = WalstoreSaver(store)
+        graph = build_failing_after_booking(store, path, saver)
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+        failed = [b for b in live(path) if b.startswith("slow")]
+        out = graph.invoke(None, CONFIG, durability=durability)
+        got = recorded(out)
+        assert sorted(b.split("-")[0] for b in got) == ["fast", "slow"]
+        assert failed[0] not in got and live(path) == got, (ledger(path), got)
+        assert [u for u in saver.resume_undos if u.undone][-1].rerun
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_a_resume_rerunning_an_interrupted_task_keeps_its_first_booking(tmp_path):
+    # interrupt() is no failure: LangGraph's documented semantics (the node runs again
+    # from its start on the answer, so book after interrupt()) are kept -- and a node
+    # that books only when its key says it has not keeps the booking the human saw
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        saver = WalstoreSaver(store)
+        graph = build_failing_after_booking(store, path, saver, before="interrupt")
+        graph.invoke({"log": ["go"]}, CONFIG)
+        graph.invoke(Command(resume="yes"), CONFIG)
+        assert ledger(path)[1] == []
+        assert not [u for u in saver.resume_undos if u.undone]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_resume_whose_first_step_begins_no_transaction_discards_nothing(
+        tmp_path, durability):
+    # the resume re-runs only "slow", which makes no walstore transaction; the next
+    # step's node ("after") makes the run's first one, on a checkpoint other than the
+    # head -- the resume's own, not new input's: fast's booking, read back, stays
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    first = {"slow": True}
+
+    def slow(state: State) -> dict:
+        if first["slow"]:
+            first["slow"] = False
+            raise RuntimeError("slow failed")
+        return {"log": ["slow ran"]}
+    try:
+        saver = WalstoreSaver(store)
+        b = StateGraph(State)
+        b.add_node("fast", lambda s: {"log": [book(store, path, "fast")]})
+        b.add_node("slow", slow)
+        b.add_node("after", lambda s: {"log": [book(store, path, "after")]})
+        b.add_edge(START, "fast")
+        b.add_edge(START, "slow")
+        b.add_edge(["fast", "slow"], "after")
+        b.add_edge("after", END)
+        graph = b.compile(checkpointer=saver)
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+        out = graph.invoke(None, CONFIG, durability=durability)
+        got = recorded(out)
+        assert sorted(x.split("-")[0] for x in got) == ["after", "fast"]
+        assert live(path) == got and ledger(path)[1] == [], (ledger(path), got)
+    finally:
+        store.close()
+    checked(store_path)

@@ -157,6 +157,10 @@ try:  # (the configurable key of a run's Runtime: set by a run, never by get_sta
     from langgraph._internal._constants import CONFIG_KEY_RUNTIME as _RUN_KEY
 except ImportError:  # pragma: no cover - another langgraph layout
     _RUN_KEY = "__pregel_runtime"
+try:  # (the configurable key of a run's durability, in each of its tasks' configs)
+    from langgraph._internal._constants import CONFIG_KEY_DURABILITY as _DURABILITY_KEY
+except ImportError:  # pragma: no cover - another langgraph layout
+    _DURABILITY_KEY = "__pregel_durability"
 
 try:
     from langgraph.checkpoint.base import writes_sort_key
@@ -258,7 +262,9 @@ class ResumeUndo:
     saved outcomes and runs them again.  ``superseded`` is True for the undo of what a
     node's earlier attempts committed, made as LangGraph retried the node (its
     ``RetryPolicy``: ``_undo_superseded``); ``checkpoint_id`` is then the checkpoint the
-    step builds on."""
+    step builds on.  ``rerun`` is True for the undo of what a task that failed (its
+    error saved on ``checkpoint_id``, or cut short with no outcome) committed, made as
+    a resume ran the task again (``_undo_rerun``)."""
 
     thread_id: str
     checkpoint_id: str | None
@@ -267,6 +273,7 @@ class ResumeUndo:
     left: tuple[str, ...] = ()
     discarded: bool = False
     superseded: bool = False
+    rerun: bool = False
 
 
 def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
@@ -756,6 +763,9 @@ class _AttemptTxns(OrderedDict):
         self.txns -= len(taken)
         return taken
 
+
+_SOURCE_WAIT_S = 2.0  # how long a node transaction waits for its step's checkpoint save
+# to tell new input from a resume's later step (``WalstoreSaver._checkpoint_source``)
 
 _ATTEMPTS: "weakref.WeakKeyDictionary[Any, _AttemptTxns]" = weakref.WeakKeyDictionary()
 
@@ -2337,7 +2347,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             found = found or any(k[0] == prefix and k[1] == "" and k[2] == head
                                  and k[3] != token for k in registry)
             if found:
-                discards[str(token)] = head
+                discards[str(token)] = (head, set())
                 while len(discards) > _LOST_RUNS_MAX:
                     discards.popitem(last=False)
 
@@ -2353,18 +2363,147 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         ``interrupt()`` (``_undo_abandoned``: a run still working on the head is not
         judged here; the input checkpoint's save judges it once it won the head)."""
         token = conf.get(RUN_TOKEN)
-        if token is None:
+        step = checkpoint_map.get("")
+        if token is None or not isinstance(step, str):
             return
         discards = _discards(self.store)
         with _REMOVALS_LOCK:
-            head = discards.pop(str(token), None)
-        step = checkpoint_map.get("")
-        if head is None or not isinstance(step, str) or step == head:
+            noted = discards.get(str(token))
+        if noted is None:
             return
+        head, rerun = noted
         ns = self.keys.at(thread_id, "")
+        if step != head:
+            # (new input -- or a later step of a resume whose first step began no node
+            # transaction: told by the source of the checkpoint the step builds on, which
+            # LangGraph saves in the background -- waited for, briefly; not seen, the
+            # input checkpoint's own save judges)
+            source = self._checkpoint_source(
+                ns, step, wait=conf.get(_DURABILITY_KEY) != "exit")
+            if source is None:
+                return
+            with _REMOVALS_LOCK:
+                if discards.pop(str(token), None) is None:
+                    return   # (taken by another of the run's tasks)
+            if source != "input":
+                return   # (a resume moved on past the head's step)
+        if step == head:
+            # (a plain resume: the task this transaction is work of runs again)
+            task_ns = conf.get("checkpoint_ns")
+            chain = _task_chain(task_ns, "", checkpoint_map) \
+                if isinstance(task_ns, str) else ()
+            if chain:
+                with _REMOVALS_LOCK:
+                    first = chain[-1] not in rerun
+                    rerun.add(chain[-1])
+                if first:
+                    self._undo_rerun(thread_id, ns, head, chain[-1], token)
+            return
         self._undo_discarded(thread_id, ns, head)
         if self._step_ended(ns, head):
             self._undo_abandoned(thread_id, ns, head, step, token)
+
+    def _checkpoint_source(self, ns: Namespace, cid: str, wait: bool) -> str | None:
+        """The ``source`` of checkpoint ``cid``'s metadata ("input", "loop", ...), once it
+        is saved: LangGraph saves a run's checkpoint in the background while the step
+        built on it runs, so with ``wait`` it is looked for again for up to
+        ``_SOURCE_WAIT_S``; None when not saved by then (or under
+        ``durability="exit"``, which saves none before the run ends)."""
+        deadline = time.monotonic() + (_SOURCE_WAIT_S if wait else 0.0)
+        while True:
+            rec = self.store.get(ns.checkpoint(cid))
+            if isinstance(rec, dict) and "m" in rec:
+                try:
+                    md = self.codec.loads(rec["m"])
+                except Exception:   # (a record it cannot read: nothing to go by)
+                    return None
+                source = md.get("source") if isinstance(md, dict) else None
+                return source if isinstance(source, str) else None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.002)
+
+    def _undo_rerun(self, thread_id: str, ns: Namespace, head: str, task: str,
+                    token: Any) -> None:
+        """A plain resume of ``head`` (``invoke(None)``, ``Command(resume=...)``) runs
+        ``task`` of the step built on it again (its first node transaction in this run
+        begins: ``_discard_early``), and the step ended there in an error (no
+        checkpoint was built on ``head``): what the task's earlier run committed --
+        another run of this process (``_step_txns``), or a killed process's, kept by
+        its resume (``_EarlierOpen.kept``) -- is recorded nowhere when the task failed
+        (its error saved on ``head``) or was cut short with no outcome (a sibling's
+        failure ended the step while it ran), and the task does it again: revert it
+        now, newest first, with its compensations, before this transaction reads.
+        (Before, stop 80: a booking made before the task raised stood beside the
+        rerun's, the state recording one; docs/GUIDE.md said to rewind by hand.)  Left
+        as it is: a task stopped at an ``interrupt()`` (LangGraph's documented semantics:
+        it runs again from its start on the answer, book after ``interrupt()``; and a
+        node that books only when its key says it has not keeps the booking the human
+        saw), and any task on a head a run built a checkpoint on since."""
+        outcomes = self._task_outcomes(ns, head)
+        mine = outcomes.get(task, set())
+        interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
+                            WRITES_IDX_MAP.get("__error__"))
+        ended = any(error in kinds or interrupt in kinds for kinds in outcomes.values())
+        if not ended or interrupt in mine or any(
+                isinstance(i, int) and i >= 0 for i in mine):
+            return   # (a step still going, an interrupt, a finished task: not rerun)
+        prefix = ns.thread_prefix
+        checkpoints = ns.checkpoints()
+        for key, rec in self.store.scan(start=ns.checkpoint(head) + b"\x00",
+                                        end=prefix_end(checkpoints)):
+            if isinstance(rec, dict) and rec.get("p") == head:
+                return   # (built on since: a run recorded or undid that step)
+        txids: set[int] = set()
+        registry = _step_txns(self.store)
+        with _REMOVALS_LOCK:
+            for key, txns in registry.items():
+                if key[0] == prefix and key[1] == "" and key[2] == head \
+                        and key[3] != token:
+                    txids.update(t for t, levels in txns.items() if any(
+                        lv[0] == "" and lv[3] and lv[3][-1] == task for lv in levels))
+        earlier = _earlier_open(self.store)
+        with earlier.lock:
+            kept = list(earlier.kept.get((prefix, head), ()))
+        if kept:
+            with earlier.index_lock:
+                work = earlier.index(self.keys.root).work.get(prefix, {})
+                txids.update(t for t in kept if t in work and work[t][2]
+                             and work[t][2][-1] == task)
+        if not txids:
+            return
+        run = _LostRunUndo()
+        for txid in sorted(txids, reverse=True):
+            try:
+                info = self.store.txn_info(txid)
+            except (KeyError, WalstoreError):
+                continue   # (never committed: rolled back, its actions compensated)
+            if info.extra.get("undone_by"):
+                continue   # (undone already: a rewind, a revert, an earlier undo)
+            self._revert_into(run, txid, prefix, self._meta(
+                "undo_rerun", thread_id=thread_id, checkpoint_id=head, txid=txid))
+        if run.undone:
+            for saver in _savers_of(self.store):
+                saver.codec.forget(prefix)
+        if run.undone or run.left:
+            self._tell_resume_undo(ResumeUndo(
+                thread_id, head, tuple(sorted(run.undone, reverse=True)), (),
+                tuple(run.left), rerun=True))
+
+    def _task_outcomes(self, ns: Namespace, cid: str) -> dict[str, set[int]]:
+        """task id -> the kinds (LangGraph's write index: >= 0 regular, an error's, an
+        interrupt's...) of its pending writes saved on checkpoint ``cid``, the null
+        task's (a run's input, a resume's answer) aside."""
+        prefix, outcomes = ns.writes_of(cid), {}
+        for key, row in self.store.scan(prefix=prefix):
+            try:
+                task_id, idx = self.keys.parse_write(prefix, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+            if isinstance(task_id, str) and task_id != NULL_TASK_ID:
+                outcomes.setdefault(task_id, set()).add(idx)
+        return outcomes
 
     def _step_ended(self, ns: Namespace, cid: str) -> bool:
         """Was the step built on checkpoint ``cid`` ended by LangGraph without a checkpoint:
@@ -2529,7 +2668,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.resume_undos.append(done)
         if not (done.undone or done.left):
             return
-        if done.superseded:
+        if done.rerun:
+            where = (f"resumed from checkpoint {done.checkpoint_id!r}, whose step ended in "
+                     f"an error: LangGraph runs its failed task again")
+        elif done.superseded:
             where = (f"retried a node (a later attempt of its RetryPolicy) in the step "
                      f"built on checkpoint {done.checkpoint_id!r}: LangGraph dropped the "
                      f"earlier attempts' writes")
@@ -2542,7 +2684,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                      f"the step built on it ended before saving it")
         else:
             where = "had no checkpoint: a process that ran it ended before saving its first"
-        again = ("node runs" if done.superseded else
+        again = ("node runs" if done.superseded or done.rerun else
                  "their tasks run" if done.discarded else
                  "step runs" if done.checkpoint_id is not None else "run starts over")
         _log.warning(
