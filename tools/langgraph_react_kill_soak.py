@@ -134,7 +134,11 @@ def build(store: Any, path: str, spec: dict, kill: list | None = None,
     def do_book(item: str, mem: Any) -> str:
         if kill[0] == "between" and kill[1] == item:   # (another tool of the step booked)
             other = kill[2]
+            # (committed, not only written to the ledger: the ledger line comes from
+            # the action's body, before its commit -- a kill between was recovery's to
+            # compensate, and a test expecting the resume's undo failed under load)
             wait_for(lambda: any(w[0] == "book" and w[2] == other
+                                 and store.get(f"bk/{w[1]}") is not None
                                  for w in read_ledger(path)), f"{other}'s booking")
             if spec["shape"] == "react_v2" and spec["durability"] != "exit":
                 # (each call its own task: other's writes saved; "exit" saves no step

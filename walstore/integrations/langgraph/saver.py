@@ -97,12 +97,17 @@ which thread a transaction begun inside a graph node belongs to.
   work is reverted too (``_undo_discarded``; before, a finished branch's booking
   stood beside its new one) -- and so is, inside one process, the work a run of this
   process recorded on a head whose step it left unfinished (a branch failed or stopped
-  at an ``interrupt()`` beside one that finished: ``_undo_abandoned``, stop 80); both
-  made at the new run's first node transaction, before it reads, when LangGraph's
+  at an ``interrupt()`` beside one that finished), when new input or a
+  ``graph.update_state`` that drops the saved outcomes is saved on it
+  (``_undo_abandoned``, stop 80; not while
+  a ``copy_thread`` copy still holds that head, whose resume returns that work as done);
+  both made at the new run's first node transaction, before it reads, when LangGraph's
   background save of the input checkpoint has not come yet (``_discard_early``).
   A node LangGraph's ``RetryPolicy`` runs again after an attempt raised: the first node
   transaction of the next attempt reverts what the earlier attempts committed
-  (``_undo_superseded``, stop 80; LangGraph drops their writes).  "Earlier" is the
+  (``_undo_superseded``, stop 80; LangGraph drops their writes); a task whose step
+  ended in an error, run again by a plain resume: what its failed run committed
+  (``_undo_rerun``).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -258,8 +263,9 @@ class ResumeUndo:
     record new input discarded: the run's input checkpoint was saved on ``checkpoint_id``,
     a head whose step was left unfinished -- by a killed process (work an earlier resume
     kept, ``_undo_discarded``) or by a run of this process that failed or stopped at an
-    ``interrupt()`` (``_undo_abandoned``) -- so LangGraph dropped the finished tasks'
-    saved outcomes and runs them again.  ``superseded`` is True for the undo of what a
+    ``interrupt()`` (``_undo_abandoned``; there an ``update_state`` that drops the
+    outcomes too) -- so LangGraph dropped the finished tasks' saved outcomes and runs
+    them again.  ``superseded`` is True for the undo of what a
     node's earlier attempts committed, made as LangGraph retried the node (its
     ``RetryPolicy``: ``_undo_superseded``); ``checkpoint_id`` is then the checkpoint the
     step builds on.  ``rerun`` is True for the undo of what a task that failed (its
@@ -878,6 +884,23 @@ def _saved_steps(store: Any) -> _SavedSteps:
         return got
 
 
+_COPIES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _copies(store: Any) -> "OrderedDict[bytes, set[bytes]]":
+    """Thread prefix -> the prefixes of the threads ``copy_thread`` copied it to (per
+    store object; the newest ``_MARKS_MAX`` sources kept).  A copy holds the source's
+    checkpoints and pending writes under the same ids, so the saved outcome of a step a
+    run of the source left unfinished is recorded by the copy as well: a resume of the
+    copy reads it back (``_undo_abandoned`` leaves such work while one of them records
+    it, and reverts it once none does, whichever thread takes the new input last)."""
+    with _REMOVALS_LOCK:
+        got = _COPIES.get(store)
+        if got is None:
+            got = _COPIES[store] = OrderedDict()
+        return got
+
+
 class _Gate:
     """A lock that a weak dictionary can hold (``_EarlierOpen.gates``)."""
 
@@ -1242,7 +1265,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     not walk its delta chain (``blobs.ValueCache``; never a deserialized object);
     ``undo_on_resume`` (default True): a run resuming a thread from its head first
     undoes what the step a killed process was running there committed and nothing
-    records (see the module doc, "Resuming after a kill"; each undo is logged at
+    records, and new input on a head whose step a run of this process left unfinished
+    first undoes the finished branches' work LangGraph discards (see the module doc,
+    "Resuming after a kill"; each undo is logged at
     WARNING by this module's logger and kept in ``resume_undos``, a deque of
     :class:`ResumeUndo`, the newest 256); False leaves it standing, as before.
     """
@@ -1880,9 +1905,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             with _REMOVALS_LOCK:
                 key = (ns.thread_prefix, ns_name, parent, token)
                 saved.keep(key, (cid, registry.pop(key, None) or {}))
-        if not ns_name and parent is not None and md.get("source") == "input" \
+        if not ns_name and parent is not None and md.get("source") in ("input", "update") \
                 and self.undo_on_resume:
-            self._undo_abandoned(thread_id, ns, parent, cid, token)
+            self._undo_abandoned(thread_id, ns, parent, cid, token,
+                                 checkpoint if md.get("source") == "update" else None)
+        if not ns_name and parent is not None and md.get("source") == "fork" \
+                and self.undo_on_resume:
+            for copied in self._forked_from(ns, parent, checkpoint, cid):
+                self._undo_abandoned(thread_id, ns, copied, cid, token)
         if not ns_name and self.undo_on_resume:
             # (saved by this open: no earlier open's work builds on it, and a run loading
             # it as the head has nothing to judge, _undo_on_resume)
@@ -2211,7 +2241,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             tuple(run.left), discarded=True))
 
     def _undo_abandoned(self, thread_id: str, ns: Namespace, parent: str, cid: str,
-                        token: str | None) -> None:
+                        token: str | None, update: Checkpoint | None = None) -> None:
         """The input checkpoint ``cid`` of a run given new input was saved on ``parent``,
         whose step a run of THIS process began and left unfinished -- a task failed, or
         stopped at an ``interrupt()``, while a sibling finished -- so no checkpoint was
@@ -2231,20 +2261,36 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the step ended in an error or an interrupt (no run builds on ``parent`` from it
         any more), before that, at the new run's first node transaction
         (``_discard_early``); an undo already made (a rewind, a revert, the early one)
-        is passed over."""
+        is passed over.  A thread related by
+        ``copy_thread`` (``_kin``) holds the same step: its runs' work on ``parent`` is
+        judged too (reverted in its own thread's scope), and nothing is reverted while
+        one of them still records ``parent``'s outcomes (``_kin_records``: its resume
+        returns them as done).
+
+        ``update``: ``cid`` is instead ``graph.update_state``'s checkpoint on
+        ``parent`` (source "update"), which drops ``parent``'s saved outcomes too --
+        the update is applied as ``as_node``'s alone, and without ``as_node`` LangGraph
+        takes it for ``__start__``'s and runs the branches again -- unless it is
+        ``update_state(config, None, as_node=END)``, which applies them
+        (``_update_applies``): that one records the work, and nothing is reverted.
+        (Before, such an update left the first booking standing with nothing
+        recording it, or beside the branch's new one.)"""
         prefix = ns.thread_prefix
+        kin = self._kin(prefix)
         registry, saved = _step_txns(self.store), _saved_steps(self.store)
         work: dict[int, tuple] = {}
+        homes: dict[int, bytes] = {}   # txid -> the thread whose run committed it
         runs: dict[tuple, list[str]] = {}
         with _REMOVALS_LOCK:
             for key, txns in registry.items():
-                if key[0] == prefix and key[1] == "" and key[2] == parent \
+                if key[0] in kin and key[1] == "" and key[2] == parent \
                         and key[3] != token:
                     work.update(txns)
+                    homes.update(dict.fromkeys(txns, key[0]))
             if not work:
                 return
             for key, (saved_cid, _txns) in saved.items():
-                if key[0] == prefix:
+                if key[0] in kin:
                     runs.setdefault((key[1], key[3]), []).append(saved_cid)
         # (the step built on ``parent`` never ended in a checkpoint: a checkpoint other
         # than this run's with ``parent`` as its parent means a run, a resume of the
@@ -2255,6 +2301,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if isinstance(rec, dict) and rec.get("p") == parent and \
                     key[len(checkpoints):].decode("utf-8", "replace") != cid:
                 return
+        if self._kin_records(kin - {prefix}, parent):
+            return
+        if update is not None and self._update_applies(ns, parent, update):
+            return
         heads: dict[tuple, str | None] = {}
         written: dict[tuple, set[str]] = {}
         run = _LostRunUndo()
@@ -2270,11 +2320,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue   # (never committed: its actions, if any, were compensated)
             if info.extra.get("undone_by"):
                 continue   # (undone already: a rewind, a revert)
-            self._revert_into(run, txid, prefix, self._meta(
+            self._revert_into(run, txid, homes[txid], self._meta(
                 "undo_abandoned", thread_id=thread_id, checkpoint_id=parent, txid=txid))
         if run.undone:
             for saver in _savers_of(self.store):
-                saver.codec.forget(prefix)
+                for home in set(homes.values()):
+                    saver.codec.forget(home)
         if run.undone or run.left:
             self._tell_resume_undo(ResumeUndo(
                 thread_id, parent, tuple(sorted(run.undone, reverse=True)), (),
@@ -2517,6 +2568,90 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             except (ValueError, IndexError, UnicodeDecodeError):
                 continue
             if idx in ended:
+                return True
+        return False
+
+    def _forked_from(self, ns: Namespace, parent: str, fork: Checkpoint,
+                     cid: str) -> list[str]:
+        """The checkpoints ``fork`` (``cid``, source "fork":
+        ``update_state(config, None, as_node="__copy__")``, saved beside the checkpoint
+        it copies, on its parent ``parent``) may be a copy of: ``parent``'s other
+        children with the same channel and seen versions.  The fork carries none of the
+        copied checkpoint's saved outcomes -- its resume runs that step's finished tasks
+        again -- so their work is judged as new input on the copied one would be
+        (``_undo_abandoned``; before, the first booking stood beside the rerun's)."""
+        checkpoints, found = ns.checkpoints(), []
+        want = (fork.get("channel_versions"), fork.get("versions_seen"))
+        for key, rec in self.store.scan(start=ns.checkpoint(parent) + b"\x00",
+                                        end=prefix_end(checkpoints)):
+            other = key[len(checkpoints):].decode("utf-8", "replace")
+            if other == cid or not isinstance(rec, dict) or rec.get("p") != parent \
+                    or "c" not in rec:
+                continue
+            c = self.codec.loads(rec["c"]) or {}
+            if (c.get("channel_versions"), c.get("versions_seen")) == want:
+                found.append(other)
+        return found
+
+    def _update_applies(self, ns: Namespace, parent: str, update: Checkpoint) -> bool:
+        """Did ``graph.update_state``'s checkpoint ``update``, saved on ``parent``,
+        apply ``parent``'s tasks (their saved outcomes)?  LangGraph marks a task it
+        applies as having seen the versions of the channels that triggered it
+        (``versions_seen``): only ``update_state(config, None, as_node=END)`` does, for
+        every task of the step; an update applied as a node's (``as_node``, or the one
+        LangGraph infers) adds that node with nothing seen.  So: does ``update`` mark a
+        node as having seen a channel version ``parent`` did not?"""
+        rec = self.store.get(ns.checkpoint(parent))
+        if not isinstance(rec, dict) or "c" not in rec:
+            return False
+        before = (self.codec.loads(rec["c"]) or {}).get("versions_seen") or {}
+        after = update.get("versions_seen") or {}
+        return any(isinstance(seen, Mapping) and any(
+            version != (before.get(node) or {}).get(chan) for chan, version in seen.items())
+            for node, seen in after.items())
+
+    def _kin(self, prefix: bytes) -> set[bytes]:
+        """The thread prefix ``prefix`` and those of the threads related to it by
+        ``copy_thread`` calls of this store object (``_copies``), either way and through
+        copies of copies: they hold the same checkpoints and pending writes under the
+        same ids, so a step one of them left unfinished is the others' too."""
+        kin, todo, copies = {prefix}, [prefix], _copies(self.store)
+        with _REMOVALS_LOCK:
+            pairs = [(src, dst) for src, dsts in copies.items() for dst in dsts]
+        while todo:
+            at = todo.pop()
+            for src, dst in pairs:
+                for other in ((dst,) if src == at else (src,) if dst == at else ()):
+                    if other not in kin:
+                        kin.add(other)
+                        todo.append(other)
+        return kin
+
+    def _kin_records(self, others: set[bytes], parent: str) -> bool:
+        """Does one of the threads ``others`` (``_kin``) record the saved outcomes of
+        its root checkpoint ``parent``: it holds ``parent``, and no checkpoint saved on
+        it there dropped them -- new input, or an ``update_state`` that did not apply
+        them (``_update_applies``)?  Its resume returns them as done, or a resume did
+        (a checkpoint of its run on ``parent``), so the work they record must stay
+        (before, new input on a thread refunded a booking its copy's resume then
+        returned as done)."""
+        for other in others:
+            ns = self.keys.within(other, "")
+            rec = self.store.get(ns.checkpoint(parent))
+            if rec is None:
+                continue
+            checkpoints, dropped = ns.checkpoints(), False
+            for _key, child in self.store.scan(start=ns.checkpoint(parent) + b"\x00",
+                                               end=prefix_end(checkpoints)):
+                if not isinstance(child, dict) or child.get("p") != parent \
+                        or "m" not in child:
+                    continue
+                source = (self.codec.loads(child["m"]) or {}).get("source")
+                if source == "input" or source == "update" and not self._update_applies(
+                        ns, parent, self.codec.loads(child["c"]) or {}):
+                    dropped = True
+                    break
+            if not dropped:
                 return True
         return False
 
@@ -3200,7 +3335,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         thread (both heads' lines interleaved by id, the newest of either taken as its
         head).  Delete it first (``delete_thread``) or copy to a new thread id; a copy
         cut short by a crash is such a target too.  The check is made in the copy's
-        first transaction, so a writer racing into the target meanwhile is seen."""
+        first transaction, so a writer racing into the target meanwhile is seen.
+
+        The copy is noted (``_copies``, per store object): new input on the source's
+        head whose step a run of this process left unfinished leaves the finished
+        branches' work while the copy holds that head too (``_undo_abandoned``)."""
         src, dst = str(source_thread_id), str(target_thread_id)
         src_p, dst_p = self.thread_scope(src), self.thread_scope(dst)
         self._refuse_existing_target(self.store, src, dst, dst_p)
@@ -3237,6 +3376,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if snap.state == "active":
                 snap.rollback()
         self.codec.forget(dst_p)
+        copies = _copies(self.store)
+        with _REMOVALS_LOCK:   # (the copy records what the source's heads record)
+            copies.setdefault(src_p, set()).add(dst_p)
+            copies.move_to_end(src_p)
+            while len(copies) > _MARKS_MAX:
+                copies.popitem(last=False)
 
     @staticmethod
     def _refuse_existing_target(src: Any, source: str, target: str, dst_p: bytes) -> None:
