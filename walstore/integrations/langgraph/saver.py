@@ -105,9 +105,10 @@ which thread a transaction begun inside a graph node belongs to.
   background save of the input checkpoint has not come yet (``_discard_early``).
   A node LangGraph's ``RetryPolicy`` runs again after an attempt raised: the first node
   transaction of the next attempt reverts what the earlier attempts committed
-  (``_undo_superseded``, stop 80; LangGraph drops their writes); a task whose step
-  ended in an error, run again by a plain resume: what its failed run committed
-  (``_undo_rerun``).  "Earlier" is the
+  (``_undo_superseded``, stop 80; LangGraph drops their writes), and a transaction of an
+  earlier attempt still running in a worker thread is refused (``_refuse_superseded``);
+  a task whose step ended in an error, run again by a plain resume: what its failed run
+  committed (``_undo_rerun``).  "Earlier" is the
   log's end when the store object met its first saver (``_EarlierOpen``: one writer
   process per store); a head is judged once per store object, under a per-thread lock;
   a read-only store writes nothing.  A run that finds the thread with no checkpoint at
@@ -133,6 +134,7 @@ import asyncio
 import contextvars
 import copy
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -174,7 +176,8 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
         return (task_path, task_id, idx)
 
 import walstore
-from walstore.agent.scope import NO_SCOPE, add_undo_fence, fenced_for, undo_kind
+from walstore.agent.scope import (NO_SCOPE, add_commit_check, add_undo_fence, fenced_for,
+                                  undo_kind)
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
                              HistoryTrimmed, PointTypeError, RevertConflict, WalstoreError,
                              type_and_message)
@@ -738,6 +741,21 @@ class _LostRunUndo:
         self.done: set[int] = set()     # txids a cut-off run's undo is done with
 
 
+class _TaskAttempts(dict):
+    """txid -> the attempt that began it, of one task's node transactions (``_AttemptTxns``);
+    ``newest``: the newest attempt of the task that began a node transaction (a
+    transaction of an older one is refused: ``_refuse_superseded``); ``undoing``: held
+    while a later attempt's transaction undoes the earlier attempts' work, made by the
+    first that needs it (``_undo_superseded``)."""
+
+    __slots__ = ("newest", "undoing")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.newest = 0
+        self.undoing: Any = None   # (a threading.RLock)
+
+
 class _AttemptTxns(OrderedDict):
     """(thread prefix, the node's task namespace, the run's load tokens) -> txid -> the
     node attempt (LangGraph's ``execution_info.node_attempt``) that began it: the node
@@ -748,21 +766,38 @@ class _AttemptTxns(OrderedDict):
 
     txns = 0
 
-    def note(self, key: tuple, txid: int, attempt: int) -> None:
+    def task(self, key: tuple) -> _TaskAttempts:
+        """The ``_TaskAttempts`` of ``key``, made when missing (the newest task)."""
         got = self.get(key)
         if got is None:
-            got = self[key] = {}
+            got = self[key] = _TaskAttempts()
+        self.move_to_end(key)
+        return got
+
+    def note(self, key: tuple, txid: int, attempt: int) -> _TaskAttempts:
+        got = self.task(key)
         if txid not in got:
             self.txns += 1
         got[txid] = attempt
-        self.move_to_end(key)
+        if attempt > got.newest:
+            got.newest = attempt
         while len(self) > _STEP_TXNS_MAX or (self.txns > _SAVED_TXNS_MAX and len(self) > 1):
             self.txns -= len(self.popitem(last=False)[1])
+        if len(got) > _SAVED_TXNS_MAX:
+            # (one task making more: its oldest forgotten.  Before (h2), the bound above,
+            # which keeps the newest task whole, let one node's map grow without end:
+            # 100,000 transactions of one node, 100,000 entries)
+            del got[next(iter(got))]
+            self.txns -= 1
+        return got
 
     def take(self, key: tuple, below: int) -> list[int]:
         """The txids of ``key`` begun by an attempt before ``below``, newest first,
-        forgotten."""
-        got = self.get(key) or {}
+        forgotten; ``below`` is the task's newest attempt from now (a transaction of an
+        earlier one still open, or begun later, is refused: ``_refuse_superseded``)."""
+        got = self.task(key)
+        if below > got.newest:
+            got.newest = below
         taken = sorted((t for t, a in got.items() if a < below), reverse=True)
         for txid in taken:
             del got[txid]
@@ -772,6 +807,25 @@ class _AttemptTxns(OrderedDict):
 
 _SOURCE_WAIT_S = 2.0  # how long a node transaction waits for its step's checkpoint save
 # to tell new input from a resume's later step (``WalstoreSaver._checkpoint_source``)
+
+
+def _refuse_superseded(task: _TaskAttempts, attempt: int, thread_id: str,
+                       task_ns: str) -> None:
+    """Raise ConflictError when a later attempt of the task than ``attempt`` began a node
+    transaction: LangGraph dropped this attempt (it raised, or its timeout cancelled it)
+    and retries the node, whose undo of the earlier attempts' work is made at its
+    first transaction -- a transaction of the dropped attempt still running in a
+    worker thread (``asyncio.to_thread`` outlives a cancelled await: ``wait_for``, a
+    ``TimeoutPolicy``) is refused at its begin and at its commit (its actions
+    compensated).  Before (stop 80, h2), one still open then, or begun after, committed
+    and its booking stood beside the retry's, the state recording one."""
+    if task.newest > attempt:
+        raise ConflictError(
+            f"thread {thread_id!r}: attempt {attempt} of task {task_ns!r} was superseded "
+            f"by attempt {task.newest} (LangGraph's RetryPolicy retried the node and "
+            f"dropped this attempt's writes): its walstore transaction was refused, and "
+            f"its actions compensated", [])
+
 
 _ATTEMPTS: "weakref.WeakKeyDictionary[Any, _AttemptTxns]" = weakref.WeakKeyDictionary()
 
@@ -2342,7 +2396,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         again (before, stop 80: a booking made before the attempt raised stood beside
         the retry's, the state recording one).  Made before this transaction reads, so a
         node that books only when its key says it has not books anew rather than keeping
-        a booking the undo then refunds.  Not made on an event loop's thread (an async
+        a booking the undo then refunds; every transaction of the later attempt waits
+        for it (the task's ``undoing`` lock: a ToolNode's tools run in parallel).  Not
+        made on an event loop's thread (an async
         node's own code; a compensator may need the loop), where the earlier attempts'
         work stands: run walstore work in ``asyncio.to_thread``.  Told like a resume's
         undo (``ResumeUndo.superseded``)."""
@@ -2351,9 +2407,25 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if attempt is None or attempt[1] <= 1:
             return
         prefix = self.thread_scope(thread_id)
-        attempts = _attempts(self.store)
+        attempts, key = _attempts(self.store), (prefix, task_ns, attempt[0])
         with _REMOVALS_LOCK:
-            earlier = attempts.take((prefix, task_ns, attempt[0]), attempt[1])
+            task = attempts.task(key)
+            if task.undoing is None:
+                task.undoing = threading.RLock()
+        # (every transaction of the later attempt waits for the undo, not the first
+        # alone: a ToolNode's tools run in parallel, and one that books only when its key
+        # says it has not, begun while another's undo ran, found the earlier attempt's
+        # key, kept its booking, and the undo then cancelled it -- the state recording a
+        # cancelled booking, h2)
+        with task.undoing:
+            self._undo_superseded_of(thread_id, prefix, attempts, key, attempt[1],
+                                     checkpoint_map)
+
+    def _undo_superseded_of(self, thread_id: str, prefix: bytes, attempts: "_AttemptTxns",
+                            key: tuple, attempt: int, checkpoint_map: Mapping) -> None:
+        """``_undo_superseded``'s work, under the task's ``undoing`` lock."""
+        with _REMOVALS_LOCK:
+            earlier = attempts.take(key, attempt)
         if not earlier:
             return
         run = _LostRunUndo()
@@ -2362,7 +2434,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             try:
                 info = self.store.txn_info(txid)
             except (KeyError, WalstoreError):
-                continue   # (never committed: rolled back, its actions compensated)
+                # (never committed: rolled back, its actions compensated; or still
+                # open in a worker thread, refused at its commit: _refuse_superseded)
+                continue
             if info.extra.get("undone_by"):
                 continue   # (undone already: a rewind, a revert)
             self._revert_into(run, txid, prefix, self._meta(
@@ -3100,8 +3174,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         attempt = _node_attempt(conf) if task_ns and not undo_work else None
         attempts = _attempts(self.store) if attempt is not None else None
         with _REMOVALS_LOCK:
-            if attempts is not None:
-                attempts.note((prefix, task_ns, attempt[0]), tx.id, attempt[1])
+            task = (attempts.note((prefix, task_ns, attempt[0]), tx.id, attempt[1])
+                    if attempts is not None else None)
+            if task is not None and self.undo_on_resume:
+                # (a transaction of a superseded attempt, still running in a worker
+                # thread: refused now, and at its commit if a retry begins meanwhile)
+                _refuse_superseded(task, attempt[1], thread_id, task_ns)
+                add_commit_check(tx, functools.partial(
+                    _refuse_superseded, task, attempt[1], thread_id, task_ns))
             for ns_name, cid, token, _task in levels:
                 key = (prefix, ns_name, cid, token)
                 # (a dict: each once, a transaction fenced again by guard_node_scope too;
