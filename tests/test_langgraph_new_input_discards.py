@@ -417,3 +417,25 @@ def test_a_resume_whose_first_step_begins_no_transaction_discards_nothing(
     finally:
         store.close()
     checked(store_path)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_new_input_after_a_task_failed_with_its_booking_made_refunds_it(
+        tmp_path, durability):
+    # slow booked, then raised: nothing records its booking; new input runs the graph
+    # from the input (slow again) -- the failed run's booking is refunded as a plain
+    # resume's re-run would refund it, fast's discarded one too
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
+    try:
+        saver = WalstoreSaver(store)
+        graph = build_failing_after_booking(store, path, saver)
+        with pytest.raises(RuntimeError, match="slow failed"):
+            graph.invoke({"log": ["go"]}, CONFIG, durability=durability)
+        first = live(path)
+        out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
+        got = recorded(out)
+        assert not set(first) & set(got) and live(path) == got, (ledger(path), got)
+    finally:
+        store.close()
+    checked(store_path)

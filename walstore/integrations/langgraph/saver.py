@@ -2307,8 +2307,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         is not this run's, on ``parent``) whose work the thread recorded -- their task's
         or a caller's regular outcome on ``parent``, or a checkpoint that run saved after
         them in a subgraph, at any level (``_step_recorded``) -- are reverted now, newest
-        first, with their compensations.  Work nothing recorded (a failed or interrupted
-        task's) is left: LangGraph runs that task again after a plain resume as well.
+        first, with their compensations -- and so is work nothing recorded of a task
+        that failed (its error saved, or cut short by a sibling's with no outcome), as a
+        plain resume re-running it does (``_undo_rerun``); an interrupted task's is
+        left (LangGraph runs it again on the answer: book after ``interrupt()``).
         (Before, stop 79 left it alone: a finished branch's booking stood beside the one
         its run from the new input made, the state recording one.)  Done after the input
         checkpoint committed, so a put refused for a race discards nothing -- and, when
@@ -2362,12 +2364,29 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         heads: dict[tuple, str | None] = {}
         written: dict[tuple, set[str]] = {}
         run = _LostRunUndo()
+        outcomes: dict[str, set[int]] | None = None
+        interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
+                            WRITES_IDX_MAP.get("__error__"))
         for txid in sorted(work, reverse=True):
             levels = work[txid]
-            if not levels or not any(
-                    self._step_recorded(thread_id, level, runs, heads, written)
-                    for level in levels):
-                continue   # (an undo's own work; work nothing records: run again anyway)
+            if not levels:
+                continue   # (an undo's own work)
+            if not any(self._step_recorded(thread_id, level, runs, heads, written)
+                       for level in levels):
+                # (work nothing records: a failed task's -- its error saved, or cut short
+                # by a sibling's with no outcome -- goes too, as when a resume runs that
+                # task again, _undo_rerun; an interrupted task's stays, LangGraph's
+                # documented semantics: book after interrupt())
+                outer = min(levels, key=lambda lv: len(lv[0]))
+                if not outer[3]:
+                    continue
+                if outcomes is None:
+                    outcomes = self._task_outcomes(ns, parent)
+                if interrupt in outcomes.get(outer[3][-1], ()) or not any(
+                        error in kinds or interrupt in kinds
+                        for kinds in outcomes.values()):
+                    continue   # (interrupted; or a step still going: a run in flight,
+                    # which loses the head now and undoes its own work, _undo_lost_step)
             try:
                 info = self.store.txn_info(txid)
             except (KeyError, WalstoreError):
