@@ -2522,9 +2522,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             # transaction: told by the source of the checkpoint the step builds on, which
             # LangGraph saves in the background -- waited for, briefly; not seen, the
             # input checkpoint's own save judges)
-            source = self._checkpoint_source(
-                ns, step, wait=conf.get(_DURABILITY_KEY) != "exit")
+            wait = conf.get(_DURABILITY_KEY) != "exit"
+            source = self._checkpoint_source(ns, step, wait=wait)
             if source is None:
+                if wait:   # (not saved in time: a save refused, say -- waited once only)
+                    with _REMOVALS_LOCK:
+                        discards.pop(str(token), None)
                 return
             with _REMOVALS_LOCK:
                 if discards.pop(str(token), None) is None:
