@@ -51,6 +51,25 @@ def recorded(values: dict) -> list[str]:
     return sorted(v for v in values["log"] if "-" in v)
 
 
+def fast_saved(saver: WalstoreSaver, config) -> None:
+    """Wait until the step's ``fast`` branch finished and LangGraph saved its outcome on
+    the checkpoint the step builds on: a branch still running when its sibling raises
+    is cut off, its outcome never saved (LangGraph's executor shuts down first)."""
+    import time
+    if config["configurable"].get("__pregel_durability") == "exit":
+        time.sleep(0.2)   # (nothing is saved before the run ends: give fast the time)
+        return
+    at = {"configurable": {"thread_id": "t", "checkpoint_ns": "",
+                           "checkpoint_id": config["configurable"]["checkpoint_map"][""]}}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = saver.get_tuple(at)
+        if got is not None and any(ch == "log" for _t, ch, _v in got.pending_writes):
+            return
+        time.sleep(0.005)
+    raise AssertionError("fast's outcome was never saved")
+
+
 def build(store, path: str, how: str, shape: str = "parallel", **saver_options):
     """``fast`` books and finishes; ``slow``, the first time it runs, fails (``how``
     "error") or asks (``interrupt()``, "interrupt") before it books, then books.
@@ -60,9 +79,10 @@ def build(store, path: str, how: str, shape: str = "parallel", **saver_options):
     saver = WalstoreSaver(store, **saver_options)
     first = {"slow": True}
 
-    def slow(state: State) -> dict:
+    def slow(state: State, config) -> dict:
         if first["slow"]:
             first["slow"] = False
+            fast_saved(saver, config)
             if how == "error":
                 raise RuntimeError("slow failed")
             interrupt("go on?")
@@ -249,9 +269,10 @@ def build_idempotent(store, path: str, saver: WalstoreSaver):
                 tx.put("booked/fast", bid)
         return {"log": [bid]}
 
-    def slow(state: State) -> dict:
+    def slow(state: State, config) -> dict:
         if first["slow"]:
             first["slow"] = False
+            fast_saved(saver, config)
             raise RuntimeError("slow failed")
         return {"log": [book(store, path, "slow")]}
 
@@ -320,10 +341,11 @@ def build_failing_after_booking(store, path: str, saver: WalstoreSaver,
     (``before`` "error") or asks (``interrupt()``, "interrupt") after its booking."""
     first = {"slow": True}
 
-    def slow(state: State) -> dict:
+    def slow(state: State, config) -> dict:
         bid = book(store, path, "slow")
         if first["slow"]:
             first["slow"] = False
+            fast_saved(saver, config)
             if before == "error":
                 raise RuntimeError("slow failed")
         if before == "interrupt":
@@ -392,9 +414,10 @@ def test_a_resume_whose_first_step_begins_no_transaction_discards_nothing(
     store = walstore.open(store_path, compensators={"cancel": cancel_into(path)})
     first = {"slow": True}
 
-    def slow(state: State) -> dict:
+    def slow(state: State, config) -> dict:
         if first["slow"]:
             first["slow"] = False
+            fast_saved(saver, config)
             raise RuntimeError("slow failed")
         return {"log": ["slow ran"]}
     try:
@@ -436,6 +459,68 @@ def test_new_input_after_a_task_failed_with_its_booking_made_refunds_it(
         out = graph.invoke({"log": ["again"]}, CONFIG, durability=durability)
         got = recorded(out)
         assert not set(first) & set(got) and live(path) == got, (ledger(path), got)
+    finally:
+        store.close()
+    checked(store_path)
+
+
+def test_a_parallel_branch_waits_for_the_undo_another_branch_began(tmp_path):
+    # the run from new input starts "other" and the idempotent "fast" side by side;
+    # "other"'s transaction begins first and makes the undo, newest first: fast's note
+    # (its compensator takes 0.3 s), then fast's booking with its key.  fast's
+    # transaction, begun meanwhile, waits for the undo before it reads -- else it found
+    # the booking's key still there, kept that booking, and the undo then refunded it
+    import time
+    store_path, path = str(tmp_path / "s"), str(tmp_path / "ledger")
+    store = walstore.open(store_path, compensators={
+        "cancel": cancel_into(path), "unnote": lambda action: time.sleep(0.3)})
+    first = {"other": True, "fast": True}
+    saver = WalstoreSaver(store)
+
+    def fast(state: State) -> dict:
+        again, first["fast"] = not first["fast"], False
+        if again:
+            time.sleep(0.05)   # (second run: after other's transaction began)
+        with store.transaction() as tx:
+            bid = tx.get("booked/fast")
+            if bid is None:
+                import uuid
+                from langgraph_resume_kill_child import append
+                bid = f"fast-{uuid.uuid4().hex[:8]}"
+                with tx.action("book", args={"id": bid}, compensate="cancel") as act:
+                    append(path, f"book {bid}")
+                    act.result = {"ok": True}
+                tx.put("booked/fast", bid)
+        if not again:
+            with store.transaction() as tx:
+                with tx.action("note", args={}, compensate="unnote"):
+                    pass
+        return {"log": [bid]}
+
+    def other(state: State, config) -> dict:
+        if first["other"]:
+            first["other"] = False
+            fast_saved(saver, config)
+            raise RuntimeError("other failed")
+        with store.transaction() as tx:
+            tx.put("other", True)
+        return {"log": ["other ran"]}
+    try:
+        b = StateGraph(State)
+        b.add_node("fast", fast)
+        b.add_node("other", other)
+        b.add_edge(START, "fast")
+        b.add_edge(START, "other")
+        b.add_edge("fast", END)
+        b.add_edge("other", END)
+        graph = b.compile(checkpointer=saver)
+        with pytest.raises(RuntimeError, match="other failed"):
+            graph.invoke({"log": ["go"]}, CONFIG)
+        (first_booking,) = live(path)
+        out = graph.invoke({"log": ["again"]}, CONFIG)
+        got = recorded(out)
+        assert first_booking not in got and live(path) == got, (ledger(path), got)
+        assert store.get("booked/fast") in got
     finally:
         store.close()
     checked(store_path)

@@ -855,8 +855,27 @@ def _node_attempt(conf: Mapping) -> tuple[tuple, int] | None:
 _DISCARDS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
-def _discards(store: Any) -> "OrderedDict[str, str]":
-    """run token (``RUN_TOKEN``) -> the head it loaded, of the runs that loaded a head
+class _Discard:
+    """A run that loaded ``head``, a head whose step was left unfinished with work to
+    undo should the run start from new input or re-run a failed task there
+    (``WalstoreSaver._discard_early``).  ``gate`` orders the run's node transactions
+    around the undo: the first to come makes it, the others (parallel branches, a
+    ToolNode's tools) wait until it is made before they read -- else one that books
+    only when its key says it has not found the first booking, kept it, and the undo
+    then refunded it; ``settled`` once new input's discard is judged; ``reruns``: task
+    id -> an Event set once that task's re-run undo is made (``_undo_rerun``)."""
+
+    __slots__ = ("head", "gate", "settled", "reruns")
+
+    def __init__(self, head: str) -> None:
+        self.head = head
+        self.gate = threading.Lock()
+        self.settled = False
+        self.reruns: dict[str, threading.Event] = {}
+
+
+def _discards(store: Any) -> "OrderedDict[str, _Discard]":
+    """run token (``RUN_TOKEN``) -> its ``_Discard``, of the runs that loaded a head
     whose step was left unfinished with work to discard should the run have new input
     (``WalstoreSaver._note_discardable``), per store object; the newest
     ``_LOST_RUNS_MAX`` (a run that begins no node transaction never takes its entry)."""
@@ -2491,64 +2510,79 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             found = found or any(k[0] == prefix and k[1] == "" and k[2] == head
                                  and k[3] != token for k in registry)
             if found:
-                discards[str(token)] = (head, set())
+                discards[str(token)] = _Discard(head)
                 while len(discards) > _LOST_RUNS_MAX:
                     discards.popitem(last=False)
 
     def _discard_early(self, thread_id: str, conf: Mapping,
                        checkpoint_map: Mapping) -> None:
         """A node transaction of a run begins (``_fence_node_transaction``, before its
-        snapshot): when the run loaded a head with work to discard
-        (``_note_discardable``) and its step builds on another checkpoint -- the input
-        checkpoint LangGraph made on that head for new input (a plain resume's step
-        builds on the head itself) --, undo that work now, once, before the node reads:
-        what a killed process's resume kept (``_undo_discarded``), and what another run
-        of this process recorded on a head whose step ended in an error or an
-        ``interrupt()`` (``_undo_abandoned``: a run still working on the head is not
-        judged here; the input checkpoint's save judges it once it won the head)."""
+        snapshot) and the run loaded a head with work to undo (``_note_discardable``):
+        - its step builds on the head itself (a plain resume): the task it is work of
+          runs again, and what the task's failed run committed is reverted first, once
+          per task (``_undo_rerun``);
+        - its step builds on an input checkpoint LangGraph made on the head for new
+          input (its ``source``, once saved: ``_checkpoint_source``): what a killed
+          process's resume kept (``_undo_discarded``) and what another run of this
+          process recorded on the head, whose step ended in an error or an
+          ``interrupt()`` (``_undo_abandoned``), is reverted first, once per run (a run
+          still working on the head is not judged here; the input checkpoint's save
+          judges it once it won the head).
+        The run's other transactions wait until the undo is made (``_Discard``)."""
         token = conf.get(RUN_TOKEN)
         step = checkpoint_map.get("")
         if token is None or not isinstance(step, str):
             return
         discards = _discards(self.store)
         with _REMOVALS_LOCK:
-            noted = discards.get(str(token))
-        if noted is None:
+            entry = discards.get(str(token))
+        if entry is None:
             return
-        head, rerun = noted
+        head = entry.head
         ns = self.keys.at(thread_id, "")
-        if step != head:
-            # (new input -- or a later step of a resume whose first step began no node
-            # transaction: told by the source of the checkpoint the step builds on, which
-            # LangGraph saves in the background -- waited for, briefly; not seen, the
-            # input checkpoint's own save judges)
-            wait = conf.get(_DURABILITY_KEY) != "exit"
-            source = self._checkpoint_source(ns, step, wait=wait)
-            if source is None:
-                if wait:   # (not saved in time: a save refused, say -- waited once only)
-                    with _REMOVALS_LOCK:
-                        discards.pop(str(token), None)
-                return
-            with _REMOVALS_LOCK:
-                if discards.pop(str(token), None) is None:
-                    return   # (taken by another of the run's tasks)
-            if source != "input":
-                return   # (a resume moved on past the head's step)
         if step == head:
-            # (a plain resume: the task this transaction is work of runs again)
+            # (a plain resume: the task this transaction is work of runs again; its
+            # other transactions -- a ToolNode's parallel tools -- wait for the undo)
             task_ns = conf.get("checkpoint_ns")
             chain = _task_chain(task_ns, "", checkpoint_map) \
                 if isinstance(task_ns, str) else ()
-            if chain:
-                with _REMOVALS_LOCK:
-                    first = chain[-1] not in rerun
-                    rerun.add(chain[-1])
-                if first:
-                    self._undo_rerun(thread_id, ns, head, chain[-1], token)
+            if not chain:
+                return
+            with entry.gate:
+                done = entry.reruns.get(chain[-1])
+                mine = done is None
+                if mine:
+                    done = entry.reruns[chain[-1]] = threading.Event()
+            if not mine:
+                done.wait()
+                return
+            try:
+                self._undo_rerun(thread_id, ns, head, chain[-1], token)
+            finally:
+                done.set()
             return
-        self._undo_discarded(thread_id, ns, head)
-        if self._step_ended(ns, head):
-            self._undo_abandoned(thread_id, ns, head, step, token)
+        # (new input -- or a later step of a resume whose first step began no node
+        # transaction: told by the source of the checkpoint the step builds on, which
+        # LangGraph saves in the background -- waited for, briefly; not seen, the input
+        # checkpoint's own save judges.  The run's other transactions wait at the gate)
+        with entry.gate:
+            if entry.settled:
+                return
+            try:
+                wait = conf.get(_DURABILITY_KEY) != "exit"
+                source = self._checkpoint_source(ns, step, wait=wait)
+                if source is None and not wait:
+                    return   # (under "exit": looked at again by the next transaction)
+                entry.settled = True
+                if source == "input":
+                    self._undo_discarded(thread_id, ns, head)
+                    if self._step_ended(ns, head):
+                        self._undo_abandoned(thread_id, ns, head, step, token)
+            finally:
+                if entry.settled:   # (once made: later transactions pass at once)
+                    with _REMOVALS_LOCK:
+                        if discards.get(str(token)) is entry:
+                            del discards[str(token)]
 
     def _checkpoint_source(self, ns: Namespace, cid: str, wait: bool) -> str | None:
         """The ``source`` of checkpoint ``cid``'s metadata ("input", "loop", ...), once it
