@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, TypedDict
 
 import pytest
 
@@ -29,34 +27,18 @@ from langgraph.types import RetryPolicy  # noqa: E402
 
 import walstore  # noqa: E402
 from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
-from walstore.ops.verify import verify_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "findings_scripts"))
 from langgraph_resume_kill_child import append, book, cancel_into, ledger  # noqa: E402,I001
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_langgraph_new_input_discards import State, checked, live, recorded  # noqa: E402,I001
 
 CONFIG = {"configurable": {"thread_id": "t"}}
 LOGGER = "walstore.integrations.langgraph.saver"
 RETRY = RetryPolicy(max_attempts=4, initial_interval=0.01, jitter=False,
                     retry_on=ConnectionError)
 
-
-class State(TypedDict):
-    log: Annotated[list, operator.add]
-
-
-def live(path: str) -> list[str]:
-    booked, cancelled = ledger(path)
-    assert len(cancelled) == len(set(cancelled)), f"cancelled twice: {cancelled}"
-    return sorted(b for b in booked if b not in cancelled)
-
-
-def recorded(values: dict) -> list[str]:
-    return sorted(v for v in values["log"] if "-" in v)
-
-
-def checked(store_path: str) -> None:
-    rep = verify_store(store_path)
-    assert not (rep.errors or rep.pending_compensations or rep.in_doubt), rep
 
 
 def one_node_graph(store, node, retry=RETRY):

@@ -2466,26 +2466,37 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             earlier = attempts.take(key, attempt)
         if not earlier:
             return
-        run = _LostRunUndo()
         step = checkpoint_map.get("") if isinstance(checkpoint_map.get(""), str) else None
-        for txid in earlier:
+        # (one never committed was rolled back, its actions compensated -- or is still
+        # open in a worker thread, refused at its commit: _refuse_superseded)
+        self._revert_work(thread_id, prefix, step, earlier, "undo_superseded",
+                          superseded=True)
+
+    def _revert_work(self, thread_id: str, prefix: bytes, checkpoint_id: str | None,
+                     txids: Sequence[int], why: str, **kind: bool) -> None:
+        """Revert node transactions ``txids`` of thread ``prefix``, in that order (newest
+        first), with their compensations, each in the thread's scope outside any node
+        (``_revert_into``, meta naming ``why``), passing over one that never committed
+        (rolled back: its actions compensated) or was undone already (a rewind, a
+        revert, an earlier undo); then tell it (``ResumeUndo`` with ``kind``'s flag,
+        ``checkpoint_id``) when anything was reverted or left."""
+        run = _LostRunUndo()
+        for txid in txids:
             try:
                 info = self.store.txn_info(txid)
             except (KeyError, WalstoreError):
-                # (never committed: rolled back, its actions compensated; or still
-                # open in a worker thread, refused at its commit: _refuse_superseded)
                 continue
             if info.extra.get("undone_by"):
-                continue   # (undone already: a rewind, a revert)
+                continue
             self._revert_into(run, txid, prefix, self._meta(
-                "undo_superseded", thread_id=thread_id, checkpoint_id=step, txid=txid))
+                why, thread_id=thread_id, checkpoint_id=checkpoint_id, txid=txid))
         if run.undone:
             for saver in _savers_of(self.store):
                 saver.codec.forget(prefix)
         if run.undone or run.left:
             self._tell_resume_undo(ResumeUndo(
-                thread_id, step, tuple(sorted(run.undone, reverse=True)), (),
-                tuple(run.left), superseded=True))
+                thread_id, checkpoint_id, tuple(sorted(run.undone, reverse=True)), (),
+                tuple(run.left), **kind))
 
     def _note_discardable(self, ns: Namespace, head: str, token: Any) -> None:
         """A run (load ``token``) loaded ``head``, the outermost graph's newest checkpoint:
@@ -2653,23 +2664,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                              and work[t][2][-1] == task)
         if not txids:
             return
-        run = _LostRunUndo()
-        for txid in sorted(txids, reverse=True):
-            try:
-                info = self.store.txn_info(txid)
-            except (KeyError, WalstoreError):
-                continue   # (never committed: rolled back, its actions compensated)
-            if info.extra.get("undone_by"):
-                continue   # (undone already: a rewind, a revert, an earlier undo)
-            self._revert_into(run, txid, prefix, self._meta(
-                "undo_rerun", thread_id=thread_id, checkpoint_id=head, txid=txid))
-        if run.undone:
-            for saver in _savers_of(self.store):
-                saver.codec.forget(prefix)
-        if run.undone or run.left:
-            self._tell_resume_undo(ResumeUndo(
-                thread_id, head, tuple(sorted(run.undone, reverse=True)), (),
-                tuple(run.left), rerun=True))
+        self._revert_work(thread_id, prefix, head, sorted(txids, reverse=True),
+                          "undo_rerun", rerun=True)
 
     def _task_outcomes(self, ns: Namespace, cid: str) -> dict[str, set[int]]:
         """task id -> the kinds (LangGraph's write index: >= 0 regular, an error's, an
