@@ -906,6 +906,26 @@ def _lost_run_undo(store: Any, key: tuple) -> _LostRunUndo:
         return got
 
 
+def _newest_run(work: Mapping[int, tuple], tokens: Mapping[int, Any],
+                task: str) -> set[int]:
+    """Of the node transactions ``work`` (txid -> levels; ``tokens``: txid -> its run's
+    token), those of ``task`` (its outermost level's) committed by the run that
+    committed the newest of them: a task stopped at ``interrupt()``, answered, then
+    failed -- that run's work is recorded nowhere, the earlier runs' that stopped at
+    the interrupt are left (``_undo_abandoned``, ``_undo_rerun``)."""
+    def of_task(t: int) -> bool:
+        levels = work[t]
+        if not levels:
+            return False
+        outer = min(levels, key=lambda lv: len(lv[0]))
+        return bool(outer[3]) and outer[3][-1] == task
+    mine = [t for t in work if of_task(t)]
+    if not mine:
+        return set()
+    last = tokens.get(max(mine))
+    return {t for t in mine if tokens.get(t) == last}
+
+
 def _step_txns(store: Any) -> "OrderedDict[tuple, dict[int, tuple]]":
     """(thread prefix, ns, checkpoint id, run token) -> txids of the transactions begun
     in graph nodes of that run's step built on that checkpoint, in the order noted (a
@@ -2355,6 +2375,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         registry, saved = _step_txns(self.store), _saved_steps(self.store)
         work: dict[int, tuple] = {}
         homes: dict[int, bytes] = {}   # txid -> the thread whose run committed it
+        tokens: dict[int, Any] = {}   # txid -> the token of the run that committed it
         runs: dict[tuple, list[str]] = {}
         with _REMOVALS_LOCK:
             for key, txns in registry.items():
@@ -2362,6 +2383,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                         and key[3] != token:
                     work.update(txns)
                     homes.update(dict.fromkeys(txns, key[0]))
+                    tokens.update(dict.fromkeys(txns, key[3]))
             if not work:
                 return
             for key, (saved_cid, _txns) in saved.items():
@@ -2401,10 +2423,16 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 if outcomes is None:
                     outcomes = self._task_outcomes(ns, parent)
-                if interrupt in outcomes.get(outer[3][-1], ()) or not any(
+                mine = outcomes.get(outer[3][-1], ())
+                if (interrupt in mine and not (
+                        error in mine and txid in _newest_run(work, tokens, outer[3][-1])
+                        and self._failed_after_interrupt(ns, parent, outer[3][-1]))) \
+                        or not any(
                         error in kinds or interrupt in kinds
                         for kinds in outcomes.values()):
-                    continue   # (interrupted; or a step still going: a run in flight,
+                    continue   # (interrupted -- but a task that got past its
+                    # interrupt() on an answer and then raised failed: its newest run's
+                    # work goes, h3 stop 80 --; or a step still going: a run in flight,
                     # which loses the head now and undoes its own work, _undo_lost_step)
             try:
                 info = self.store.txn_info(txid)
@@ -2637,7 +2665,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
                             WRITES_IDX_MAP.get("__error__"))
         ended = any(error in kinds or interrupt in kinds for kinds in outcomes.values())
-        if not ended or interrupt in mine or any(
+        # (a task whose run after its interrupt() -- on the answer, or a resume failing
+        # before the interrupt -- raised failed: only that newest run's work is
+        # reverted, the runs that stopped at the interrupt keep theirs; h3, stop 80: it
+        # was all left)
+        answered = interrupt in mine and error in mine \
+            and self._failed_after_interrupt(ns, head, task)
+        if not ended or (interrupt in mine and not answered) or any(
                 isinstance(i, int) and i >= 0 for i in mine):
             return   # (a step still going, an interrupt, a finished task: not rerun)
         prefix = ns.thread_prefix
@@ -2647,16 +2681,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if isinstance(rec, dict) and rec.get("p") == head:
                 return   # (built on since: a run recorded or undid that step)
         txids: set[int] = set()
+        runs: list[set[int]] = []
+        levels_of: dict[int, tuple] = {}
         registry = _step_txns(self.store)
         with _REMOVALS_LOCK:
             for key, txns in registry.items():
                 if key[0] == prefix and key[1] == "" and key[2] == head \
                         and key[3] != token:
-                    txids.update(t for t, levels in txns.items() if any(
-                        lv[0] == "" and lv[3] and lv[3][-1] == task for lv in levels))
+                    runs.append({t for t, levels in txns.items() if any(
+                        lv[0] == "" and lv[3] and lv[3][-1] == task for lv in levels)})
+                    levels_of.update(txns)
+        runs = [r for r in runs if r]
+        if answered and runs:
+            txids.update(max(runs, key=max))   # (the failed run: the newest)
+        else:
+            txids.update(*runs)
         earlier = _earlier_open(self.store)
         with earlier.lock:
-            kept = list(earlier.kept.get((prefix, head), ()))
+            kept = [] if answered else list(earlier.kept.get((prefix, head), ()))
         if kept:
             with earlier.index_lock:
                 work = earlier.index(self.keys.root).work.get(prefix, {})
@@ -2664,8 +2706,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                              and work[t][2][-1] == task)
         if not txids:
             return
-        self._revert_work(thread_id, prefix, head, sorted(txids, reverse=True),
-                          "undo_rerun", rerun=True)
+        chosen = []
+        for txid in sorted(txids, reverse=True):
+            if any(level[0] for level in levels_of.get(txid, ())):
+                # (an inner node's work: the subgraph resumes from its own checkpoints,
+                # which may record it -- left, as before stop 80; reverting it with the
+                # subgraph's saves kept refunded a booking its checkpoint recorded, h3)
+                continue
+            try:
+                meta = self.store.txn_info(txid).extra.get("meta")
+            except (KeyError, WalstoreError):
+                meta = None   # (never committed: _revert_work passes it over)
+            if isinstance(meta, dict) and "langgraph" in meta:
+                # (a subgraph task's own saves, made in its node: the rerun resumes the
+                # subgraph from them -- reverted, its next save was refused as stale;
+                # h3, stop 80)
+                continue
+            chosen.append(txid)
+        self._revert_work(thread_id, prefix, head, chosen, "undo_rerun", rerun=True)
 
     def _task_outcomes(self, ns: Namespace, cid: str) -> dict[str, set[int]]:
         """task id -> the kinds (LangGraph's write index: >= 0 regular, an error's, an
@@ -3072,6 +3130,29 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         *callers, task = chain
         return found.get(task, (-1, -1))[0] > committed_at or any(
             found.get(caller, (-1, -1))[1] > committed_at for caller in callers)
+
+    def _failed_after_interrupt(self, ns: Namespace, cid: str, task: str) -> bool:
+        """Did ``task``'s newest run on checkpoint ``cid`` end in an error saved after its
+        ``interrupt()`` write (a run after the one that stopped at the interrupt -- on
+        the answer, or a plain resume failing before it reached the interrupt again --
+        raised), rather than stop at an interrupt after an earlier error?  Told by the
+        LSNs of the two pending writes."""
+        prefix = ns.writes_of(cid)
+        interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
+                            WRITES_IDX_MAP.get("__error__"))
+        lsns: dict[int, int] = {}
+        for key, row in self.store.scan(prefix=prefix):
+            try:
+                task_id, idx = self.keys.parse_write(prefix, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+            if task_id != task or idx not in (interrupt, error):
+                continue
+            newest = self.store.history(key, limit=1)
+            if newest and not newest[0].deleted:
+                lsns[idx] = max(lsns.get(idx, -1), int(newest[0].lsn))
+        return lsns.get(error, -1) > lsns.get(interrupt, -1) >= 0
 
     def _task_records(self, ns: Namespace, cid: str) -> dict[str, tuple[int, int]]:
         """task id -> (the LSN of the newest of its pending writes on checkpoint
