@@ -906,6 +906,13 @@ def _lost_run_undo(store: Any, key: tuple) -> _LostRunUndo:
         return got
 
 
+def _ended(outcomes: Mapping[str, set[int]]) -> bool:
+    """Do the outcomes of a step's tasks (``WalstoreSaver._task_outcomes``) hold an
+    error's or an interrupt's write: LangGraph ended the step without a checkpoint?"""
+    ended = (WRITES_IDX_MAP.get("__error__"), WRITES_IDX_MAP.get("__interrupt__"))
+    return any(kind in kinds for kinds in outcomes.values() for kind in ended)
+
+
 def _newest_run(work: Mapping[int, tuple], tokens: Mapping[int, Any],
                 task: str) -> set[int]:
     """Of the node transactions ``work`` (txid -> levels; ``tokens``: txid -> its run's
@@ -2427,9 +2434,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if (interrupt in mine and not (
                         error in mine and txid in _newest_run(work, tokens, outer[3][-1])
                         and self._failed_after_interrupt(ns, parent, outer[3][-1]))) \
-                        or not any(
-                        error in kinds or interrupt in kinds
-                        for kinds in outcomes.values()):
+                        or not _ended(outcomes):
                     continue   # (interrupted -- but a task that got past its
                     # interrupt() on an answer and then raised failed: its newest run's
                     # work goes, h3 stop 80 --; or a step still going: a run in flight,
@@ -2664,7 +2669,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         mine = outcomes.get(task, set())
         interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
                             WRITES_IDX_MAP.get("__error__"))
-        ended = any(error in kinds or interrupt in kinds for kinds in outcomes.values())
+        ended = _ended(outcomes)
         # (a task whose run after its interrupt() -- on the answer, or a resume failing
         # before the interrupt -- raised failed: only that newest run's work is
         # reverted, the runs that stopped at the interrupt keep theirs; h3, stop 80: it
@@ -2744,16 +2749,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Was the step built on checkpoint ``cid`` ended by LangGraph without a checkpoint:
         an error's or an interrupt's pending write of one of its tasks saved on it (no
         run builds on ``cid`` from that step any more)?"""
-        prefix = ns.writes_of(cid)
-        ended = (WRITES_IDX_MAP.get("__error__"), WRITES_IDX_MAP.get("__interrupt__"))
-        for key, _row in self.store.scan(prefix=prefix):
-            try:
-                _task, idx = self.keys.parse_write(prefix, key)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            if idx in ended:
-                return True
-        return False
+        return _ended(self._task_outcomes(ns, cid))
 
     def _forked_from(self, ns: Namespace, parent: str, fork: Checkpoint,
                      cid: str) -> list[str]:
