@@ -2730,17 +2730,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             chosen.append(txid)
         self._revert_work(thread_id, prefix, head, chosen, "undo_rerun", rerun=True)
 
-    def _task_outcomes(self, ns: Namespace, cid: str) -> dict[str, set[int]]:
-        """task id -> the kinds (LangGraph's write index: >= 0 regular, an error's, an
-        interrupt's...) of its pending writes saved on checkpoint ``cid``, the null
-        task's (a run's input, a resume's answer) aside."""
-        prefix, outcomes = ns.writes_of(cid), {}
+    def _task_writes(self, ns: Namespace, cid: str) -> Iterator[tuple[bytes, Any, Any]]:
+        """(key, task id, idx) of each pending write saved on checkpoint ``cid``, in key
+        order: the task id read from the row when the key holds it hashed; a key that
+        does not parse is passed over."""
+        prefix = ns.writes_of(cid)
         for key, row in self.store.scan(prefix=prefix):
             try:
                 task_id, idx = self.keys.parse_write(prefix, key)
             except (ValueError, IndexError, UnicodeDecodeError):
                 continue
-            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+            yield key, (row[4] if task_id is None and len(row) > 4 else task_id), idx
+
+    def _task_outcomes(self, ns: Namespace, cid: str) -> dict[str, set[int]]:
+        """task id -> the kinds (LangGraph's write index: >= 0 regular, an error's, an
+        interrupt's...) of its pending writes saved on checkpoint ``cid``, the null
+        task's (a run's input, a resume's answer) aside."""
+        outcomes: dict[str, set[int]] = {}
+        for _key, task_id, idx in self._task_writes(ns, cid):
             if isinstance(task_id, str) and task_id != NULL_TASK_ID:
                 outcomes.setdefault(task_id, set()).add(idx)
         return outcomes
@@ -3133,16 +3140,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the answer, or a plain resume failing before it reached the interrupt again --
         raised), rather than stop at an interrupt after an earlier error?  Told by the
         LSNs of the two pending writes."""
-        prefix = ns.writes_of(cid)
         interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
                             WRITES_IDX_MAP.get("__error__"))
         lsns: dict[int, int] = {}
-        for key, row in self.store.scan(prefix=prefix):
-            try:
-                task_id, idx = self.keys.parse_write(prefix, key)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+        for key, task_id, idx in self._task_writes(ns, cid):
             if task_id != task or idx not in (interrupt, error):
                 continue
             newest = self.store.history(key, limit=1)
@@ -3154,13 +3155,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """task id -> (the LSN of the newest of its pending writes on checkpoint
         ``cid`` of any kind -- regular, an interrupt's, an error's, a resume's --, that
         of the newest regular one or -1), the null task's (a run's input) aside."""
-        prefix, records = ns.writes_of(cid), {}
-        for key, row in self.store.scan(prefix=prefix):
-            try:
-                task_id, idx = self.keys.parse_write(prefix, key)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+        records: dict[str, tuple[int, int]] = {}
+        for key, task_id, idx in self._task_writes(ns, cid):
             if not isinstance(task_id, str) or task_id == NULL_TASK_ID:
                 continue
             newest = self.store.history(key, limit=1)
@@ -3175,13 +3171,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """The tasks with a regular pending write on checkpoint ``cid`` (not an error's,
         an interrupt's or a resume's, nor the null task's): LangGraph takes them as
         done and does not run them again."""
-        prefix, done = ns.writes_of(cid), set()
-        for key, row in self.store.scan(prefix=prefix):
-            try:
-                task_id, idx = self.keys.parse_write(prefix, key)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            task_id = row[4] if task_id is None and len(row) > 4 else task_id
+        done: set = set()
+        for _key, task_id, idx in self._task_writes(ns, cid):
             if task_id != NULL_TASK_ID and isinstance(idx, int) and idx >= 0:
                 done.add(task_id)
         return done
