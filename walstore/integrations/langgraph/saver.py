@@ -3007,7 +3007,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         else:
             where = "had no checkpoint: a process that ran it ended before saving its first"
         again = ("node runs" if done.superseded or done.rerun else
-                 "their tasks run" if done.discarded else
+                 "tasks run" if done.discarded else
                  "step runs" if done.checkpoint_id is not None else "run starts over")
         _log.warning(
             "thread %r %s; %s%s", done.thread_id, where,
