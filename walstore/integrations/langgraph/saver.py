@@ -2712,12 +2712,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not txids:
             return
         chosen = []
+        runs_of: dict[tuple, list[str]] | None = None
+        heads: dict[tuple, str | None] = {}
+        written: dict[tuple, set[str]] = {}
         for txid in sorted(txids, reverse=True):
-            if any(level[0] for level in levels_of.get(txid, ())):
-                # (an inner node's work: the subgraph resumes from its own checkpoints,
-                # which may record it -- left, as before stop 80; reverting it with the
-                # subgraph's saves kept refunded a booking its checkpoint recorded, h3)
-                continue
             try:
                 meta = self.store.txn_info(txid).extra.get("meta")
             except (KeyError, WalstoreError):
@@ -2727,8 +2725,42 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 # subgraph from them -- reverted, its next save was refused as stale;
                 # h3, stop 80)
                 continue
+            inner = [level for level in levels_of.get(txid, ()) if level[0]]
+            if inner:
+                # (an inner node's work: the subgraph resumes from its own checkpoints;
+                # what they record -- a checkpoint its run saved after the inner step,
+                # or the inner task's regular writes -- is not done again, and stays;
+                # the rest is a failed inner task's, or one a failed sibling cut short,
+                # which the rerun does again, unless it stopped at an interrupt())
+                if runs_of is None:
+                    runs_of, saved = {}, _saved_steps(self.store)
+                    with _REMOVALS_LOCK:
+                        for key, (saved_cid, _txns) in saved.items():
+                            if key[0] == prefix and key[1]:
+                                runs_of.setdefault((key[1], key[3]), []).append(saved_cid)
+                if any(self._step_recorded(thread_id, level, runs_of, heads, written)
+                       for level in inner):
+                    continue
+                deepest = max(inner, key=lambda lv: len(lv[0]))
+                if not deepest[3] or not self._inner_rerun(thread_id, deepest):
+                    continue
             chosen.append(txid)
         self._revert_work(thread_id, prefix, head, chosen, "undo_rerun", rerun=True)
+
+    def _inner_rerun(self, thread_id: str, level: tuple) -> bool:
+        """Does a rerun of the subgraph step ``level`` (namespace, checkpoint, run token,
+        task chain), whose outer task runs again, run its task again from its start: the
+        checkpoint is saved (the subgraph resumes from it) and holds neither a regular
+        outcome of the task (read back, not run again) nor its interrupt (left:
+        LangGraph's documented semantics) -- it raised, or a failed sibling cut it short
+        (an async run cancels the rest of the step: no write of it at all)?"""
+        ns_name, cid, _token, chain = level
+        ns = self.keys.at(thread_id, ns_name)
+        if self.store.get(ns.checkpoint(cid)) is None:
+            return False   # (never saved: nothing tells how the inner step ended)
+        mine = self._task_outcomes(ns, cid).get(chain[-1], set())
+        return WRITES_IDX_MAP.get("__interrupt__") not in mine and not any(
+            isinstance(i, int) and i >= 0 for i in mine)
 
     def _task_writes(self, ns: Namespace, cid: str) -> Iterator[tuple[bytes, Any, Any]]:
         """(key, task id, idx) of each pending write saved on checkpoint ``cid``, in key
