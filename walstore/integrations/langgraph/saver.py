@@ -805,6 +805,23 @@ class _AttemptTxns(OrderedDict):
         return taken
 
 
+_SUBGRAPH_LOADS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _subgraph_loads(store: Any) -> "OrderedDict[str, tuple[tuple, int]]":
+    """A subgraph's load token (``RUN_TOKEN`` + its namespace, set by ``get_tuple``) ->
+    (the ``_AttemptTxns`` key of the task whose node runs that subgraph, that task's
+    attempt then), per store object, the newest ``_STEP_TXNS_MAX`` kept: the node
+    transactions of the subgraph's inner nodes are work of that attempt of the task
+    (``_note_step_txn``), reverted when LangGraph's ``RetryPolicy`` runs the task again
+    (``WalstoreSaver._undo_superseded_calls``)."""
+    with _REMOVALS_LOCK:
+        got = _SUBGRAPH_LOADS.get(store)
+        if got is None:
+            got = _SUBGRAPH_LOADS[store] = OrderedDict()
+        return got
+
+
 _SOURCE_WAIT_S = 2.0  # how long a node transaction waits for its step's checkpoint save
 # to tell new input from a resume's later step (``WalstoreSaver._checkpoint_source``)
 
@@ -1545,9 +1562,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         cid = _id_text(get_checkpoint_id(config))
         ns = self.keys.at(thread_id, ns_name)
         if self.fencing:
+            # (a subgraph's load in a task's node: the attempt of that task, whose
+            # config this is, before this load's own token is set)
+            calling = _node_attempt(_conf(config)) if ns_name else None
             # names this load (a run's, when LangGraph's loop calls): the run's node
             # transactions carry it, so a put of the run refused for a race undoes them
             _mark(config, RUN_TOKEN + ns_name, f"{time.monotonic():.6f}-{uuid.uuid4().hex}")
+            if calling is not None and self.undo_on_resume:
+                self._undo_superseded_calls(thread_id, config, ns_name, calling)
 
         # a run's load of the outermost graph's checkpoint (not get_state's: a run's
         # config carries its Runtime) undoes, when it is the thread's head, what a killed
@@ -2505,6 +2527,46 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self._revert_work(thread_id, prefix, step, earlier, "undo_superseded",
                           superseded=True)
 
+    def _undo_superseded_calls(self, thread_id: str, config: RunnableConfig, ns_name: str,
+                               calling: tuple[tuple, int]) -> None:
+        """A run loads subgraph namespace ``ns_name`` in a task's node (its graph's
+        ``get_tuple``; ``config`` the task's, ``calling`` its ``_node_attempt``): note
+        the load's token under that task and attempt, so that its inner nodes'
+        transactions count as the task's work (``_note_step_txn``); and when it is a
+        later attempt (LangGraph's ``RetryPolicy`` runs a subgraph node again in a new
+        namespace, ``...|1``, from its start), first revert what the task's earlier
+        attempts committed, their inner nodes' work included, as ``_undo_superseded``
+        does for a node's own transactions.  (Before, stop 81: a subgraph node retried
+        whole kept its first attempt's inner bookings beside the retry's, the state
+        recording one.)"""
+        conf = _conf(config)
+        info = getattr(conf.get(_RUN_KEY), "execution_info", None)
+        task_ns = getattr(info, "checkpoint_ns", None)
+        token = conf.get(RUN_TOKEN + ns_name)
+        if not isinstance(task_ns, str) or not task_ns or token is None \
+                or not (ns_name == task_ns or ns_name.startswith(task_ns + "|")):
+            return
+        prefix = self.thread_scope(thread_id)
+        key = (prefix, task_ns, calling[0])
+        loads = _subgraph_loads(self.store)
+        with _REMOVALS_LOCK:
+            loads[str(token)] = (key, calling[1])
+            loads.move_to_end(str(token))
+            while len(loads) > _STEP_TXNS_MAX:
+                loads.popitem(last=False)
+        if calling[1] <= 1:
+            return
+        attempts = _attempts(self.store)
+        with _REMOVALS_LOCK:
+            task = attempts.task(key)
+            if task.undoing is None:
+                task.undoing = threading.RLock()
+        checkpoint_map = conf.get("checkpoint_map")
+        with task.undoing:
+            self._undo_superseded_of(thread_id, prefix, attempts, key, calling[1],
+                                     checkpoint_map if isinstance(checkpoint_map, Mapping)
+                                     else {})
+
     def _revert_work(self, thread_id: str, prefix: bytes, checkpoint_id: str | None,
                      txids: Sequence[int], why: str, **kind: bool) -> None:
         """Revert node transactions ``txids`` of thread ``prefix``, in that order (newest
@@ -3324,7 +3386,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                        if isinstance(ns_name, str) and isinstance(cid, str)
                        and conf.get(RUN_TOKEN + ns_name) is not None)
         attempt = _node_attempt(conf) if task_ns and not undo_work else None
-        attempts = _attempts(self.store) if attempt is not None else None
+        attempts_all = _attempts(self.store)
+        attempts = attempts_all if attempt is not None else None
         with _REMOVALS_LOCK:
             task = (attempts.note((prefix, task_ns, attempt[0]), tx.id, attempt[1])
                     if attempts is not None else None)
@@ -3334,6 +3397,16 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 _refuse_superseded(task, attempt[1], thread_id, task_ns)
                 add_commit_check(tx, functools.partial(
                     _refuse_superseded, task, attempt[1], thread_id, task_ns))
+            if not undo_work:
+                loads = _SUBGRAPH_LOADS.get(self.store)
+                for ns_name, _cid, token, _task in (levels if loads else ()):
+                    called = loads.get(str(token)) if ns_name else None
+                    if called is not None and called[0][1] != task_ns:
+                        # (work of the subgraph's inner node: also the calling task's,
+                        # of its attempt then; refused when a later one began)
+                        outer = attempts_all.note(called[0], tx.id, called[1])
+                        if self.undo_on_resume:
+                            _refuse_superseded(outer, called[1], thread_id, called[0][1])
             for ns_name, cid, token, _task in levels:
                 key = (prefix, ns_name, cid, token)
                 # (a dict: each once, a transaction fenced again by guard_node_scope too;
