@@ -6,7 +6,10 @@ their ``RetryPolicy``, and the moves a user makes next, in a process that stays 
         [--only ROUND ...] [--json] [--out F] [-v]
 
 Each round draws a small ``StateGraph``: 2-3 parallel branches from START (one of them,
-sometimes, a subgraph of one or two nodes), sometimes a node ``after`` following them.
+sometimes, a subgraph of one or two nodes, half of those with a ``RetryPolicy`` of
+their own that runs the subgraph again whole when an inner node raises -- drawn from a
+stream of its own, so a round's other draws are as before stop 81), sometimes a node
+``after`` following them.
 Every node books: a walstore transaction (no scope: the node's thread) with an action
 ``book`` whose compensator "cancel" appends to an fsynced ledger (the outside world);
 an idempotent node books only when its key (``k/NODE/TURN``, written in the booking's
@@ -116,6 +119,10 @@ def draw(seed: int, n: int) -> dict:
             mv["when"] = rng.choice(["before", "after"])
             mv["then"] = rng.choice(["none", "input"])
         moves.append(mv)
+    if sub:   # (stop 81; its own stream: the draws above stay each round's as before)
+        extra = random.Random(f"{seed}-{n}-sub-retry")
+        if extra.random() < 0.5:
+            nodes[f"b{k - 1}"]["retry"] = extra.randint(1, 2)
     return {"nodes": nodes, "moves": moves, "first": {
         "call": rng.choice(CALLS), "durability": rng.choice(["sync", "async", "exit"])}}
 
@@ -211,7 +218,12 @@ class World:
                     inner.add_edge(prev, nn)
                     prev = nn
                 inner.add_edge(prev, END)
-                b.add_node(name, inner.compile())
+                kw = {}
+                if v.get("retry"):   # (the subgraph retried whole when an inner node raises)
+                    kw["retry_policy"] = RetryPolicy(max_attempts=v["retry"] + 1,
+                                                     initial_interval=0.0, jitter=False,
+                                                     retry_on=Boom)
+                b.add_node(name, inner.compile(), **kw)
             else:
                 add(b, name, v)
             b.add_edge(START, name)

@@ -822,6 +822,23 @@ def _subgraph_loads(store: Any) -> "OrderedDict[str, tuple[tuple, int]]":
         return got
 
 
+_RETRIED_CALLS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _retried_calls(store: Any) -> "OrderedDict[tuple, dict[tuple, list]]":
+    """(thread prefix, task namespace, the step's checkpoint id) -> the ``_AttemptTxns``
+    key of each run that ran that task's subgraph again for a ``RetryPolicy`` (a load of
+    ``<task ns>|N``) -> [(namespace, load token)] of those loads, per store object, the
+    newest ``_STEP_TXNS_MAX`` kept: a later run that loads the task's subgraph anew
+    (a resume of an ``interrupt()`` the retried subgraph stopped at) abandons that
+    run's work there (``WalstoreSaver._undo_abandoned_calls``)."""
+    with _REMOVALS_LOCK:
+        got = _RETRIED_CALLS.get(store)
+        if got is None:
+            got = _RETRIED_CALLS[store] = OrderedDict()
+        return got
+
+
 _SOURCE_WAIT_S = 2.0  # how long a node transaction waits for its step's checkpoint save
 # to tell new input from a resume's later step (``WalstoreSaver._checkpoint_source``)
 
@@ -2554,6 +2571,26 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             loads.move_to_end(str(token))
             while len(loads) > _STEP_TXNS_MAX:
                 loads.popitem(last=False)
+        checkpoint_map = conf.get("checkpoint_map")
+        checkpoint_map = checkpoint_map if isinstance(checkpoint_map, Mapping) else {}
+        step = checkpoint_map.get("")
+        if isinstance(step, str):
+            retried = _retried_calls(self.store)
+            with _REMOVALS_LOCK:
+                if ns_name != task_ns:   # (``<task ns>|N``: a later load in this run)
+                    runs = retried.setdefault((prefix, task_ns, step), {})
+                    runs.setdefault(key, []).append((ns_name, str(token)))
+                    retried.move_to_end((prefix, task_ns, step))
+                    while len(retried) > _STEP_TXNS_MAX:
+                        retried.popitem(last=False)
+                    earlier = {}
+                else:
+                    runs = retried.get((prefix, task_ns, step)) or {}
+                    earlier = {k: v for k, v in runs.items() if k != key}
+                    for k in earlier:
+                        del runs[k]
+            if earlier:
+                self._undo_abandoned_calls(thread_id, prefix, step, earlier)
         if calling[1] <= 1:
             return
         attempts = _attempts(self.store)
@@ -2561,11 +2598,44 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             task = attempts.task(key)
             if task.undoing is None:
                 task.undoing = threading.RLock()
-        checkpoint_map = conf.get("checkpoint_map")
         with task.undoing:
             self._undo_superseded_of(thread_id, prefix, attempts, key, calling[1],
-                                     checkpoint_map if isinstance(checkpoint_map, Mapping)
-                                     else {})
+                                     checkpoint_map)
+
+    def _undo_abandoned_calls(self, thread_id: str, prefix: bytes, step: str,
+                              earlier: Mapping[tuple, list]) -> None:
+        """A run loads a task's subgraph anew (its first load, ``<task ns>``) in the step
+        built on ``step``, where an earlier run of the thread ran it again for a
+        ``RetryPolicy`` (``earlier``: that run's ``_AttemptTxns`` key -> its loads of
+        ``<task ns>|N``) and stopped, at an ``interrupt()`` inside it: LangGraph runs the
+        subgraph from its start again and never resumes ``<task ns>|N``, so what the
+        inner nodes did there is recorded nowhere and done again -- reverted now, newest
+        first, with its compensations, before the subgraph runs.  Left: the work of an
+        inner task whose outcome there is its interrupt (LangGraph's documented
+        semantics: it runs again from its start on the answer, book after
+        ``interrupt()``).  (Before, stop 81: the retried attempt's bookings stood beside
+        the resumed run's, the state recording one of each.)"""
+        attempts, registry = _attempts(self.store), _step_txns(self.store)
+        chosen: list[int] = []
+        for key, loads in earlier.items():
+            with _REMOVALS_LOCK:
+                txids = set(attempts.take(key, 1 << 30))
+                levels_of: dict[int, tuple] = {}
+                for rkey, txns in registry.items():
+                    if rkey[0] == prefix and (rkey[1], str(rkey[3])) in loads:
+                        levels_of.update((t, lv) for t, lv in txns.items() if t in txids)
+            for txid in sorted(txids, reverse=True):
+                inner = [lv for lv in levels_of.get(txid, ()) if lv[0]]
+                if inner:
+                    ns_name, cid, _token, chain = max(inner, key=lambda lv: len(lv[0]))
+                    ns = self.keys.at(thread_id, ns_name)
+                    if chain and WRITES_IDX_MAP.get("__interrupt__") in \
+                            self._task_outcomes(ns, cid).get(chain[-1], set()):
+                        continue   # (stopped at its interrupt(): left)
+                chosen.append(txid)
+        if chosen:
+            self._revert_work(thread_id, prefix, step, sorted(chosen, reverse=True),
+                              "undo_abandoned_retry", superseded=True)
 
     def _revert_work(self, thread_id: str, prefix: bytes, checkpoint_id: str | None,
                      txids: Sequence[int], why: str, **kind: bool) -> None:
