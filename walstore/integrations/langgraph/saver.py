@@ -2555,7 +2555,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         attempts committed, their inner nodes' work included, as ``_undo_superseded``
         does for a node's own transactions.  (Before, stop 81: a subgraph node retried
         whole kept its first attempt's inner bookings beside the retry's, the state
-        recording one.)"""
+        recording one.)  A retry's load is noted for the step (``_retried_calls``): a
+        later run's first load of the task's subgraph in the same step abandons it
+        (``_undo_abandoned_calls``)."""
         conf = _conf(config)
         info = getattr(conf.get(_RUN_KEY), "execution_info", None)
         task_ns = getattr(info, "checkpoint_ns", None)
@@ -2577,12 +2579,16 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if isinstance(step, str):
             retried = _retried_calls(self.store)
             with _REMOVALS_LOCK:
-                if ns_name != task_ns:   # (``<task ns>|N``: a later load in this run)
+                if ns_name != task_ns and calling[1] > 1:   # (``<task ns>|N``: a
+                    # retry's load in this run; a node that runs its subgraph twice in
+                    # one attempt loads ``|1`` too, and is no retry)
                     runs = retried.setdefault((prefix, task_ns, step), {})
                     runs.setdefault(key, []).append((ns_name, str(token)))
                     retried.move_to_end((prefix, task_ns, step))
                     while len(retried) > _STEP_TXNS_MAX:
                         retried.popitem(last=False)
+                    earlier = {}
+                elif ns_name != task_ns:
                     earlier = {}
                 else:
                     runs = retried.get((prefix, task_ns, step)) or {}
