@@ -2891,11 +2891,23 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         checkpoint is saved (the subgraph resumes from it) and holds neither a regular
         outcome of the task (read back, not run again) nor its interrupt (left:
         LangGraph's documented semantics) -- it raised, or a failed sibling cut it short
-        (an async run cancels the rest of the step: no write of it at all)?"""
+        (an async run cancels the rest of the step: no write of it at all)?  Or the
+        checkpoint was never saved and the namespace holds none at or after it (none at
+        all: the subgraph runs from its start): under ``durability="exit"`` a subgraph
+        whose own run ended without an error or interrupt saves nothing, and a sync run
+        whose failed task ended the step does not wait for a sibling already running --
+        the outer loop saves its checkpoint and pending writes at exit, then its executor
+        waits for the sibling, whose outcome is never saved -- so the rerun resumes the
+        subgraph from before that step (its newest checkpoint) and does the inner work
+        again, which nothing records (before, h1 stop 81: the first booking stood beside
+        the rerun's)."""
         ns_name, cid, _token, chain = level
         ns = self.keys.at(thread_id, ns_name)
         if self.store.get(ns.checkpoint(cid)) is None:
-            return False   # (never saved: nothing tells how the inner step ended)
+            # (never saved: the subgraph resumes from its newest checkpoint; one at or
+            # after ``cid`` -- another run's since -- does not run that step again)
+            newest = self._latest(self.store, ns)
+            return newest is None or newest[0] < cid
         mine = self._task_outcomes(ns, cid).get(chain[-1], set())
         return WRITES_IDX_MAP.get("__interrupt__") not in mine and not any(
             isinstance(i, int) and i >= 0 for i in mine)
