@@ -839,6 +839,37 @@ def _retried_calls(store: Any) -> "OrderedDict[tuple, dict[tuple, list]]":
         return got
 
 
+_TASK_SAVES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_TASK_SAVES_MAX = 4 * 4096   # (tasks kept per store: the newest steps' tasks)
+
+
+def _note_task_save(store: Any, key: tuple, token: Any) -> None:
+    """Note that the run whose load token is ``token`` saved an outcome (a regular
+    write, an error's or an interrupt's; not a resume's answer) of task ``key`` =
+    (thread prefix, namespace, checkpoint id, task id), per store object, the newest
+    ``_TASK_SAVES_MAX`` tasks kept: a run of this process that committed work for a
+    task stopped at its ``interrupt()`` and saved no outcome of it was cut short past
+    the interrupt (``WalstoreSaver._cut_short_runs``)."""
+    with _REMOVALS_LOCK:
+        saves = _TASK_SAVES.get(store)
+        if saves is None:
+            saves = _TASK_SAVES[store] = OrderedDict()
+        saves.setdefault(key, set()).add(str(token))
+        saves.move_to_end(key)
+        while len(saves) > _TASK_SAVES_MAX:
+            saves.popitem(last=False)
+
+
+def _task_savers(store: Any, key: tuple) -> set[str] | None:
+    """The load tokens of the runs that saved an outcome of task ``key``
+    (``_note_task_save``); None when none is known in this process."""
+    with _REMOVALS_LOCK:
+        saves = _TASK_SAVES.get(store)
+        got = saves.get(key) if saves else None
+        return set(got) if got else None
+
+
+_RESUME_IDX = WRITES_IDX_MAP.get("__resume__")   # (a resume's answer: no outcome)
 _SOURCE_WAIT_S = 2.0  # how long a node transaction waits for its step's checkpoint save
 # to tell new input from a resume's later step (``WalstoreSaver._checkpoint_source``)
 
@@ -2802,7 +2833,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         as it is: a task stopped at an ``interrupt()`` (LangGraph's documented semantics:
         it runs again from its start on the answer, book after ``interrupt()``; and a
         node that books only when its key says it has not keeps the booking the human
-        saw), and any task on a head a run built a checkpoint on since."""
+        saw), and any task on a head a run built a checkpoint on since -- but for the
+        work of a run of this process that saved no outcome of such a task (an answered
+        run cut short past the interrupt by a failed sibling: nothing records that
+        work, and the rerun does it again; ``_note_task_save``; stop 81, soak seed 2
+        round 18: it stood beside the rerun's booking)."""
         outcomes = self._task_outcomes(ns, head)
         mine = outcomes.get(task, set())
         interrupt, error = (WRITES_IDX_MAP.get("__interrupt__"),
@@ -2814,10 +2849,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # was all left)
         answered = interrupt in mine and error in mine \
             and self._failed_after_interrupt(ns, head, task)
-        if not ended or (interrupt in mine and not answered) or any(
-                isinstance(i, int) and i >= 0 for i in mine):
-            return   # (a step still going, an interrupt, a finished task: not rerun)
+        stopped = interrupt in mine and not answered
+        if not ended or any(isinstance(i, int) and i >= 0 for i in mine):
+            return   # (a step still going, a finished task: not rerun)
         prefix = ns.thread_prefix
+        savers = _task_savers(self.store, (prefix, "", head, task)) if stopped else None
+        if stopped and savers is None:
+            return   # (stopped at its interrupt, no run of it known here: left)
         checkpoints = ns.checkpoints()
         for key, rec in self.store.scan(start=ns.checkpoint(head) + b"\x00",
                                         end=prefix_end(checkpoints)):
@@ -2830,7 +2868,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         with _REMOVALS_LOCK:
             for key, txns in registry.items():
                 if key[0] == prefix and key[1] == "" and key[2] == head \
-                        and key[3] != token:
+                        and key[3] != token and (savers is None
+                                                 or str(key[3]) not in savers):
+                    # (stopped at its interrupt: only a run that committed work for
+                    # the task and saved no outcome of it -- an answered run cut short
+                    # past the interrupt by a failed sibling, nothing recording it; the
+                    # runs that stopped at the interrupt keep theirs)
                     runs.append({t for t, levels in txns.items() if any(
                         lv[0] == "" and lv[3] and lv[3][-1] == task for lv in levels)})
                     levels_of.update(txns)
@@ -2841,7 +2884,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             txids.update(*runs)
         earlier = _earlier_open(self.store)
         with earlier.lock:
-            kept = [] if answered else list(earlier.kept.get((prefix, head), ()))
+            kept = [] if answered or stopped else list(earlier.kept.get((prefix, head), ()))
         if kept:
             with earlier.index_lock:
                 work = earlier.index(self.keys.root).work.get(prefix, {})
@@ -2901,7 +2944,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         subgraph from before that step (its newest checkpoint) and does the inner work
         again, which nothing records (before, h1 stop 81: the first booking stood beside
         the rerun's)."""
-        ns_name, cid, _token, chain = level
+        ns_name, cid, token, chain = level
         ns = self.keys.at(thread_id, ns_name)
         if self.store.get(ns.checkpoint(cid)) is None:
             # (never saved: the subgraph resumes from its newest checkpoint; one at or
@@ -2909,8 +2952,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             newest = self._latest(self.store, ns)
             return newest is None or newest[0] < cid
         mine = self._task_outcomes(ns, cid).get(chain[-1], set())
-        return WRITES_IDX_MAP.get("__interrupt__") not in mine and not any(
-            isinstance(i, int) and i >= 0 for i in mine)
+        if any(isinstance(i, int) and i >= 0 for i in mine):
+            return False
+        if WRITES_IDX_MAP.get("__interrupt__") in mine:
+            # (stopped at its interrupt: left, but for the work of a run of it that
+            # saved no outcome of it -- cut short past the interrupt, stop 81)
+            savers = _task_savers(self.store, (ns.thread_prefix, ns_name, cid, chain[-1]))
+            return savers is not None and str(token) not in savers
+        return True
 
     def _task_writes(self, ns: Namespace, cid: str) -> Iterator[tuple[bytes, Any, Any]]:
         """(key, task id, idx) of each pending write saved on checkpoint ``cid``, in key
@@ -3582,6 +3631,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                                     meta=meta))
                 else:
                     self._run(write, scope=ns.thread_prefix, meta=meta)
+                if token is not None and any(widx != _RESUME_IDX for widx, _k, _r in rows):
+                    _note_task_save(self.store, (ns.thread_prefix, ns_name, cid, task_id),
+                                    token)
                 return
             except StaleCheckpointError as e:
                 if self._removal_failed(e, _conf(config), ns_name, ns, budget):
