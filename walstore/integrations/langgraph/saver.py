@@ -854,8 +854,11 @@ def _note_task_save(store: Any, key: tuple, token: Any) -> None:
         saves = _TASK_SAVES.get(store)
         if saves is None:
             saves = _TASK_SAVES[store] = OrderedDict()
-        saves.setdefault(key, set()).add(str(token))
-        saves.move_to_end(key)
+        # (and under (prefix, namespace, checkpoint id, None): the runs that saved an
+        # outcome of any task there -- a run whose step ended, not one in flight)
+        for k in (key, key[:3] + (None,)):
+            saves.setdefault(k, set()).add(str(token))
+            saves.move_to_end(k)
         while len(saves) > _TASK_SAVES_MAX:
             saves.popitem(last=False)
 
@@ -2856,6 +2859,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         savers = _task_savers(self.store, (prefix, "", head, task)) if stopped else None
         if stopped and savers is None:
             return   # (stopped at its interrupt, no run of it known here: left)
+        # (of those, only a run whose step ended -- it saved an outcome of another task
+        # on the head, a sibling's error: one still in flight, a concurrent resume of the
+        # same head, saves its own outcome or loses the race and undoes its own work)
+        ended_runs = (_task_savers(self.store, (prefix, "", head, None)) or set()) \
+            if stopped else set()
         checkpoints = ns.checkpoints()
         for key, rec in self.store.scan(start=ns.checkpoint(head) + b"\x00",
                                         end=prefix_end(checkpoints)):
@@ -2868,8 +2876,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         with _REMOVALS_LOCK:
             for key, txns in registry.items():
                 if key[0] == prefix and key[1] == "" and key[2] == head \
-                        and key[3] != token and (savers is None
-                                                 or str(key[3]) not in savers):
+                        and key[3] != token and (savers is None or (
+                            str(key[3]) not in savers and str(key[3]) in ended_runs)):
                     # (stopped at its interrupt: only a run that committed work for
                     # the task and saved no outcome of it -- an answered run cut short
                     # past the interrupt by a failed sibling, nothing recording it; the
@@ -3479,6 +3487,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             ns = self.keys.at(thread_id, ns_name)
             key = ns.checkpoint(cid)
             seen = self.store.get(key) is not None
+            if seen:
+                newest = self.store.history(key, limit=1)
+                if newest and int(newest[0].lsn) >= tx.snapshot:
+                    # (saved at or after this transaction's snapshot, taken at its begin
+                    # -- a snapshot at LSN n sees the commits before n --: a save under
+                    # way then, durability="async", that landed since.  Not read, as one
+                    # still under way is not: read, its commit would conflict; before
+                    # (stop 81), it was taken for a removed checkpoint and the node's
+                    # work refused, StaleCheckpointError -- seen under load, a subgraph
+                    # node's first transaction beside its step's background save)
+                    continue
             if seen and tx.get(key) is not None:
                 continue  # (read: in the transaction's read set)
             if seen or self._checkpoint_removed(ns, cid):
