@@ -805,6 +805,16 @@ class _AttemptTxns(OrderedDict):
         return taken
 
 
+def _per_store(maps: "weakref.WeakKeyDictionary[Any, Any]", store: Any,
+               make: Callable[[], Any]) -> Any:
+    """The object ``maps`` holds for ``store``, made by ``make`` when missing."""
+    with _REMOVALS_LOCK:
+        got = maps.get(store)
+        if got is None:
+            got = maps[store] = make()
+        return got
+
+
 _SUBGRAPH_LOADS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
@@ -815,11 +825,7 @@ def _subgraph_loads(store: Any) -> "OrderedDict[str, tuple[tuple, int]]":
     transactions of the subgraph's inner nodes are work of that attempt of the task
     (``_note_step_txn``), reverted when LangGraph's ``RetryPolicy`` runs the task again
     (``WalstoreSaver._undo_superseded_calls``)."""
-    with _REMOVALS_LOCK:
-        got = _SUBGRAPH_LOADS.get(store)
-        if got is None:
-            got = _SUBGRAPH_LOADS[store] = OrderedDict()
-        return got
+    return _per_store(_SUBGRAPH_LOADS, store, OrderedDict)
 
 
 _RETRIED_CALLS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -832,11 +838,7 @@ def _retried_calls(store: Any) -> "OrderedDict[tuple, dict[tuple, list]]":
     newest ``_STEP_TXNS_MAX`` kept: a later run that loads the task's subgraph anew
     (a resume of an ``interrupt()`` the retried subgraph stopped at) abandons that
     run's work there (``WalstoreSaver._undo_abandoned_calls``)."""
-    with _REMOVALS_LOCK:
-        got = _RETRIED_CALLS.get(store)
-        if got is None:
-            got = _RETRIED_CALLS[store] = OrderedDict()
-        return got
+    return _per_store(_RETRIED_CALLS, store, OrderedDict)
 
 
 _TASK_SAVES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
