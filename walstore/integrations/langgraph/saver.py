@@ -2553,7 +2553,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if attempt is None or attempt[1] <= 1:
             return
         prefix = self.thread_scope(thread_id)
-        attempts, key = _attempts(self.store), (prefix, task_ns, attempt[0])
+        self._undo_superseded_task(thread_id, prefix, (prefix, task_ns, attempt[0]),
+                                   attempt[1], checkpoint_map)
+
+    def _undo_superseded_task(self, thread_id: str, prefix: bytes, key: tuple,
+                              attempt: int, checkpoint_map: Mapping) -> None:
+        """``_undo_superseded_of`` for task ``key`` (an ``_AttemptTxns`` key) at
+        ``attempt``, under the task's ``undoing`` lock."""
+        attempts = _attempts(self.store)
         with _REMOVALS_LOCK:
             task = attempts.task(key)
             if task.undoing is None:
@@ -2564,7 +2571,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # key, kept its booking, and the undo then cancelled it -- the state recording a
         # cancelled booking, h2)
         with task.undoing:
-            self._undo_superseded_of(thread_id, prefix, attempts, key, attempt[1],
+            self._undo_superseded_of(thread_id, prefix, attempts, key, attempt,
                                      checkpoint_map)
 
     def _undo_superseded_of(self, thread_id: str, prefix: bytes, attempts: "_AttemptTxns",
@@ -2633,16 +2640,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                         del runs[k]
             if earlier:
                 self._undo_abandoned_calls(thread_id, prefix, step, earlier)
-        if calling[1] <= 1:
-            return
-        attempts = _attempts(self.store)
-        with _REMOVALS_LOCK:
-            task = attempts.task(key)
-            if task.undoing is None:
-                task.undoing = threading.RLock()
-        with task.undoing:
-            self._undo_superseded_of(thread_id, prefix, attempts, key, calling[1],
-                                     checkpoint_map)
+        if calling[1] > 1:
+            self._undo_superseded_task(thread_id, prefix, key, calling[1], checkpoint_map)
 
     def _undo_abandoned_calls(self, thread_id: str, prefix: bytes, step: str,
                               earlier: Mapping[tuple, list]) -> None:
