@@ -843,6 +843,7 @@ def _retried_calls(store: Any) -> "OrderedDict[tuple, dict[tuple, list]]":
 
 _TASK_SAVES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 _TASK_SAVES_MAX = 4 * 4096   # (tasks kept per store: the newest steps' tasks)
+_TASK_SAVERS_MAX = 256       # (run tokens kept per task)
 
 
 def _note_task_save(store: Any, key: tuple, token: Any) -> None:
@@ -851,7 +852,9 @@ def _note_task_save(store: Any, key: tuple, token: Any) -> None:
     (thread prefix, namespace, checkpoint id, task id), per store object, the newest
     ``_TASK_SAVES_MAX`` tasks kept: a run of this process that committed work for a
     task stopped at its ``interrupt()`` and saved no outcome of it was cut short past
-    the interrupt (``WalstoreSaver._cut_short_runs``)."""
+    the interrupt (``WalstoreSaver._undo_rerun``).  Each task keeps the newest
+    ``_TASK_SAVERS_MAX`` runs' tokens (a head resumed that often forgets the oldest:
+    their work is then left, as before stop 81)."""
     with _REMOVALS_LOCK:
         saves = _TASK_SAVES.get(store)
         if saves is None:
@@ -859,7 +862,10 @@ def _note_task_save(store: Any, key: tuple, token: Any) -> None:
         # (and under (prefix, namespace, checkpoint id, None): the runs that saved an
         # outcome of any task there -- a run whose step ended, not one in flight)
         for k in (key, key[:3] + (None,)):
-            saves.setdefault(k, set()).add(str(token))
+            tokens = saves.setdefault(k, {})
+            tokens[str(token)] = None
+            if len(tokens) > _TASK_SAVERS_MAX:
+                del tokens[next(iter(tokens))]
             saves.move_to_end(k)
         while len(saves) > _TASK_SAVES_MAX:
             saves.popitem(last=False)
