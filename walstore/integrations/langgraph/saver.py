@@ -178,6 +178,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.agent.scope import (NO_SCOPE, add_commit_check, add_undo_fence, fenced_for,
                                   undo_kind)
+from walstore.codec import encode_key
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
                              HistoryTrimmed, PointTypeError, RevertConflict, WalstoreError,
                              type_and_message)
@@ -3493,21 +3494,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue
             ns = self.keys.at(thread_id, ns_name)
             key = ns.checkpoint(cid)
-            seen = self.store.get(key) is not None
-            if seen:
-                newest = self.store.history(key, limit=1)
-                if newest and int(newest[0].lsn) >= tx.snapshot:
-                    # (saved at or after this transaction's snapshot, taken at its begin
-                    # -- a snapshot at LSN n sees the commits before n --: a save under
-                    # way then, durability="async", that landed since.  Not read, as one
-                    # still under way is not: read, its commit would conflict; before
-                    # (stop 81), it was taken for a removed checkpoint and the node's
-                    # work refused, StaleCheckpointError -- seen under load, a subgraph
-                    # node's first transaction beside its step's background save)
-                    continue
-            if seen and tx.get(key) is not None:
-                continue  # (read: in the transaction's read set)
-            if seen or self._checkpoint_removed(ns, cid):
+            tx.snapshot   # (taken now if not yet: before the latest state is read below)
+            if self.store.get(key) is not None:
+                k = encode_key(key)
+                had = k in tx.read_keys
+                if tx.get(key) is not None:
+                    continue  # (read: in the transaction's read set)
+                # (in the latest state, not in the snapshot, which is older: saved
+                # since the transaction began -- a save under way then, durability=
+                # "async", that landed; a removal cannot hide it from an older snapshot.
+                # Not read, as one still under way is not: its read would make the
+                # commit conflict.  Before (stop 81) it was taken for a removed
+                # checkpoint and the node's work refused, StaleCheckpointError -- seen
+                # under load, a subgraph node's first transaction beside its step's
+                # background save)
+                if not had:
+                    tx.read_keys.discard(k)
+                continue
+            if self._checkpoint_removed(ns, cid):
                 self._fence_gone(thread_id, ns_name, cid, True,
                                  "a transaction begun in a step built on")
             # (else its save is still under way, durability="async": not read, so the
