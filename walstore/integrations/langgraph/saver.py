@@ -842,6 +842,13 @@ def _retried_calls(store: Any) -> "OrderedDict[tuple, dict[tuple, list]]":
     return _per_store(_RETRIED_CALLS, store, OrderedDict)
 
 
+_ABANDONING: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+# (store -> (thread prefix, task namespace, step) -> a lock held while a run reverts the
+# abandoned retry's work there, ``_undo_abandoned_calls``: a concurrent run's first load
+# of the same task's subgraph waits for it before its inner nodes run.  Used under
+# ``_REMOVALS_LOCK``.)
+
+
 _TASK_SAVES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 _TASK_SAVES_MAX = 4 * 4096   # (tasks kept per store: the newest steps' tasks)
 _TASK_SAVERS_MAX = 256       # (run tokens kept per task)
@@ -2645,8 +2652,30 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     earlier = {k: v for k, v in runs.items() if k != key}
                     for k in earlier:
                         del runs[k]
-            if earlier:
-                self._undo_abandoned_calls(thread_id, prefix, step, earlier)
+                # (two runs resuming the thread at once: one takes the undo, the other
+                # waits for it to end -- before (h2, stop 81), it ran on at once, and
+                # its idempotent inner node read the key of a booking the undo was about
+                # to cancel, recording it: refunded while the state recorded it)
+                abandoning = _ABANDONING.get(self.store)
+                if abandoning is None:
+                    abandoning = _ABANDONING[self.store] = {}
+                undoing, waiting = None, None
+                if earlier:
+                    undoing = abandoning[(prefix, task_ns, step)] = threading.Lock()
+                    undoing.acquire()
+                elif ns_name == task_ns:
+                    waiting = abandoning.get((prefix, task_ns, step))
+            if undoing is not None:
+                try:
+                    self._undo_abandoned_calls(thread_id, prefix, step, earlier)
+                finally:
+                    with _REMOVALS_LOCK:
+                        if abandoning.get((prefix, task_ns, step)) is undoing:
+                            del abandoning[(prefix, task_ns, step)]
+                    undoing.release()
+            elif waiting is not None:
+                with waiting:
+                    pass
         if calling[1] > 1:
             self._undo_superseded_task(thread_id, prefix, key, calling[1], checkpoint_map)
 
@@ -2942,6 +2971,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if not deepest[3] or not self._inner_rerun(thread_id, deepest):
                     continue
             chosen.append(txid)
+        if stopped and chosen:
+            # (a run taken for one cut short past the interrupt may be still in flight --
+            # a concurrent resume whose sibling's error is saved while its answered
+            # node runs on: its later saves of the task (the subgraph's checkpoints, the
+            # task's outcome) would record the work reverted here, refunded while the
+            # state recorded it (h2, stop 81).  Its subgraph loads are marked lost, as a
+            # race's loser's: those saves are refused, the subgraph task fails, and what
+            # it commits there later is reverted.  Not its outer load: a lost run's undo
+            # reverts all its work in the namespace, a sibling's whose outcome it saved
+            # on this head too -- refunded while recorded)
+            lost = _lost_runs(self.store)
+            with _REMOVALS_LOCK:
+                for txid in chosen:
+                    for level in levels_of.get(txid, ()):
+                        if level[0] and level[2] is not None:
+                            lost[level[2]] = None
+                while len(lost) > _LOST_RUNS_MAX:
+                    lost.popitem(last=False)
         self._revert_work(thread_id, prefix, head, chosen, "undo_rerun", rerun=True)
 
     def _inner_rerun(self, thread_id: str, level: tuple) -> bool:
@@ -3574,6 +3621,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                         outer = attempts_all.note(called[0], tx.id, called[1])
                         if self.undo_on_resume:
                             _refuse_superseded(outer, called[1], thread_id, called[0][1])
+                            # (and at its commit, as a node's own: one begun before the
+                            # retry's load and still open in a worker thread then -- a
+                            # ToolNode's parallel tool under ainvoke, which asyncio.gather
+                            # does not cancel when a sibling tool raises -- was passed
+                            # over by the undo and committed, its booking standing beside
+                            # the retry's; h2, stop 81)
+                            add_commit_check(tx, functools.partial(
+                                _refuse_superseded, outer, called[1], thread_id,
+                                called[0][1]))
             for ns_name, cid, token, _task in levels:
                 key = (prefix, ns_name, cid, token)
                 # (a dict: each once, a transaction fenced again by guard_node_scope too;
