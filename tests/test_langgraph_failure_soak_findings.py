@@ -299,7 +299,7 @@ def test_inner_node_cut_short_by_a_failed_sibling_is_refunded_on_rerun(tmp_path)
         bid = await asyncio.to_thread(book, "s0")
         if slow:
             slow.pop()
-            await asyncio.sleep(30)   # (cancelled when the sibling raises)
+            await asyncio.sleep(10)   # (cancelled when the sibling raises)
         return {"log": [bid]}
 
     async def side(state: S) -> dict:
