@@ -35,18 +35,11 @@ from langgraph.types import Command, interrupt
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
 
+from booking_ledger import read_ledger as _ledger
+
 
 class S(TypedDict):
     log: Annotated[list, operator.add]
-
-
-def _ledger(path: str) -> tuple[list[str], list[str]]:
-    booked, cancelled = [], []
-    if os.path.exists(path):
-        for line in open(path).read().splitlines():
-            what, _, bid = line.partition(" ")
-            (booked if what == "book" else cancelled).append(bid)
-    return booked, cancelled
 
 
 @pytest.mark.parametrize("durability", ["sync", "async", "exit"])

@@ -42,18 +42,11 @@ from langgraph.types import Command, interrupt
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
 
+from booking_ledger import read_ledger as _ledger
+
 
 class S(TypedDict):
     log: Annotated[list, operator.add]
-
-
-def _ledger(path: str) -> tuple[list[str], list[str]]:
-    booked, cancelled = [], []
-    if os.path.exists(path):
-        for line in open(path).read().splitlines():
-            what, _, bid = line.partition(" ")
-            (booked if what == "book" else cancelled).append(bid)
-    return booked, cancelled
 
 
 def _graph(store, path: str, before: bool, idem: bool, fail: list):

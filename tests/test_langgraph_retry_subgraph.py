@@ -39,6 +39,8 @@ from langgraph.types import Command, RetryPolicy, interrupt
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
 
+from booking_ledger import read_ledger as _ledger
+
 
 class S(TypedDict):
     log: Annotated[list, operator.add]
@@ -46,15 +48,6 @@ class S(TypedDict):
 
 RETRY = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=False,
                     retry_on=RuntimeError)
-
-
-def _ledger(path: str) -> tuple[list[str], list[str]]:
-    booked, cancelled = [], []
-    if os.path.exists(path):
-        for line in open(path).read().splitlines():
-            what, _, bid = line.partition(" ")
-            (booked if what == "book" else cancelled).append(bid)
-    return booked, cancelled
 
 
 class World:

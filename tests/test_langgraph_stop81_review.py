@@ -78,17 +78,10 @@ from langgraph.types import Command, RetryPolicy, interrupt
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
 
+from booking_ledger import read_ledger as _ledger
+
 RETRY = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=False,
                     retry_on=RuntimeError)
-
-
-def _ledger(path: str) -> tuple[list[str], list[str]]:
-    booked, cancelled = [], []
-    if os.path.exists(path):
-        for line in open(path).read().splitlines():
-            what, _, bid = line.partition(" ")
-            (booked if what == "book" else cancelled).append(bid)
-    return booked, cancelled
 
 
 @pytest.mark.parametrize("durability", ["sync", "async", "exit"])
