@@ -33,6 +33,8 @@ def pytest_configure(config):
     cannot be written (a read-only checkout): the children compile as before."""
     if hasattr(config, "workerinput"):  # (a pytest-xdist worker: the controller did it)
         return
+    if hasattr(config.option, "loadscopereorder"):  # (files in _slowest_first's order)
+        config.option.loadscopereorder = False
     import compileall
     here = os.path.dirname(os.path.abspath(__file__))
     for folder in (os.path.dirname(os.path.abspath(walstore.__file__)), here):
@@ -72,13 +74,49 @@ def whole_run_seconds() -> int:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (the longest interrupt sweeps) run only with WALSTORE_SLOW=1:
-    CI stays within its budget; docs/GUIDE.md ("Interrupts") says how to run them."""
+    CI stays within its budget; docs/GUIDE.md ("Interrupts") says how to run them.
+    The files are put in the order of ``slow_files.txt`` (see ``_slowest_first``)."""
+    _slowest_first(config, items)
     if os.environ.get("WALSTORE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="long: run with WALSTORE_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _slowest_first(config, items) -> None:
+    """Order the collected tests file by file, the slowest files first (``slow_files.txt``,
+    measured), the rest by their number of tests; within a file, as collected.  With
+    ``--dist loadfile`` pytest-xdist hands out files in this order (its own reordering, by
+    test count, is turned off in ``pytest_configure``): by test count, the few-test files
+    that take a minute ran last, one worker busy with them while the others idled.  Every
+    worker sorts alike (xdist checks that their collections match)."""
+    listed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_files.txt")
+    rank: dict[str, int] = {}
+    try:
+        with open(listed) as f:
+            for line in f:
+                fields = line.split()
+                if fields and not fields[0].startswith("#") and len(fields) == 2:
+                    rank.setdefault(os.path.basename(fields[1]), len(rank))
+    except OSError:
+        return
+    counts: dict[str, int] = {}
+    for item in items:
+        name = item.nodeid.split("::", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    first_seen = {name: i for i, name in enumerate(counts)}
+
+    def key(pair):
+        i, item = pair
+        name = item.nodeid.split("::", 1)[0]
+        base = os.path.basename(name)
+        if base in rank:
+            return (0, rank[base], 0, first_seen[name], i)
+        return (1, 0, -counts[name], first_seen[name], i)
+
+    items[:] = [item for _i, item in sorted(enumerate(items), key=key)]
 
 
 @pytest.fixture

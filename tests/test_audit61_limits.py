@@ -397,6 +397,9 @@ SPARE_THREAD = """
     s = walstore.open(path, segment_size=1 << 20)
     threading.setprofile(None)
     wal = s._engine.wal
+    wal.request_spare()  # (the first spare: made once half a segment is written, else)
+    while wal._spare_wanted or not wal.spare.size:
+        time.sleep(0.01)
     with s.transaction() as tx:
         tx.put("a", 1)
     wal.rotate()  # uses the first spare, and asks the thread for the next: it fails

@@ -139,6 +139,7 @@ def _fill_until_room_below(s, room: int) -> list:
 
 
 def _spare_ready(wal) -> None:
+    wal.request_spare()  # (made once half a segment is written, else)
     _wait_for(lambda: not wal._spare_wanted and wal.spare.size >= wal.next_segment_size(),
               "no spare was made")
 
@@ -435,6 +436,7 @@ def test_a_spare_that_failed_for_an_io_error_is_said_in_stats(tmp_path):
     with installed(fb):
         with walstore.open(path, segment_size=64 * 1024) as s:
             wal = s._engine.wal
+            wal.request_spare()
             _wait_for(lambda: wal.spare.size > 0 and not wal._spare_wanted, "a spare ready")
             # (the 1st write to spare.tmp from now is the ready spare's header, at its
             # activation; the 2nd fills the next spare: the thread's)
@@ -465,6 +467,7 @@ def test_a_spare_removed_behind_the_stores_back_costs_no_commit(tmp_path):
     path = str(tmp_path / "s")
     with walstore.open(path, segment_size=64 * 1024) as s:
         wal = s._engine.wal
+        wal.request_spare()
         _wait_for(lambda: wal.spare.size > 0 and not wal._spare_wanted, "a spare ready")
         os.unlink(os.path.join(path, "wal", "spare.tmp"))
         start, inline = wal.rotations, wal.inline_preallocations

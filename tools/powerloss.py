@@ -125,13 +125,14 @@ def record_workload(workdir: str, commits: int = 120, seed: int = 0,
 
 
 def _spare_settled(store, timeout: float = 60.0) -> None:
-    """Wait until the log's background thread has made its spare segment file (it starts
-    at open).  The base snapshot is copied from the live directory: a spare copied half
-    zero-filled (a loaded machine's spare thread still at work), then activated during
+    """Have the log's background thread make its spare segment file and wait until it is
+    made (an open makes it once half a segment is written; asked for here at once).  The
+    base snapshot is copied from the live directory: a spare copied half zero-filled (a loaded machine's spare thread still at work), then activated during
     the recording, made the image's segment shorter than its header says it was made, a
     "truncated" log the engine never left (its zero fill was fsynced before activation,
     outside the recording): one image in a loaded run of the suite failed so."""
     wal = store._engine.wal
+    wal.request_spare()
     wal._await_spare(timeout)
     if wal.needs_spare():
         raise RuntimeError("the store's spare segment was not ready in time")

@@ -49,10 +49,13 @@ def wait_forever() -> None:
 
 
 def mark(marker: str, text: str) -> None:
-    with open(marker, "w") as f:
+    """Write MARKER whole, then name it (the test kills this process once the name
+    exists: written in place, a loaded CI run's test read it empty, killed mid-write)."""
+    with open(marker + ".tmp", "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.rename(marker + ".tmp", marker)
 
 
 def book(store, session, ledger: str, calls: str, what: str) -> str:
