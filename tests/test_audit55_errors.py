@@ -250,3 +250,35 @@ def test_after_a_purges_swap_failed_half_way_no_other_thread_writes_lmdb(tmp_pat
     with walstore.open(path) as s:
         assert [s.get(f"kept/{i}") for i in range(10)] == list(range(10))
     assert verify_store(path).ok
+
+
+def test_lmdbs_refusal_after_a_failed_write_names_a_nearly_full_disk(mount_tmpfs):
+    """An LMDB write failed (LMDB reports a full disk as an I/O error), perhaps the
+    applier's in the background, and every later write is refused: the refusal now
+    carries the room left when the disk is nearly full.  A CI run's full-disk sweep
+    (tests/test_tools_fullsweep.py) met such a refusal as a writer's first error, with
+    nothing in it naming the full disk."""
+    import lmdb
+
+    from test_spare_headroom import fill_to
+    from walstore.engine.lmdb_state import StateWriteError
+    mnt = mount_tmpfs("16m")
+    with walstore.open(str(mnt / "s"), durability="none") as s:
+        state = s._engine.state
+        state.write_failed = lmdb.DiskError("mdb_txn_commit: Input/output error")
+        try:
+            fill_to(mnt, 256 * 1024)
+            try:
+                state._refuse_after_failure()
+            except StateWriteError as e:
+                text = str(e)
+            else:
+                raise AssertionError("not refused")
+            assert "Input/output error" in text and "bytes free" in text, text
+            os.unlink(str(mnt / "fill"))
+            try:
+                state._refuse_after_failure()
+            except StateWriteError as e:  # (room again: no note)
+                assert "bytes free" not in str(e), str(e)
+        finally:
+            state.write_failed = None

@@ -87,14 +87,22 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def ledger_net(path: str) -> int:
-    """What the outside world was charged and not refunded; no refund twice."""
+    """What the outside world was charged and not refunded; no refund twice but the one
+    the kill may have cut off."""
     charges, refunds = {}, []
     with open(path) as f:
         for line in f:
             kind, key, amount = line.split()
             (charges.__setitem__(key, int(amount)) if kind == "charge"
              else refunds.append(key))
-    assert len(refunds) == len(set(refunds)), "a refund ran twice"
+    # A compensation runs at least once (CONTRACT, "each recorded durably as done", with
+    # ``act.key`` for idempotency): the writer killed after a rollback's refund reached
+    # the ledger and before its "compensated" record was durable has recovery refund
+    # it again, the ledger's last two lines (a CI run met it, stop 82).  Any other
+    # repeat is a refund run twice.
+    twice = {k for k in refunds if refunds.count(k) > 1}
+    assert not twice or (twice == {refunds[-1]} and refunds[-2:] == [refunds[-1]] * 2
+                         and refunds.count(refunds[-1]) == 2), ("a refund ran twice", twice)
     # (a refund of a key never charged is a refund of nothing, as a payment API keyed by
     # the idempotency key answers it: the writer killed after the intent was logged and
     # before the body charged — recovery compensates such an action, its result unknown;

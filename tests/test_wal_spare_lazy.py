@@ -113,3 +113,4 @@ def test_the_zero_tail_scan_agrees_with_stripping_byte_by_byte():
         data = bytes(buf)
         want = start + len(data[start:size].rstrip(b"\x00"))
         assert last_nonzero_end(data, start, size) == want, (n, start, size)
+

@@ -649,13 +649,17 @@ class LmdbState:
     def _open_tables(shared: dict) -> None:
         env, readonly = shared["env"], shared["readonly"]
         try:
-            for name, dbname in TABLES.items():
-                try:
-                    shared[name] = env.open_db(dbname, create=not readonly)
-                except lmdb.NotFoundError:
-                    if not readonly:
-                        raise
-                    shared[name] = None  # an older store without this table: read as empty
+            if readonly:
+                for name, dbname in TABLES.items():
+                    try:
+                        shared[name] = env.open_db(dbname, create=False)
+                    except lmdb.NotFoundError:  # an older store without this table: read
+                        shared[name] = None     # as empty
+            else:  # every table in one write transaction: one commit (and one sync) where
+                # each open_db of its own committed and synced, 16 times for a new store
+                with env.begin(write=True) as txn:
+                    for name, dbname in TABLES.items():
+                        shared[name] = env.open_db(dbname, txn=txn, create=True)
         except lmdb.Error as e:
             # (the path asked before the close: asked after it, a closed environment's
             # lmdb.Error escaped instead; and a full disk or EIO met by the commit that
@@ -1192,10 +1196,15 @@ class LmdbState:
         """StateWriteError when an earlier LMDB write, sync or file swap of this handle
         failed."""
         if self.write_failed is not None:
+            # (with the disk's room when it is nearly full: LMDB reports a full disk as an
+            # I/O error, and the write that failed may have been the applier's, in the
+            # background, whose own error no caller saw -- a CI run's full-disk sweep met
+            # this refusal as a writer's first error, naming no full disk; stop 82)
             raise StateWriteError(f"writing LMDB refused: an earlier LMDB write or sync of "
                                   f"{self.path} (or the swap of its rewritten data file) "
-                                  f"failed ({self.write_failed}); nothing is written until "
-                                  f"the store is reopened") \
+                                  f"failed ({self.write_failed}"
+                                  f"{low_room_note(self.data_file)}); nothing is written "
+                                  f"until the store is reopened") \
                 from self.write_failed
 
     def _abort_write(self, txn: lmdb.Transaction) -> None:
