@@ -27,6 +27,21 @@ def _wait(cond, what: str, seconds: float = 20.0) -> None:
         time.sleep(0.005)
 
 
+def _half(wal) -> int:
+    """The LSN half way through the segment in use."""
+    w = wal.writer
+    return w.start_lsn + (w.size - SEGMENT_HEADER_SIZE) // 2
+
+
+def _commit_while(s, more, i: int = 0) -> int:
+    """Commit 1 KB values to keys k<i>, k<i+1>, ... while ``more()``; the next i."""
+    while more():
+        with s.transaction() as tx:
+            tx.put(f"k{i}", "v" * 1000)
+        i += 1
+    return i
+
+
 def test_an_open_that_writes_little_makes_no_spare(tmp_path):
     path = str(tmp_path / "s")
     for _ in range(2):  # (a new store, then a reopen of it)
@@ -46,25 +61,14 @@ def test_the_spare_is_made_once_half_the_segment_is_written_and_used_by_its_rota
     path = str(tmp_path / "s")
     with walstore.open(path, durability="full", segment_size=64 * 1024) as s:
         wal = s._engine.wal
-        w = wal.writer
-        half = w.start_lsn + (w.size - SEGMENT_HEADER_SIZE) // 2
-        i = 0
-        while wal.written_lsn < half - 2048:  # (below the half: none asked for)
-            with s.transaction() as tx:
-                tx.put(f"k{i}", "v" * 1000)
-            i += 1
-        assert not wal._spare_wanted and wal.spare.size == 0
-        while wal.written_lsn < half:
-            with s.transaction() as tx:
-                tx.put(f"k{i}", "v" * 1000)
-            i += 1
+        half = _half(wal)
+        i = _commit_while(s, lambda: wal.written_lsn < half - 2048)  # (below the half:
+        assert not wal._spare_wanted and wal.spare.size == 0         # none asked for)
+        i = _commit_while(s, lambda: wal.written_lsn < half, i)
         _wait(lambda: wal.spare.size > 0 and not wal._spare_wanted, "no spare was made")
         assert os.path.getsize(_spare_file(path)) == wal.spare.size
         rotations = wal.rotations
-        while wal.rotations == rotations:
-            with s.transaction() as tx:
-                tx.put(f"k{i}", "v" * 1000)
-            i += 1
+        i = _commit_while(s, lambda: wal.rotations == rotations, i)
         assert wal.inline_preallocations == 0  # (the rotation took the spare)
         # and the next one is asked for at once, whatever the new segment holds
         _wait(lambda: wal.spare.size > 0 and not wal._spare_wanted, "no next spare")
@@ -76,13 +80,8 @@ def test_an_open_finding_its_segment_half_written_asks_for_the_spare_at_once(tmp
     path = str(tmp_path / "s")
     with walstore.open(path, durability="full", segment_size=64 * 1024) as s:
         wal = s._engine.wal
-        w = wal.writer
-        half = w.start_lsn + (w.size - SEGMENT_HEADER_SIZE) // 2
-        i = 0
-        while wal.written_lsn < half + 4096 and wal.rotations == 0:
-            with s.transaction() as tx:
-                tx.put(f"k{i}", "v" * 1000)
-            i += 1
+        half = _half(wal)
+        _commit_while(s, lambda: wal.written_lsn < half + 4096 and wal.rotations == 0)
         assert wal.rotations == 0
     with walstore.open(path, durability="full", segment_size=64 * 1024) as s:
         wal = s._engine.wal
