@@ -249,6 +249,13 @@ class _World:
         return booked, cancelled
 
 
+# The three xfails below are races of two resumes started together (a barrier): under a
+# loaded machine the race can resolve so that the defect does not show (one of them
+# passed in a 3-worker run of the LangGraph tests at stop 82), so they are not strict;
+# WALSTORE_SLOW=1 makes them strict again, to see at once when a fix lands.
+_RACE_STRICT = os.environ.get("WALSTORE_SLOW") == "1"
+
+
 class _S(TypedDict):
     log: Annotated[list, operator.add]
 
@@ -275,7 +282,7 @@ def test_two_resumes_at_once_of_a_retried_subgraph_stopped_at_an_interrupt(tmp_p
     world.judge(rec)
 
 
-@pytest.mark.xfail(strict=True, reason="the loser of two resumes at once, refused in a "
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="the loser of two resumes at once, refused in a "
                    "subgraph's namespace, leaves its outer sibling task's booking standing "
                    "(pre-stop-81; _undo_lost_step reverts the refused namespace's work only)")
 @pytest.mark.parametrize("durability", ["sync", "async"])
@@ -314,7 +321,7 @@ def test_two_resumes_at_once_the_loser_in_a_subgraph_leaves_its_siblings_booking
     world.judge(set(state.values["log"]))
 
 
-@pytest.mark.xfail(strict=True, reason="a resume that loses to a concurrent one while its "
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="a resume that loses to a concurrent one while its "
                    "retried subgraph stops at an interrupt is never refused (it saves only "
                    "pending writes, on a head the winner moved on from); the retry's inner "
                    "bookings stand, and no later load of the subgraph comes to revert them")
@@ -431,7 +438,7 @@ def test_a_resume_in_flight_is_not_taken_for_one_cut_short_past_the_interrupt(
     _in_flight_rounds(tmp_path, durability, full=False)
 
 
-@pytest.mark.xfail(strict=True, reason="pre-stop-81: R1's answered s1 booking, its run "
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="pre-stop-81: R1's answered s1 booking, its run "
                    "raising after it, stands beside the rerun's (the state records one)")
 @pytest.mark.parametrize("durability", ["sync", "async"])
 def test_a_resume_in_flight_and_the_raised_answered_booking_of_the_other(

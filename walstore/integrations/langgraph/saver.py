@@ -542,11 +542,7 @@ def _on_event_loop() -> bool:
 
 def _rewinds(store: Any) -> dict[bytes, float]:
     """thread prefix -> when this process last began rewinding it (per store object)."""
-    with _REMOVALS_LOCK:
-        got = _REWINDS.get(store)
-        if got is None:
-            got = _REWINDS[store] = {}
-        return got
+    return _per_store(_REWINDS, store, dict)
 
 
 # thread prefix -> when a rewind of it (``saver.rewind``, a ``store.rewind`` reaching it:
@@ -697,11 +693,7 @@ def _removals(store: Any) -> dict[bytes, tuple[int, int]]:
     """thread prefix -> when this process last began removing checkpoints of it: the
     timestamp of a LangGraph id made then (``_uuid6_ticks``) and the LSN of the newest
     commit then (per store object, shared by every saver on it)."""
-    with _REMOVALS_LOCK:
-        got = _REMOVALS.get(store)
-        if got is None:
-            got = _REMOVALS[store] = {}
-        return got
+    return _per_store(_REMOVALS, store, dict)
 
 
 _LOST_RUNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -713,11 +705,7 @@ def _lost_runs(store: Any) -> "OrderedDict[str, None]":
     object): LangGraph goes on running such a run's later steps (``durability="async"``
     saves in the background; ``"exit"`` saves only at the end), and each of them is
     refused too, its node transactions reverted."""
-    with _REMOVALS_LOCK:
-        got = _LOST_RUNS.get(store)
-        if got is None:
-            got = _LOST_RUNS[store] = OrderedDict()
-        return got
+    return _per_store(_LOST_RUNS, store, OrderedDict)
 
 
 _STEP_TXNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -916,11 +904,7 @@ _ATTEMPTS: "weakref.WeakKeyDictionary[Any, _AttemptTxns]" = weakref.WeakKeyDicti
 
 def _attempts(store: Any) -> _AttemptTxns:
     """The ``_AttemptTxns`` of ``store`` (per store object)."""
-    with _REMOVALS_LOCK:
-        got = _ATTEMPTS.get(store)
-        if got is None:
-            got = _ATTEMPTS[store] = _AttemptTxns()
-        return got
+    return _per_store(_ATTEMPTS, store, _AttemptTxns)
 
 
 def _node_attempt(conf: Mapping) -> tuple[tuple, int] | None:
@@ -963,11 +947,7 @@ def _discards(store: Any) -> "OrderedDict[str, _Discard]":
     whose step was left unfinished with work to discard should the run have new input
     (``WalstoreSaver._note_discardable``), per store object; the newest
     ``_LOST_RUNS_MAX`` (a run that begins no node transaction never takes its entry)."""
-    with _REMOVALS_LOCK:
-        got = _DISCARDS.get(store)
-        if got is None:
-            got = _DISCARDS[store] = OrderedDict()
-        return got
+    return _per_store(_DISCARDS, store, OrderedDict)
 
 
 _LOST_RUN_UNDOS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -1023,11 +1003,7 @@ def _step_txns(store: Any) -> "OrderedDict[tuple, dict[int, tuple]]":
     dict: each once, found without a scan), per store object; each to its levels
     (``_note_step_txn``: (ns, checkpoint id, run token, task id) of each namespace it
     is work of; () for an undo's own work)."""
-    with _REMOVALS_LOCK:
-        got = _STEP_TXNS.get(store)
-        if got is None:
-            got = _STEP_TXNS[store] = OrderedDict()
-        return got
+    return _per_store(_STEP_TXNS, store, OrderedDict)
 
 
 _SAVED_STEPS: "weakref.WeakKeyDictionary[Any, _SavedSteps]" = weakref.WeakKeyDictionary()
@@ -1061,11 +1037,7 @@ def _saved_steps(store: Any) -> _SavedSteps:
     at most: a rewind may take such a checkpoint back and leave a booking of its step
     standing (``_undo_cut_off_step``; one of a step dropped is left standing, never one
     of a newer step: a run's later checkpoints are kept longer)."""
-    with _REMOVALS_LOCK:
-        got = _SAVED_STEPS.get(store)
-        if got is None:
-            got = _SAVED_STEPS[store] = _SavedSteps()
-        return got
+    return _per_store(_SAVED_STEPS, store, _SavedSteps)
 
 
 _COPIES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -1078,11 +1050,7 @@ def _copies(store: Any) -> "OrderedDict[bytes, set[bytes]]":
     run of the source left unfinished is recorded by the copy as well: a resume of the
     copy reads it back (``_undo_abandoned`` leaves such work while one of them records
     it, and reverts it once none does, whichever thread takes the new input last)."""
-    with _REMOVALS_LOCK:
-        got = _COPIES.get(store)
-        if got is None:
-            got = _COPIES[store] = OrderedDict()
-        return got
+    return _per_store(_COPIES, store, OrderedDict)
 
 
 class _Gate:
