@@ -256,6 +256,22 @@ class _World:
 _RACE_STRICT = os.environ.get("WALSTORE_SLOW") == "1"
 
 
+def _stopped_then_resumed_twice_at_once(world: _World, durability: str) -> None:
+    """Run ``world``'s graph to its subgraph's interrupt, resume it twice at once, then
+    judge: the thread finished, its state recording one booking of each node, the
+    ledger's live bookings exactly those."""
+    graph = world.graph()
+    config = {"configurable": {"thread_id": "t"}}
+    graph.invoke({"log": []}, config, durability=durability)
+    assert graph.get_state(config).next == ("sub",)
+    world.resume_twice_at_once(graph, config, durability)
+    state = graph.get_state(config)
+    assert not state.next
+    rec = set(state.values["log"])
+    assert sorted(b.split("-")[0] for b in rec) == ["s0", "s1", "sa", "side"]
+    world.judge(rec)
+
+
 class _S(TypedDict):
     log: Annotated[list, operator.add]
 
@@ -270,21 +286,13 @@ def test_two_resumes_at_once_of_a_retried_subgraph_stopped_at_an_interrupt(tmp_p
     # returned that booking, which the undo then cancelled: refunded while the state
     # recorded it (6 runs in 6).  Now the other waits for the undo to end.
     world = _World(tmp_path, fail={"s0": 1}, idem=True)
-    graph = world.graph()
-    config = {"configurable": {"thread_id": "t"}}
-    graph.invoke({"log": []}, config, durability=durability)
-    assert graph.get_state(config).next == ("sub",)
-    world.resume_twice_at_once(graph, config, durability)
-    state = graph.get_state(config)
-    assert not state.next
-    rec = set(state.values["log"])
-    assert sorted(b.split("-")[0] for b in rec) == ["s0", "s1", "sa", "side"]
-    world.judge(rec)
+    _stopped_then_resumed_twice_at_once(world, durability)
 
 
-@pytest.mark.xfail(strict=_RACE_STRICT, reason="the loser of two resumes at once, refused in a "
-                   "subgraph's namespace, leaves its outer sibling task's booking standing "
-                   "(pre-stop-81; _undo_lost_step reverts the refused namespace's work only)")
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="the loser of two resumes at once, "
+                   "refused in a subgraph's namespace, leaves its outer sibling task's "
+                   "booking standing (pre-stop-81; _undo_lost_step reverts the refused "
+                   "namespace's work only)")
 @pytest.mark.parametrize("durability", ["sync", "async"])
 def test_two_resumes_at_once_the_loser_in_a_subgraph_leaves_its_siblings_booking(
         tmp_path, durability):
@@ -321,10 +329,11 @@ def test_two_resumes_at_once_the_loser_in_a_subgraph_leaves_its_siblings_booking
     world.judge(set(state.values["log"]))
 
 
-@pytest.mark.xfail(strict=_RACE_STRICT, reason="a resume that loses to a concurrent one while its "
-                   "retried subgraph stops at an interrupt is never refused (it saves only "
-                   "pending writes, on a head the winner moved on from); the retry's inner "
-                   "bookings stand, and no later load of the subgraph comes to revert them")
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="a resume that loses to a concurrent "
+                   "one while its retried subgraph stops at an interrupt is never "
+                   "refused (it saves only pending writes, on a head the winner moved "
+                   "on from); the retry's inner bookings stand, and no later load of the "
+                   "subgraph comes to revert them")
 @pytest.mark.parametrize("durability", ["sync", "async", "exit"])
 def test_two_resumes_at_once_one_retries_the_subgraph_into_the_interrupt_again(
         tmp_path, durability):
@@ -335,16 +344,7 @@ def test_two_resumes_at_once_one_retries_the_subgraph_into_the_interrupt_again(
     # s1 and finishes the thread.  The first run's s1 booking is reverted (superseded
     # attempt), but its retry's sa and s0 bookings stand, recorded nowhere (6 runs in 6).
     world = _World(tmp_path, fail={"s1": 1})
-    graph = world.graph()
-    config = {"configurable": {"thread_id": "t"}}
-    graph.invoke({"log": []}, config, durability=durability)
-    assert graph.get_state(config).next == ("sub",)
-    world.resume_twice_at_once(graph, config, durability)
-    state = graph.get_state(config)
-    assert not state.next
-    rec = set(state.values["log"])
-    assert sorted(b.split("-")[0] for b in rec) == ["s0", "s1", "sa", "side"]
-    world.judge(rec)
+    _stopped_then_resumed_twice_at_once(world, durability)
 
 
 def _in_flight_rounds(tmp_path, durability: str, full: bool) -> None:
@@ -438,8 +438,9 @@ def test_a_resume_in_flight_is_not_taken_for_one_cut_short_past_the_interrupt(
     _in_flight_rounds(tmp_path, durability, full=False)
 
 
-@pytest.mark.xfail(strict=_RACE_STRICT, reason="pre-stop-81: R1's answered s1 booking, its run "
-                   "raising after it, stands beside the rerun's (the state records one)")
+@pytest.mark.xfail(strict=_RACE_STRICT, reason="pre-stop-81: R1's answered s1 "
+                   "booking, its run raising after it, stands beside the rerun's (the "
+                   "state records one)")
 @pytest.mark.parametrize("durability", ["sync", "async"])
 def test_a_resume_in_flight_and_the_raised_answered_booking_of_the_other(
         tmp_path, durability):
