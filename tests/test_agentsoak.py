@@ -25,9 +25,11 @@ def test_kills_leave_the_ledger_the_actions_and_the_files_agreeing(tmp_path):
 def test_the_checker_finds_a_charge_the_store_forgot_and_a_lost_commit(tmp_path):
     """The check can fail: a charge in the ledger that no action has is reported, and so
     is an acknowledged commit missing from the log."""
-    total = agentsoak.soak(rounds=1, threads=2, seed=51, directory=str(tmp_path),
+    made = tmp_path / "not" / "made"  # (a --dir not made yet: the tool makes it, 0700)
+    total = agentsoak.soak(rounds=1, threads=2, seed=51, directory=str(made),
                            min_s=0.5, max_s=0.6, verbose=False)
     assert total["problems"] == []
+    assert made.stat().st_mode & 0o777 == 0o700
     with open(total["store"] + ".ledger", "a") as f:
         f.write("C ws-forgotten-1.1\n")
     got = agentsoak.check(total["store"], agentsoak.random.Random(0), acked={10**9})

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_soak_every_thread_progresses_and_every_snapshot_sums(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "soak.py"), "--seconds", "2.5", "--stall", "30",
-         "--min-commits", "500", "--json", "--dir", str(tmp_path)],
+         "--min-commits", "500", "--json", "--dir", str(tmp_path / "not-made")],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])

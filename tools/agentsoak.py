@@ -342,6 +342,8 @@ def run_round(path: str, threads: int, rng: random.Random, min_s: float,
 def soak(rounds: int, threads: int, seed: int, directory: str | None = None,
          min_s: float = 0.3, max_s: float = 2.5, verbose: bool = True) -> dict:
     rng = random.Random(seed)
+    if directory:  # (a --dir not made yet is made, 0700, as the store's own are)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     base = tempfile.mkdtemp(prefix="walstore-agentsoak-", dir=directory)
     path = os.path.join(base, "store")
     total = {"rounds": 0, "actions": 0, "problems": [], "states": {}, "repeats": 0,

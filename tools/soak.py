@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where to make the store (default: a temporary directory)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.dir:  # (a --dir not made yet is made, 0700, as the store's own are)
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
     base = tempfile.mkdtemp(prefix="walstore-soak-", dir=args.dir)
     soak = Soak(os.path.join(base, "store"), args.durability, args.seed)
     out = soak.run(args.seconds, args.readers, args.writers, args.stall, args.min_commits)

@@ -159,6 +159,8 @@ def run(commits: int, value_bytes: int, durability: str = "full", directory: str
         raise ValueError("--commits must be at least 1 and --value-bytes at least 0")
     t = Timeline()
     main = threading.get_ident()
+    if directory:  # (a --dir not made yet is made, 0700, as the store's own are)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     base = tempfile.mkdtemp(prefix="walstore-tailprobe-", dir=directory)
     previous = fileio.set_backend(_TimingBackend(t))
     real_write = lmdb_state.LmdbState.write
