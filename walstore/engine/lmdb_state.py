@@ -95,6 +95,7 @@ T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
 MAX_DBS = 32  # (the named tables below, with room: an environment counts them at open)
+MAX_TABLE_GROWTHS = 8  # doublings of a map too small for the tables an open creates
 # LMDB reader slots (64 bytes each in lock.mdb): every open read transaction takes one,
 # and an unfinished scan keeps its own, so this bounds the scans open at once
 MAX_READERS = 1024
@@ -125,9 +126,12 @@ def low_room_note(data_file: str) -> str:
     nearly full (an LMDB write failing then: the disk is full, whatever LMDB says),
     else ""."""
     room = fileio.free_bytes(os.path.dirname(data_file))
-    return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
-            f"a short write, which it reports as an I/O error)"
+    return (f"; its file system has {room} bytes free{_ROOM_SAID} reports as an I/O error)"
             if room is not None and room < LOW_ROOM_BYTES else "")
+
+
+_ROOM_SAID = " (a full disk reaches LMDB as a short write, which it"  # (the note's words:
+# an error that carries them already is not given the note again -- see state_io_error)
 
 
 SCAN_CHUNK = 256
@@ -150,6 +154,27 @@ class StateWriteError(WalstoreError):
     everything; the store must stop writing and be reopened (recovery REDOes the log)."""
 
 
+def _restart_cut_short_creation(data_file: str) -> None:
+    """A writable open of a store with no log segment (it never held a commit) whose
+    data file is shorter than LMDB's two meta pages: a creation cut short while LMDB wrote
+    them (a full disk).  The file is removed, for LMDB to make it again; kept, every later
+    open refused the store as damaged ("too short ... to hold both meta pages") and
+    ``walstore recover`` said to restore a store that never held anything (h2 stop 83)."""
+    try:
+        size = os.stat(data_file).st_size
+    except OSError:
+        return  # (none, or unreadable: check_lmdb_files says what it is)
+    if 0 < size < 2 * mmap.PAGESIZE:
+        try:
+            fileio.unlink(data_file)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreIOError(e.errno, f"cannot remove the data file a cut-short creation "
+                                        f"left ({size} bytes): {e.strerror or e}",
+                               data_file) from e
+
+
 def state_io_error(e: StateWriteError, doing: str, after: str,
                    data_file: str) -> StoreIOError:
     """README, "Errors": ``e`` (an LMDB write or sync failing) as the StoreIOError a caller
@@ -159,8 +184,10 @@ def state_io_error(e: StateWriteError, doing: str, after: str,
     cause = e.__cause__
     code = getattr(cause, "errno", None) or (
         os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
-    return StoreIOError(code, f"{doing} failed: {e}{low_room_note(data_file)}; {after}",
-                        data_file)
+    # (a refusal after a failed write carries the note already: ``_refuse_after_failure``;
+    # said twice before, h2 stop 83)
+    note = "" if _ROOM_SAID in str(e) else low_room_note(data_file)
+    return StoreIOError(code, f"{doing} failed: {e}{note}; {after}", data_file)
 
 
 def _file_id(path: str, lock_file: str | None = None) -> tuple:
@@ -557,6 +584,8 @@ class LmdbState:
         # missing", a CorruptionError, to a reader racing the writer's first open)
         wal = os.path.join(os.path.dirname(self.path), "wal")
         used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
+        if not used and not readonly:
+            _restart_cut_short_creation(self.data_file)
         if check_lmdb_files(path, expect_existing=used) is None and readonly:
             raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
                             f"is under way or was cut short (no LMDB data file, no log); "
@@ -655,11 +684,19 @@ class LmdbState:
                         shared[name] = env.open_db(dbname, create=False)
                     except lmdb.NotFoundError:  # an older store without this table: read
                         shared[name] = None     # as empty
-            else:  # every table in one write transaction: one commit (and one sync) where
-                # each open_db of its own committed and synced, 16 times for a new store
-                with env.begin(write=True) as txn:
-                    for name, dbname in TABLES.items():
-                        shared[name] = env.open_db(dbname, txn=txn, create=True)
+                if shared["data"] is None or shared["meta"] is None:
+                    # (every store has had these two since its first version: none means
+                    # a creation under way or cut short before its tables' commit.  Read
+                    # as empty, the handle kept them "empty" for its life and the
+                    # process's: once a writer completed the creation, it read an empty
+                    # store, and a later read-only open met a false "gap" -- h2 stop 83)
+                    where = os.path.dirname(env.path())
+                    env.close()
+                    raise NotAStore(f"{where} holds no state yet: its creation is under "
+                                    f"way or was cut short (LMDB has no tables); a "
+                                    f"writable open completes it")
+            else:
+                LmdbState._create_tables(env, shared)
         except lmdb.Error as e:
             # (the path asked before the close: asked after it, a closed environment's
             # lmdb.Error escaped instead; and a full disk or EIO met by the commit that
@@ -673,6 +710,25 @@ class LmdbState:
                                    data) from e
             raise CorruptionError(f"the LMDB environment is not a walstore state: {e}",
                                   file=data) from e
+
+    @staticmethod
+    def _create_tables(env: lmdb.Environment, shared: dict) -> None:
+        """Open (create) every table in one write transaction: one commit, one sync (each
+        ``open_db`` of its own committed and synced, 17 times for a new store).  A map too
+        small for the tables an older store lacks (``map_size`` below its data file's
+        size, the file without free pages: LMDB maps just the file) is grown, as a write
+        that fills the map is (it was a CorruptionError "not a walstore state:
+        MDB_MAP_FULL", h2 stop 83)."""
+        for attempt in range(MAX_TABLE_GROWTHS + 1):
+            try:
+                with env.begin(write=True) as txn:
+                    for name, dbname in TABLES.items():
+                        shared[name] = env.open_db(dbname, txn=txn, create=True)
+                return
+            except lmdb.MapFullError:
+                if attempt == MAX_TABLE_GROWTHS:
+                    raise
+                env.set_mapsize(env.info()["map_size"] * 2)  # (no transaction open)
 
     def replaced(self) -> bool:
         """Has the data file (or its lock file) been swapped under us (a writer in another
@@ -702,7 +758,19 @@ class LmdbState:
             shared["env"], shared["readonly"] = env, False
             shared["file_id"] = _file_id(self.data_file)
             shared["map_note"] = True
-            self._open_tables(shared)
+            try:
+                self._open_tables(shared)  # (it closes the writable environment if it fails)
+            except BaseException:
+                # the read-only environment back, as when the writable one did not open:
+                # left closed, the process's readers failed "closed/deleted/dropped
+                # object" and a later writable open raised a raw lmdb.Error (h2 stop 83)
+                shared["env"], shared["readonly"] = self._new_env(True, size), True
+                shared["file_id"] = _file_id(self.data_file)
+                shared["map_note"] = False
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
+                raise
             for handle in list(shared["handles"]):
                 handle._adopt(shared)
         def swap_with_signals_held() -> None:

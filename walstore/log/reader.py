@@ -437,7 +437,9 @@ def last_nonzero_end(mm, start: int, size: int) -> int:
     while pos > start:
         lo = max(start, pos - step)
         chunk = mm[lo:pos]
-        if chunk != _ZERO_CHUNK[:pos - lo]:
+        if chunk != _ZERO_CHUNK[:len(chunk)]:  # (its length: a file that shrank since it
+            # was opened reads short, and a short chunk of zeros is zeros -- compared with
+            # ``pos - lo`` zeros it was taken for data past the file's end, h2 stop 83)
             return lo + len(chunk.rstrip(b"\x00"))
         pos = lo
     return start
