@@ -315,6 +315,37 @@ def test_a_failed_tables_commit_of_a_writable_open_beside_a_reader_keeps_the_rea
         r.close()
 
 
+def test_the_tables_commit_through_the_fault_seam_fails_the_open_alone(tmp_path):
+    """The commit creating the tables at a writable open goes through the fault seam
+    (``lmdb_tables``; no fault could be put there before): failed, the open raises a
+    walstore error (EIO, the data file named; no lmdb.Error), a reader of the same process
+    reads on, the tables are not half made, and the next writable open makes them."""
+    path = str(tmp_path / "s")
+    _older_store(path)
+    with walstore.open(path, readonly=True) as r:
+        fb = FaultBackend()
+        with installed(fb):
+            fb.fail_lmdb("tables")
+            with pytest.raises(walstore.StoreIOError, match="cannot create the LMDB tables"):
+                walstore.open(path, durability="none")
+        assert fb.calls_to("lmdb_tables"), "the tables' commit never reached the seam"
+        assert r.get("k5") == 5 and len(list(r.scan())) == 20
+    assert b"owed" not in _tables(path)  # (aborted whole)
+    with walstore.open(path, durability="none") as w:
+        w.run(lambda tx: tx.put("new", 1))
+        assert w.get("k5") == 5
+    assert b"owed" in _tables(path) and verify_store(path).ok
+    new_store = str(tmp_path / "new")
+    fb = FaultBackend()
+    with installed(fb):  # (a new store's creation: its first open fails there, no store)
+        fb.fail_lmdb("tables")
+        with pytest.raises(walstore.StoreIOError):
+            walstore.open(new_store, durability="none")
+    with walstore.open(new_store, durability="none") as s:  # (the next one completes it)
+        s.run(lambda tx: tx.put("a", 1))
+    assert verify_store(new_store).ok
+
+
 def test_an_older_store_opened_with_a_map_smaller_than_its_file_creates_its_tables(
         tmp_path):
     """``map_size`` below the data file's size (LMDB maps the file's size then), a data

@@ -8,7 +8,8 @@ This module owns the test-side half of the I/O seam (``walstore.fileio.set_backe
   operation, path pattern and call count (``fail``); a failing pwrite can first write a
   prefix of its bytes (``partial=``), as a short write followed by an error does;
 * **fail LMDB**: the Nth LMDB commit (``lmdb_commit``) or sync (``lmdb_sync``) of an
-  environment raises ``lmdb.Error`` as LMDB itself would (``"mdb_txn_commit:
+  environment, or the commit creating its tables at a writable open (``lmdb_tables``),
+  raises ``lmdb.Error`` as LMDB itself would (``"mdb_txn_commit:
   Input/output error"``) before it happens (``fail_lmdb``; the seam is
   ``fileio.lmdb_io``, called inside the write transaction, so the commit is aborted);
 * **raise at a fault point**: the Nth hit of a named place (``fileio.fault_point(name)``,
@@ -69,9 +70,14 @@ OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink",
        "write_back", "syncfs") + DIR_OPS
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir", "syncfs")
 LMDB_OPS = ("lmdb_commit", "lmdb_sync")   # fileio.lmdb_io("commit" | "sync", env path)
+# the commit that creates the tables at a writable open (``lmdb_io("tables", ...)``): a site
+# of its own, failed by ``fail_lmdb("tables")``, not swept with the commits of the store's
+# writes (every reopen of a sweep would add one)
+LMDB_TABLES_OP = "lmdb_tables"
 POINT_OP = "fault_point"                  # fileio.fault_point(name): path is the name
-ALL_OPS = OPS + LMDB_OPS + (POINT_OP,)
-LMDB_CALL = {"lmdb_commit": "mdb_txn_commit", "lmdb_sync": "mdb_env_sync"}
+ALL_OPS = OPS + LMDB_OPS + (LMDB_TABLES_OP, POINT_OP)
+LMDB_CALL = {"lmdb_commit": "mdb_txn_commit", "lmdb_sync": "mdb_env_sync",
+             LMDB_TABLES_OP: "mdb_txn_commit"}
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Rule:
             return copy.copy(r)
         if r is not None:
             return r()
-        if op in LMDB_OPS:
+        if op in LMDB_CALL:
             return lmdb.Error(f"{LMDB_CALL[op]}: {os.strerror(self.error)}")
         return OSError(self.error, os.strerror(self.error), path)
 
@@ -474,4 +480,4 @@ def installed(backend: OSBackend) -> Iterator[OSBackend]:
 
 
 __all__ = ["FaultBackend", "Rule", "Call", "Event", "installed", "OPS", "SYNC_OPS", "LMDB_OPS",
-           "POINT_OP", "ALL_OPS", "DIR_OPS"]
+           "POINT_OP", "ALL_OPS", "DIR_OPS", "LMDB_TABLES_OP"]

@@ -724,6 +724,7 @@ class LmdbState:
                 with env.begin(write=True) as txn:
                     for name, dbname in TABLES.items():
                         shared[name] = env.open_db(dbname, txn=txn, create=True)
+                    fileio.lmdb_io("tables", env.path())  # (the fault seam: see tools/faults)
                 return
             except lmdb.MapFullError:
                 if attempt == MAX_TABLE_GROWTHS:
