@@ -32,7 +32,6 @@ Findings (each fixed at stop 83; its test failed before):
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -439,35 +438,3 @@ def test_the_zero_tail_of_a_file_that_shrank_while_read_is_its_last_non_zero_byt
         os.truncate(str(p), 100_000)  # truncated under the reader: FileBytes reads short
         end = last_nonzero_end(mm, 0, len(mm))
     assert end == 1000, end
-
-
-def test_the_old_reader_agrees_where_the_file_stands_still(tmp_path):
-    """(the rstrip version, as of dc2cbfb0~1, gives the same answers on whole reads)"""
-    try:
-        old_src = subprocess.run(["git", "-C", str(ROOT), "show",
-                                  "dc2cbfb0~1:walstore/log/reader.py"], capture_output=True,
-                                 text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"no git: {e}")
-    if old_src.returncode != 0:
-        pytest.skip("the old reader is not in this checkout's history")
-    mod = tmp_path / "old_reader.py"
-    mod.write_text(old_src.stdout)
-    spec = importlib.util.spec_from_file_location("walstore.log._h2_old_reader", mod)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = old
-    try:
-        spec.loader.exec_module(old)
-        p = tmp_path / "seg"
-        data = bytearray(4 * (1 << 16))
-        data[(1 << 16) - 1] = 1
-        data[2 * (1 << 16)] = 2
-        p.write_bytes(bytes(data))
-        with mapped(str(p)) as mm:
-            for start in (0, 1 << 16, 2 * (1 << 16) + 1):
-                mm._base, mm._buf = 0, b""
-                a = last_nonzero_end(mm, start, len(mm))
-                mm._base, mm._buf = 0, b""
-                assert a == old.last_nonzero_end(mm, start, len(mm)), start
-    finally:
-        sys.modules.pop(spec.name, None)

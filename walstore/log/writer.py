@@ -508,9 +508,14 @@ class WriteAheadLog:
     def request_spare(self) -> None:
         """Have the spare thread make the spare now (in the background), as the log's end
         passing half its segment would: for a caller about to write a lot (and tests of
-        the spare).  Nothing when one of the next segment's size is ready."""
+        the spare).  Nothing when one of the next segment's size is ready.  Never waits
+        for a fill under way (it holds ``_spare_lock`` throughout): asked while one ran,
+        this waited for the whole fill holding ``lock``, and every commit with it (h1,
+        stop 83)."""
         with self.lock:
-            self._spare_due()
+            self._spare_at = _NEVER
+        if not self._spare_wanted:  # (wanted: asked for already, or being made now)
+            self._want_spare()
 
     def _want_spare(self) -> None:
         with self._spare_lock:
