@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import array
 import errno
+import mmap
 import os
 import stat
 import struct
@@ -166,6 +167,7 @@ NATIVE = LAYOUT64 if struct.calcsize("P") == 8 else LAYOUT32
 OTHER = LAYOUT32 if NATIVE is LAYOUT64 else LAYOUT64
 _LITTLE = sys.byteorder == "little"
 META_READ = max(LAYOUT64.meta_read, LAYOUT32.meta_read)   # bytes read of each meta page
+MIN_UNBORN_PAGE = mmap.PAGESIZE  # (LMDB's page for a new environment: the OS page)
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,32 @@ def check_lmdb_files(db_dir: str, *, expect_existing: bool = True) -> LmdbFileIn
                                   f"({_kind(st.st_mode)})", file=lock)
     return check_lmdb_data_file(os.path.join(db_dir, DATA_FILE),
                                 expect_existing=expect_existing)
+
+
+def unborn_data_file(path: str) -> bool:
+    """Is ``path`` the data file of an LMDB creation cut short while LMDB wrote its meta
+    pages (a full disk): a regular file shorter than two pages whose first page is zeros
+    or LMDB's FRESH meta page (txnid 0, no main root), so that no transaction ever
+    committed in it.  A file that ever held a commit has a txnid of 2 or more on page 0
+    (h4, stop 83: a size test alone took a damaged data file of commits, cut to a page,
+    for one and replaced it with an empty store).  Reads one page; never raises."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size < 2 * MIN_UNBORN_PAGE:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(META_READ)
+    except OSError:
+        return False
+    if not any(head):
+        return True
+    if len(head) < NATIVE.meta_read or _meta_problem(head, 0) is not None:
+        return False
+    m = _parse_meta(head, 0)
+    return m.txnid == 0 and m.main.root == NATIVE.invalid and m.main.entries == 0
 
 
 def check_lmdb_data_file(path: str, *, expect_existing: bool = True) -> LmdbFileInfo | None:

@@ -89,7 +89,7 @@ from ..errors import (CorruptionError, NotAStore, ReadOnlyError, StoreClosed, St
                       WalstoreError)
 from ..signals import deferred
 from . import tables
-from .lmdb_check import check_lmdb_files
+from .lmdb_check import check_lmdb_files, unborn_data_file
 
 T = TypeVar("T")
 
@@ -155,24 +155,22 @@ class StateWriteError(WalstoreError):
 
 
 def _restart_cut_short_creation(data_file: str) -> None:
-    """A writable open of a store with no log segment (it never held a commit) whose
-    data file is shorter than LMDB's two meta pages: a creation cut short while LMDB wrote
-    them (a full disk).  The file is removed, for LMDB to make it again; kept, every later
-    open refused the store as damaged ("too short ... to hold both meta pages") and
-    ``walstore recover`` said to restore a store that never held anything (h2 stop 83)."""
+    """A writable open of a store with no log segment whose data file is a creation cut
+    short while LMDB wrote its meta pages (``unborn_data_file``: shorter than two pages,
+    page 0 zeros or LMDB's fresh meta page, no transaction ever committed): the file is
+    removed, for LMDB to make it again.  Kept, every later open refused the store as
+    damaged ("too short ... to hold both meta pages") and ``walstore recover`` said to
+    restore a store that never held anything (h2 stop 83).  Any other short file is left
+    for ``check_lmdb_files`` to refuse as damage."""
+    if not unborn_data_file(data_file):
+        return
     try:
-        size = os.stat(data_file).st_size
-    except OSError:
-        return  # (none, or unreadable: check_lmdb_files says what it is)
-    if 0 < size < 2 * mmap.PAGESIZE:
-        try:
-            fileio.unlink(data_file)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise StoreIOError(e.errno, f"cannot remove the data file a cut-short creation "
-                                        f"left ({size} bytes): {e.strerror or e}",
-                               data_file) from e
+        fileio.unlink(data_file)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StoreIOError(e.errno, f"cannot remove the data file a cut-short creation "
+                                    f"left: {e.strerror or e}", data_file) from e
 
 
 def state_io_error(e: StateWriteError, doing: str, after: str,
@@ -586,6 +584,10 @@ class LmdbState:
         used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
         if not used and not readonly:
             _restart_cut_short_creation(self.data_file)
+        if not used and readonly and unborn_data_file(self.data_file):
+            raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
+                            f"is under way or was cut short (LMDB's meta pages cut short, "
+                            f"no log); a writable open completes it")
         if check_lmdb_files(path, expect_existing=used) is None and readonly:
             raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
                             f"is under way or was cut short (no LMDB data file, no log); "
@@ -595,7 +597,7 @@ class LmdbState:
         file_id = _file_id(self.data_file)
         opened: dict = {}  # the writer lock held shared by a lock-free read, the env
         try:
-            return self._open_shared_env(path, map_size, readonly, file_id, opened)
+            return self._open_shared_env(path, map_size, readonly, file_id, opened, used)
         except BaseException:
             # (a failure or an interrupt anywhere from the hold to the return: the lock
             # was kept for the life of the process, every writer refused)
@@ -606,10 +608,10 @@ class LmdbState:
             raise
 
     def _open_shared_env(self, path: str, map_size: int | None, readonly: bool,
-                         file_id: tuple, opened: dict) -> dict:
+                         file_id: tuple, opened: dict, used: bool = False) -> dict:
         """``_open_shared``'s open: ``opened`` notes the writer lock held shared (a
         lock-free read, "held") and the environment ("env"), for the caller to let go
-        if this fails."""
+        if this fails.  ``used``: the log has segments (see ``_open_tables``)."""
         held = None
         try:
             try:
@@ -659,7 +661,7 @@ class LmdbState:
                 raise StoreIOError(e.errno, f"cannot make the new LMDB data file durable "
                                             f"(fsync of its directory): "
                                             f"{e.strerror or e}", path) from e
-        shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
+        shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(), "used": used,
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file),
                   "held_out": held, "map_note": not readonly}
@@ -690,8 +692,15 @@ class LmdbState:
                     # as empty, the handle kept them "empty" for its life and the
                     # process's: once a writer completed the creation, it read an empty
                     # store, and a later read-only open met a false "gap" -- h2 stop 83)
-                    where = os.path.dirname(env.path())
+                    where, data = os.path.dirname(env.path()), env.path() + "/data.mdb"
                     env.close()
+                    if shared.get("used"):  # (every version makes the tables before the
+                        # log's first segment: a log of commits beside no tables is a lost
+                        # state, not a creation -- it was "a writable open completes it",
+                        # which then refused a gap, h4 stop 83)
+                        raise CorruptionError("the LMDB data file holds no tables, but the "
+                                              "log holds commits: the LMDB state is lost",
+                                              file=data)
                     raise NotAStore(f"{where} holds no state yet: its creation is under "
                                     f"way or was cut short (LMDB has no tables); a "
                                     f"writable open completes it")
