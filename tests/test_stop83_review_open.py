@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,39 @@ def test_the_refusals_low_room_note_is_said_once_through_a_checkpoint(mount_tmpf
             os.unlink(fill)
     finally:
         s._engine.fail(RuntimeError("the test's failed LMDB write"))
+        s.close()
+
+
+def test_an_applier_write_failing_on_a_full_disk_names_it_to_a_rollback_after(mount_tmpfs):
+    """The applier's LMDB write failing in the background on a nearly full disk (LMDB
+    says EIO) stops the store; the rollback of a transaction whose action was entered
+    before said "... rolled back, but the store cannot record any more (writing LMDB
+    failed: mdb_txn_commit: Input/output error) ...", naming no full disk (the full-disk
+    sweep, files workload, seed 8305010): the failed write's own error now carries the
+    disk's room."""
+    mnt = mount_tmpfs("16m")
+    s = walstore.open(str(mnt / "s"), durability="none", apply_interval=0.05)
+    s.compensator("refund")(lambda act: None)
+    try:
+        fill = _fill(mnt, 256 * 1024)
+        try:
+            fb = FaultBackend()
+            with installed(fb):
+                fb.fail_lmdb("commit")
+                tx = s.transaction()
+                with tx.action("charge", compensate="refund") as act:
+                    act.result = {"id": 1}
+                deadline = time.monotonic() + 20
+                while s._engine.stopped_by is None:  # (the applier's write, in the
+                    assert time.monotonic() < deadline  # background, fails)
+                    time.sleep(0.02)
+            with pytest.raises(walstore.ReadOnlyError) as e:
+                tx.rollback()
+            text = str(e.value)
+            assert "cannot record any more" in text and "bytes free" in text, text
+        finally:
+            os.unlink(fill)
+    finally:
         s.close()
 
 

@@ -1242,7 +1242,8 @@ class LmdbState:
                 try:
                     txn = self.env.begin(write=True)
                 except lmdb.Error as e:
-                    raise StateWriteError(f"writing LMDB failed: {e}") from e
+                    raise StateWriteError(f"writing LMDB failed: {e}"
+                                          f"{low_room_note(self.data_file)}") from e
                 try:
                     fn(txn)
                     # (the map size, for a reader's ``walstore stats``, once per change)
@@ -1265,7 +1266,8 @@ class LmdbState:
                 except lmdb.Error as e:
                     self.write_failed = self.write_failed or e
                     self._abort_write(txn)
-                    raise StateWriteError(f"writing LMDB failed: {e}") from e
+                    raise StateWriteError(f"writing LMDB failed: {e}"
+                                          f"{low_room_note(self.data_file)}") from e
                 except BaseException:
                     self._abort_write(txn)
                     raise
