@@ -29,10 +29,15 @@ the outermost graph, where the failed task ``b2`` saved no outcome: no inner
 runs), yet the subgraph resumes from its own checkpoint, which records ``s0``'s step:
 ``s0`` is not run again, and the final state records a CANCELLED booking.
 
-Both fixed at stop 83 (each test below failed before): the retry's load reverts other
-runs' inner work in the abandoned namespace (``WalstoreSaver._undo_inherited_calls``),
-and a later open's rerun undo keeps an earlier open's inner work when the deepest
-namespace its meta names saved a checkpoint after it (``_undo_rerun``).
+Not fixed (strict xfails): a fix tried at stop 83 (the retry's load reverting other runs'
+inner work of the abandoned namespace; a later open keeping an earlier open's inner work
+when the deepest namespace its meta names saved a checkpoint after it) made both pass but
+broke two neighbouring cases and missed a third (tests/test_stop83_langgraph_fix_review.py,
+review h5): taken back.  A fix needs the inner task and its node attempt stamped on the
+work (STEP_META names namespaces and checkpoints only), so that an earlier open's inner
+work can be judged as this process's is (``_step_recorded``), and the inherited undo
+must wait until the retry's outcome is saved (a retry that fails too leaves the
+namespace in use).
 """
 from __future__ import annotations
 
@@ -53,6 +58,15 @@ from langgraph.types import RetryPolicy
 
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
+
+
+REASON = ("h3 stop 83: a subgraph resumed from its checkpoint then retried whole by its "
+          "RetryPolicy runs its finished inner nodes again; the retry's undo "
+          "(_undo_superseded_calls, keyed by this run's tokens) leaves an earlier run's "
+          "inner booking the abandoned namespace recorded: live, recorded nowhere")
+REASON_X = ("h3 stop 83: a resume in a later open (kill -9, restart, close+reopen) reverts "
+            "an inner node's booking the subgraph's own checkpoint records (_undo_rerun's "
+            "kept txids get no inner judgement): the state records a cancelled booking")
 
 
 class Boom(Exception):
@@ -127,6 +141,7 @@ def _graph(w: World, s1, b0=None):
     return g.compile(checkpointer=WalstoreSaver(w.store))
 
 
+@pytest.mark.xfail(strict=True, reason=REASON)
 @pytest.mark.parametrize("durability", ["sync", "async"])
 def test_a_resumed_subgraph_retried_whole_refunds_the_first_runs_inner_booking(
         tmp_path, durability):
@@ -158,6 +173,7 @@ def test_a_resumed_subgraph_retried_whole_refunds_the_first_runs_inner_booking(
         w.store.close()
 
 
+@pytest.mark.xfail(strict=True, reason=REASON)
 def test_the_soak_round_a_sibling_cuts_the_subgraph_short_under_exit(tmp_path):
     """Seed 83006 round 158's shape: ``ainvoke`` under ``durability="exit"``, a sibling
     ``b0`` fails while ``s1`` runs (its run cut short, no outcome saved; the subgraph's
@@ -292,6 +308,7 @@ def _first_process(tmp_path, how: str) -> None:
     assert [x[0] for x in World.ledger_of(tmp_path)] == ["book"]
 
 
+@pytest.mark.xfail(strict=True, reason=REASON_X)
 @pytest.mark.parametrize("how", ["kill", "close"])
 def test_a_resume_in_a_later_process_keeps_the_inner_booking_its_subgraph_records(
         tmp_path, how):
@@ -300,15 +317,16 @@ def test_a_resume_in_a_later_process_keeps_the_inner_booking_its_subgraph_record
 
 
 def test_a_resume_in_a_later_process_then_retried_whole_leaves_one_s0_booking(tmp_path):
-    """Held before the fixes only because the later open wrongly refunded the first
-    ``s0`` booking before the retry booked ``s0`` again: with that booking kept, the
-    retry's load must refund it (the earlier open's kept work of the abandoned
-    namespace, not only this run's attempts), or it stands beside the retry's,
-    recorded nowhere."""
+    """Holds today, but only because the later open wrongly refunds the first ``s0``
+    booking (the xfail above) before the retry books ``s0`` again: a fix that keeps
+    that booking must then have the retry's load refund it (the earlier open's kept
+    work of the abandoned namespace, not only this run's attempts), or it stands
+    beside the retry's, recorded nowhere."""
     _first_process(tmp_path, "kill")
     _second_open(tmp_path, retried=True)
 
 
+@pytest.mark.xfail(strict=True, reason=REASON_X)
 def test_a_store_closed_and_reopened_in_one_process(tmp_path):
     w = World(tmp_path)
 

@@ -2646,58 +2646,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     pass
         if calling[1] > 1:
             self._undo_superseded_task(thread_id, prefix, key, calling[1], checkpoint_map)
-            if ns_name != task_ns and isinstance(step, str):
-                self._undo_inherited_calls(thread_id, prefix, step, task_ns,
-                                           conf.get(RUN_TOKEN))
-
-    def _undo_inherited_calls(self, thread_id: str, prefix: bytes, step: str,
-                              task_ns: str, token: Any) -> None:
-        """A subgraph task retried whole (its ``RetryPolicy``: the retry runs the subgraph
-        from its start in a new namespace) after a resume: what OTHER runs' inner nodes
-        committed in ``task_ns`` at ``step`` -- kept by the rerun undo because the
-        namespace's checkpoints recorded it, the subgraph resuming past it -- is recorded
-        nowhere once the retry abandons that namespace, and the retry does it again.  It
-        is reverted, newest first, with its compensations, as the retry's own earlier
-        attempt is (``_undo_superseded_task``).  Before (h3, stop 83), the first run's
-        inner booking stood beside the retry's, the state recording one.  Found from this
-        process's step registry (runs other than ``token``) and from the earlier open's
-        kept work of the step (its meta's ``STEP_META`` names the namespaces); the
-        saver's own saves are left."""
-        def inside(ns: Any) -> bool:
-            return isinstance(ns, str) and (ns == task_ns or ns.startswith(task_ns + "|"))
-        txids: set[int] = set()
-        registry = _step_txns(self.store)
-        with _REMOVALS_LOCK:
-            for key, txns in registry.items():
-                if key[0] == prefix and key[1] == "" and key[2] == step and key[3] != token:
-                    for txid, levels in txns.items():
-                        if any(inside(level[0]) for level in levels if level[0]):
-                            txids.add(txid)
-        earlier = _earlier_open(self.store)
-        with earlier.lock:
-            kept = list(earlier.kept.get((prefix, step), ()))
-        metas: dict[int, Any] = {}
-        for txid in kept:  # (an earlier open's, kept on the step's head)
-            metas[txid] = meta = self._txn_meta(txid)
-            steps = meta.get(STEP_META) if isinstance(meta, dict) else None
-            if isinstance(steps, dict) and any(inside(k) for k in steps):
-                txids.add(txid)
-        chosen = []
-        for txid in sorted(txids, reverse=True):
-            meta = metas[txid] if txid in metas else self._txn_meta(txid)
-            if isinstance(meta, dict) and "langgraph" in meta:
-                continue  # (the saver's own save, not a node's work)
-            chosen.append(txid)
-        if chosen:
-            self._revert_work(thread_id, prefix, step, chosen, "undo_superseded",
-                              superseded=True)
-
-    def _txn_meta(self, txid: int) -> Any:
-        """Transaction ``txid``'s meta (None when its history is gone)."""
-        try:
-            return self.store.txn_info(txid).extra.get("meta")
-        except (KeyError, WalstoreError):
-            return None
 
     def _undo_abandoned_calls(self, thread_id: str, prefix: bytes, step: str,
                               earlier: Mapping[tuple, list]) -> None:
@@ -2971,21 +2919,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 # subgraph from them -- reverted, its next save was refused as stale;
                 # h3, stop 80)
                 continue
-            if txid not in levels_of and isinstance(meta, dict) \
-                    and isinstance(meta.get(STEP_META), dict):
-                # an earlier open's inner work (no level of it in this process's
-                # registry): the subgraph resumes past its step when the deepest
-                # namespace its meta names saved a checkpoint after the one it built
-                # on -- kept, as this process's is (``_step_recorded``).  Before (h3,
-                # stop 83) it was reverted: a resume in a later process cancelled an
-                # inner booking the subgraph's checkpoints still recorded
-                steps = {k: v for k, v in meta[STEP_META].items()
-                         if isinstance(k, str) and k and isinstance(v, str)}
-                if steps:
-                    deep, cid = max(steps.items(), key=lambda kv: len(kv[0]))
-                    newest = self._latest(self.store, self.keys.at(thread_id, deep))
-                    if newest is not None and newest[0] > cid:
-                        continue
             inner = [level for level in levels_of.get(txid, ()) if level[0]]
             if inner:
                 # (an inner node's work: the subgraph resumes from its own checkpoints;
