@@ -32,59 +32,27 @@ again and fails; after a close and reopen, a resume keeps the retry namespace's 
 """
 from __future__ import annotations
 
-import operator
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from typing import Annotated, TypedDict
+from pathlib import Path
 
 import pytest
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import RetryPolicy
 
 import walstore
 from walstore.integrations.langgraph import WalstoreSaver
 
 
-class Boom(Exception):
-    """The error the subgraph's RetryPolicy retries."""
+sys.path.insert(0, str(Path(__file__).parent))
+from test_stop83_langgraph_review import Boom, S, World as _World, _graph  # noqa: E402,I001
 
 
-class S(TypedDict):
-    log: Annotated[list, operator.add]
-
-
-class World:
-    def __init__(self, tmp_path) -> None:
-        self.path = str(tmp_path / "ledger")
-        self.lock = threading.Lock()
-        self.store = walstore.open(str(tmp_path / "s"), compensators={
-            "cancel": lambda a: self.append(f"cancel {a.args['id']}")})
-
-    def append(self, line: str) -> None:
-        with self.lock, open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def ledger(self) -> list[list[str]]:
-        try:
-            with open(self.path) as f:
-                return [ln.split() for ln in f if ln.strip()]
-        except FileNotFoundError:
-            return []
-
-    def book(self, node: str) -> str:
-        with self.store.transaction(meta="booking") as tx:
-            bid = f"{node}-{uuid.uuid4().hex[:8]}"
-            with tx.action("book", args={"id": bid}, compensate="cancel") as act:
-                self.append(f"book {bid}")
-                act.result = {"ok": True}
-        return bid
+class World(_World):
+    """h3's world (a store, an fsynced ledger, ``book``) with the whole check."""
 
     def check(self, graph, cfg) -> None:
         assert not graph.get_state(cfg).next
@@ -105,9 +73,6 @@ def test_a_retry_that_fails_too_keeps_the_first_runs_recorded_inner_booking(tmp_
     phase = [1]
     calls = [0]
 
-    def s0(state):
-        return {"log": [w.book("s0")]}
-
     def s1(state):
         if phase[0] == 1:
             raise ValueError("run 1 ends")
@@ -118,18 +83,7 @@ def test_a_retry_that_fails_too_keeps_the_first_runs_recorded_inner_booking(tmp_
             raise ValueError("the retry fails too, not retried: run 2 ends")
         return {"log": [w.book("s1")]}
 
-    inner = StateGraph(S)
-    inner.add_node("s0", s0)
-    inner.add_node("s1", s1)
-    inner.add_edge(START, "s0")
-    inner.add_edge("s0", "s1")
-    inner.add_edge("s1", END)
-    g = StateGraph(S)
-    g.add_node("b2", inner.compile(), retry_policy=RetryPolicy(
-        max_attempts=3, initial_interval=0.0, jitter=False, retry_on=Boom))
-    g.add_edge(START, "b2")
-    g.add_edge("b2", END)
-    graph = g.compile(checkpointer=WalstoreSaver(w.store))
+    graph = _graph(w, s1)
     cfg = {"configurable": {"thread_id": "t"}}
     try:
         with pytest.raises(ValueError):
@@ -205,9 +159,6 @@ def test_an_inner_task_whose_writes_are_saved_keeps_its_booking_on_resume(
 
 
 def _retry_graph(w: World, phase: list, calls: list):
-    def s0(state):
-        return {"log": [w.book("s0")]}
-
     def s1(state):
         if phase[0] == 1:
             calls[0] += 1
@@ -216,18 +167,7 @@ def _retry_graph(w: World, phase: list, calls: list):
             raise ValueError("the retry fails, not retried: the run ends")
         return {"log": [w.book("s1")]}
 
-    inner = StateGraph(S)
-    inner.add_node("s0", s0)
-    inner.add_node("s1", s1)
-    inner.add_edge(START, "s0")
-    inner.add_edge("s0", "s1")
-    inner.add_edge("s1", END)
-    g = StateGraph(S)
-    g.add_node("b2", inner.compile(), retry_policy=RetryPolicy(
-        max_attempts=3, initial_interval=0.0, jitter=False, retry_on=Boom))
-    g.add_edge(START, "b2")
-    g.add_edge("b2", END)
-    return g.compile(checkpointer=WalstoreSaver(w.store))
+    return _graph(w, s1)
 
 
 @pytest.mark.parametrize("reopen", [
