@@ -237,13 +237,12 @@ def test_a_reader_of_a_creation_cut_short_is_refused_until_a_writer_completes_it
         assert len(list(r.scan())) == 120
 
 
-def _older_store(path: str, compact: bool = False, keys: int = 20, value=None) -> None:
+def _older_store(path: str, compact: bool = False) -> None:
     """A store as an older walstore left it: no ``owed`` nor ``aended`` table
-    (``compact``: its data file without free pages, so creating them grows the file);
-    ``keys`` keys ``k<i>``, each valued ``value`` (None: ``i``)."""
+    (``compact``: its data file without free pages, so creating them grows the file)."""
     with walstore.open(path, durability="none") as s:
-        for i in range(keys):
-            s.run(lambda tx, i=i: tx.put(f"k{i}", i if value is None else value))
+        for i in range(20):
+            s.run(lambda tx, i=i: tx.put(f"k{i}", i))
         s.restore_point("rp")
     db = os.path.join(path, "db")
     env = lmdb.open(db, max_dbs=40)
@@ -386,8 +385,21 @@ def test_an_older_store_opened_with_a_map_smaller_than_its_file_creates_its_tabl
     file without free pages (as a purge's compaction leaves it) and tables to create: the
     map is full at the tables' commit.  The contract: the map grows by itself when full."""
     path = str(tmp_path / "s")
-    _older_store(path, compact=True, keys=200, value="x" * 1000)
-    assert os.path.getsize(os.path.join(path, "db", "data.mdb")) > 1 << 16
+    with walstore.open(path, durability="none") as s:
+        for i in range(200):
+            s.run(lambda tx, i=i: tx.put(f"k{i}", "x" * 1000))
+    db = os.path.join(path, "db")
+    env = lmdb.open(db, max_dbs=40)
+    try:
+        with env.begin(write=True) as t:
+            for name in (b"owed", b"aended"):
+                t.drop(env.open_db(name, txn=t), delete=True)
+        os.mkdir(path + ".copy")
+        env.copy(path + ".copy", compact=True)
+    finally:
+        env.close()
+    os.replace(os.path.join(path + ".copy", "data.mdb"), os.path.join(db, "data.mdb"))
+    assert os.path.getsize(os.path.join(db, "data.mdb")) > 1 << 16
     with walstore.open(path, map_size=1 << 16, durability="none") as s:
         assert s.get("k5") == "x" * 1000
     assert b"owed" in _tables(path)
