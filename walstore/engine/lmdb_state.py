@@ -126,9 +126,12 @@ def low_room_note(data_file: str) -> str:
     nearly full (an LMDB write failing then: the disk is full, whatever LMDB says),
     else ""."""
     room = fileio.free_bytes(os.path.dirname(data_file))
-    return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
-            f"a short write, which it reports as an I/O error)"
+    return (f"; its file system has {room} bytes free{_ROOM_SAID} reports as an I/O error)"
             if room is not None and room < LOW_ROOM_BYTES else "")
+
+
+_ROOM_SAID = " (a full disk reaches LMDB as a short write, which it"  # (the note's words:
+# an error that carries them already is not given the note again -- see state_io_error)
 
 
 SCAN_CHUNK = 256
@@ -170,25 +173,19 @@ def _restart_cut_short_creation(data_file: str) -> None:
                                     f"left: {e.strerror or e}", data_file) from e
 
 
-def _no_state_yet(db_dir: str, why: str) -> NotAStore:
-    """What a read-only open of a store whose creation is under way or was cut short
-    raises (``db_dir``: its LMDB directory; ``why``: what was found)."""
-    return NotAStore(f"{os.path.dirname(db_dir)} holds no state yet: its creation is under "
-                     f"way or was cut short ({why}); a writable open completes it")
-
-
 def state_io_error(e: StateWriteError, doing: str, after: str,
                    data_file: str) -> StoreIOError:
     """README, "Errors": ``e`` (an LMDB write or sync failing) as the StoreIOError a caller
     lets out: the cause's errno (EIO when it has none), ``data_file`` named, "``doing``
-    failed: ...", then ``after``.  ``e`` says the file system's free space when it was
-    nearly none as it failed (``LmdbState._write_error``: a full disk reaches LMDB as a
-    short write, which it reports as EIO; added here too, it was said twice, h2 stop
-    83)."""
+    failed: ...", the file system's free space when it is nearly none (a full disk
+    reaches LMDB as a short write, which it reports as EIO), then ``after``."""
     cause = e.__cause__
     code = getattr(cause, "errno", None) or (
         os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
-    return StoreIOError(code, f"{doing} failed: {e}; {after}", data_file)
+    # (a refusal after a failed write carries the note already: ``_refuse_after_failure``;
+    # said twice before, h2 stop 83)
+    note = "" if _ROOM_SAID in str(e) else low_room_note(data_file)
+    return StoreIOError(code, f"{doing} failed: {e}{note}; {after}", data_file)
 
 
 def _file_id(path: str, lock_file: str | None = None) -> tuple:
@@ -588,9 +585,13 @@ class LmdbState:
         if not used and not readonly:
             _restart_cut_short_creation(self.data_file)
         if not used and readonly and unborn_data_file(self.data_file):
-            raise _no_state_yet(self.path, "LMDB's meta pages cut short, no log")
+            raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
+                            f"is under way or was cut short (LMDB's meta pages cut short, "
+                            f"no log); a writable open completes it")
         if check_lmdb_files(path, expect_existing=used) is None and readonly:
-            raise _no_state_yet(self.path, "no LMDB data file, no log")
+            raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
+                            f"is under way or was cut short (no LMDB data file, no log); "
+                            f"a writable open completes it")
         _preallocate_lock(path)
         # (before LMDB opens the files, see reopen; files the open creates: after it)
         file_id = _file_id(self.data_file)
@@ -691,7 +692,7 @@ class LmdbState:
                     # as empty, the handle kept them "empty" for its life and the
                     # process's: once a writer completed the creation, it read an empty
                     # store, and a later read-only open met a false "gap" -- h2 stop 83)
-                    where, data = env.path(), os.path.join(env.path(), "data.mdb")
+                    where, data = os.path.dirname(env.path()), env.path() + "/data.mdb"
                     env.close()
                     if shared.get("used"):  # (every version makes the tables before the
                         # log's first segment: a log of commits beside no tables is a lost
@@ -700,7 +701,9 @@ class LmdbState:
                         raise CorruptionError("the LMDB data file holds no tables, but the "
                                               "log holds commits: the LMDB state is lost",
                                               file=data)
-                    raise _no_state_yet(where, "LMDB has no tables")
+                    raise NotAStore(f"{where} holds no state yet: its creation is under "
+                                    f"way or was cut short (LMDB has no tables); a "
+                                    f"writable open completes it")
             else:
                 LmdbState._create_tables(env, shared)
         except lmdb.Error as e:
@@ -746,25 +749,16 @@ class LmdbState:
         """A writer opens what this process holds read-only: the environment is reopened
         read-write under the read gate, and every handle follows (as after a compaction);
         if that fails, the read-only one is back and the error is raised."""
-        def back_to_readonly(size: int) -> None:
-            # (the read-only environment back, every handle following: left closed, the
-            # process's readers failed "closed/deleted/dropped object" and a later
-            # writable open raised a raw lmdb.Error -- also when the writable one opened
-            # and its tables' commit failed, h2 stop 83)
-            shared["env"], shared["readonly"] = self._new_env(True, size), True
-            shared["file_id"] = _file_id(self.data_file)
-            shared["map_note"] = False
-            self._open_tables(shared)
-            for handle in list(shared["handles"]):
-                handle._adopt(shared)
-
         def swap() -> None:
             size = max(shared["env"].info()["map_size"], map_size or 0)
             shared["env"].close()
             try:
                 env = self._new_env(False, size)
             except lmdb.Error as e:
-                back_to_readonly(size)
+                shared["env"] = self._new_env(True, size)
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
                 code = os_errno(e)
                 if code is not None:
                     raise StoreIOError(code, f"cannot open the LMDB environment for "
@@ -777,7 +771,15 @@ class LmdbState:
             try:
                 self._open_tables(shared)  # (it closes the writable environment if it fails)
             except BaseException:
-                back_to_readonly(size)
+                # the read-only environment back, as when the writable one did not open:
+                # left closed, the process's readers failed "closed/deleted/dropped
+                # object" and a later writable open raised a raw lmdb.Error (h2 stop 83)
+                shared["env"], shared["readonly"] = self._new_env(True, size), True
+                shared["file_id"] = _file_id(self.data_file)
+                shared["map_note"] = False
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
                 raise
             for handle in list(shared["handles"]):
                 handle._adopt(shared)
@@ -912,10 +914,9 @@ class LmdbState:
                     # this handle too (``write``: another thread's write committed, and
                     # fdatasynced, between this raise and Engine.fail — stop 74, h5)
                     self.write_failed = self.write_failed or e
-                    raise self._write_error(f"swapping in the LMDB data file rewritten "
-                                            f"without its free pages failed after the data "
-                                            f"file was renamed in: {e}; reopen the "
-                                            f"store") from e
+                    raise StateWriteError(f"swapping in the LMDB data file rewritten "
+                                          f"without its free pages failed after the data "
+                                          f"file was renamed in: {e}; reopen the store") from e
                 shared["env"] = self._new_env(False, size)
                 shared["file_id"] = _file_id(self.data_file)
                 self._open_tables(shared)
@@ -1241,7 +1242,8 @@ class LmdbState:
                 try:
                     txn = self.env.begin(write=True)
                 except lmdb.Error as e:
-                    raise self._write_error(f"writing LMDB failed: {e}") from e
+                    raise StateWriteError(f"writing LMDB failed: {e}"
+                                          f"{low_room_note(self.data_file)}") from e
                 try:
                     fn(txn)
                     # (the map size, for a reader's ``walstore stats``, once per change)
@@ -1264,17 +1266,11 @@ class LmdbState:
                 except lmdb.Error as e:
                     self.write_failed = self.write_failed or e
                     self._abort_write(txn)
-                    raise self._write_error(f"writing LMDB failed: {e}") from e
+                    raise StateWriteError(f"writing LMDB failed: {e}"
+                                          f"{low_room_note(self.data_file)}") from e
                 except BaseException:
                     self._abort_write(txn)
                     raise
-
-    def _write_error(self, text: str) -> StateWriteError:
-        """The StateWriteError of a failed LMDB write, sync, swap or growth: ``text``, and
-        the disk's room when it is nearly full (``low_room_note``: LMDB reports a full disk
-        as EIO, and a background failure -- the applier's -- reached a caller only as the
-        store's stop cause, naming no full disk: the full-disk sweep, stop 83)."""
-        return StateWriteError(f"{text}{low_room_note(self.data_file)}")
 
     def _refuse_after_failure(self) -> None:
         """StateWriteError when an earlier LMDB write, sync or file swap of this handle
@@ -1332,13 +1328,13 @@ class LmdbState:
                 try:
                     self.gate.exclusive(lambda: self._remap_after_failed_resize(old))
                 except (lmdb.Error, OSError, WalstoreError) as again:  # (no map at all now)
-                    raise self._write_error(f"writing LMDB failed: the map is full ({old} "
-                                            f"bytes), growing it failed ({e}) and so did "
-                                            f"mapping it again: {again}") from again
+                    raise StateWriteError(f"writing LMDB failed: the map is full ({old} "
+                                          f"bytes), growing it failed ({e}) and so did "
+                                          f"mapping it again: {again}") from again
         code = (error.errno if isinstance(error, OSError) else os_errno(error)) or errno.ENOMEM
-        raise self._write_error(f"writing LMDB failed: the map is full ({old} bytes) and "
-                                f"could not grow: {error} ({os.strerror(code)}: the process "
-                                f"may not map more, e.g. an address-space limit)") from error
+        raise StateWriteError(f"writing LMDB failed: the map is full ({old} bytes) and could "
+                              f"not grow: {error} ({os.strerror(code)}: the process may not "
+                              f"map more, e.g. an address-space limit)") from error
 
     def _remap_after_failed_resize(self, size: int) -> None:
         """Inside the gate: this process's environment opened again at ``size`` (its map
@@ -1361,7 +1357,7 @@ class LmdbState:
                 self.gate.call(self._sync)
             except lmdb.Error as e:
                 self.write_failed = self.write_failed or e
-                raise self._write_error(f"syncing LMDB failed: {e}") from e
+                raise StateWriteError(f"syncing LMDB failed: {e}") from e
 
     def _sync(self) -> None:
         fileio.lmdb_io("sync", self.path)
